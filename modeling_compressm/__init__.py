@@ -1,0 +1,62 @@
+"""CompreSSM for Hugging Face: LRU state-space models that shrink themselves while they train.
+
+Importing the package registers the `compressm` model type with the Auto classes (AutoConfig, AutoModel,
+AutoModelForCausalLM, AutoModelForSequenceClassification).
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
+
+from .configuration_compressm import CompreSSMConfig
+from .modeling_compressm import (
+    CompreSSMCache,
+    CompreSSMForCausalLM,
+    CompreSSMForSequenceClassification,
+    CompreSSMLRU,
+    CompreSSMModel,
+    CompreSSMPreTrainedModel,
+)
+from .reduction import (
+    ReductionError,
+    balanced_truncation,
+    gramians,
+    hankel_singular_values,
+    rank_for_energy,
+)
+
+__version__ = "0.1.0"
+
+
+def _register_auto_classes() -> None:
+    AutoConfig.register(CompreSSMConfig.model_type, CompreSSMConfig, exist_ok=True)
+    AutoModel.register(CompreSSMConfig, CompreSSMModel, exist_ok=True)
+    AutoModelForCausalLM.register(CompreSSMConfig, CompreSSMForCausalLM, exist_ok=True)
+    AutoModelForSequenceClassification.register(CompreSSMConfig, CompreSSMForSequenceClassification, exist_ok=True)
+    # save_pretrained writes `auto_map` and copies the (flat) modeling files, so checkpoints load with
+    # trust_remote_code=True where this package is not installed.
+    CompreSSMConfig.register_for_auto_class()
+    CompreSSMModel.register_for_auto_class("AutoModel")
+    CompreSSMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    CompreSSMForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+
+_register_auto_classes()
+
+__all__ = [
+    "CompreSSMConfig",
+    "CompreSSMPreTrainedModel",
+    "CompreSSMModel",
+    "CompreSSMForCausalLM",
+    "CompreSSMForSequenceClassification",
+    "CompreSSMLRU",
+    "CompreSSMCache",
+    "ReductionError",
+    "gramians",
+    "hankel_singular_values",
+    "balanced_truncation",
+    "rank_for_energy",
+]

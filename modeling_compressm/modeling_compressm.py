@@ -1,0 +1,667 @@
+"""CompreSSM models: stacks of Linear Recurrent Units (LRU) whose per-layer state sizes shrink during training.
+
+One LRU layer (complex diagonal recurrence, real input/output of width H, complex state of size N):
+
+    lam = exp(-exp(nu_log) + i exp(theta_log)),  B~ = (B_re + i B_im) * exp(gamma_log)
+    h_k = lam * h_{k-1} + B~ u_k,                y_k = Re(C h_k) + D * u_k
+
+Block (pre-norm residual, as in the CompreSSM paper): x + Dropout(GLU(Dropout(GELU(LRU(Norm(x)))))),
+GLU(z) = W1 z * sigmoid(W2 z).
+
+Fast/slow path: `scan.lru_sequence` sends CUDA tensors to the fused Triton kernel when the `compressm_kernels` package
+is installed, everything else to the torch scan. Reduction math lives in `reduction.py` (no nn code there).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+
+from .configuration_compressm import CompreSSMConfig
+from .reduction import ReductionError, balanced_truncation, hankel_singular_values, lru_parameters_from_system
+from .scan import lru_sequence
+
+logger = logging.getLogger(__name__)
+
+
+class CompreSSMRMSNorm(nn.Module):
+    """RMSNorm over the last dimension: x / rms(x) * weight, computed in fp32. x: (..., H)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * hidden_states).to(dtype)
+
+
+def _make_norm(config: CompreSSMConfig) -> nn.Module:
+    if config.norm_type == "layernorm":
+        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+    return CompreSSMRMSNorm(config.hidden_size, eps=config.norm_eps)
+
+
+class CompreSSMLRU(nn.Module):
+    """Linear Recurrent Unit with complex diagonal state of size `state_dim`.
+
+    Parameters are real tensors (safetensors has no complex dtype), kept in fp32:
+        nu_log, theta_log, gamma_log: (N,)     B_re, B_im: (N, H)     C_re, C_im: (H, N)     D: (H,)
+    """
+
+    def __init__(self, hidden_size: int, state_dim: int, r_min: float = 0.9, r_max: float = 0.999, max_phase: float = 6.28):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.r_min, self.r_max, self.max_phase = r_min, r_max, max_phase
+        self.nu_log = nn.Parameter(torch.empty(state_dim))
+        self.theta_log = nn.Parameter(torch.empty(state_dim))
+        self.gamma_log = nn.Parameter(torch.empty(state_dim))
+        self.B_re = nn.Parameter(torch.empty(state_dim, hidden_size))
+        self.B_im = nn.Parameter(torch.empty(state_dim, hidden_size))
+        self.C_re = nn.Parameter(torch.empty(hidden_size, state_dim))
+        self.C_im = nn.Parameter(torch.empty(hidden_size, state_dim))
+        self.D = nn.Parameter(torch.empty(hidden_size))
+        self.reset_parameters()
+
+    @property
+    def state_dim(self) -> int:
+        return self.nu_log.shape[0]
+
+    def ssm_parameters(self) -> list[nn.Parameter]:
+        """The parameters that a reduction replaces (all but D)."""
+        return [self.nu_log, self.theta_log, self.gamma_log, self.B_re, self.B_im, self.C_re, self.C_im]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """LRU initialisation: |lam| uniform (in area) on the ring [r_min, r_max], phase uniform on [0, max_phase],
+        gamma = sqrt(1 - |lam|^2), B ~ N(0, 1/(2H)) per part, C ~ N(0, 1/N) per part, D ~ N(0, 1)."""
+        n, h = self.state_dim, self.hidden_size
+        device = self.nu_log.device
+        u1 = torch.rand(n, device=device)
+        u2 = torch.rand(n, device=device)
+        modulus_sq = u1 * (self.r_max**2 - self.r_min**2) + self.r_min**2
+        self.nu_log.copy_(torch.log(-0.5 * torch.log(modulus_sq)))
+        self.theta_log.copy_(torch.log(self.max_phase * u2 + 1e-8))
+        modulus = torch.exp(-torch.exp(self.nu_log))
+        self.gamma_log.copy_(torch.log(torch.sqrt(1 - modulus**2)))
+        self.B_re.normal_(0.0, 1.0 / math.sqrt(2 * h))
+        self.B_im.normal_(0.0, 1.0 / math.sqrt(2 * h))
+        self.C_re.normal_(0.0, 1.0 / math.sqrt(n))
+        self.C_im.normal_(0.0, 1.0 / math.sqrt(n))
+        self.D.normal_(0.0, 1.0)
+
+    @torch.no_grad()
+    def resize_state(self, state_dim: int) -> None:
+        """Re-allocate the SSM parameters at `state_dim` states and re-initialise them (Parameter objects kept)."""
+        shapes = {
+            "nu_log": (state_dim,), "theta_log": (state_dim,), "gamma_log": (state_dim,),
+            "B_re": (state_dim, self.hidden_size), "B_im": (state_dim, self.hidden_size),
+            "C_re": (self.hidden_size, state_dim), "C_im": (self.hidden_size, state_dim),
+        }
+        for name, shape in shapes.items():
+            parameter = getattr(self, name)
+            parameter.data = torch.empty(shape, device=parameter.device, dtype=parameter.dtype)
+            parameter.grad = None
+        self.reset_parameters()
+
+    def to_lti(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer as a linear time-invariant system, differentiable w.r.t. the parameters.
+
+        Returns:
+            lam complex64 (N,), B complex64 (N, H) with the gain exp(gamma_log) included, C complex64 (H, N),
+            D float32 (H,).
+        """
+        nu, theta, gamma = self.nu_log.float(), self.theta_log.float(), self.gamma_log.float()
+        lam = torch.exp(torch.complex(-torch.exp(nu), torch.exp(theta)))
+        B = torch.complex(self.B_re.float(), self.B_im.float()) * torch.exp(gamma)[:, None]
+        C = torch.complex(self.C_re.float(), self.C_im.float())
+        return lam, B, C, self.D.float()
+
+    @torch.no_grad()
+    def load_system(self, lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> None:
+        """Replace the SSM parameters by those of the diagonal system (lam (r,), B (r, H) gain included, C (H, r)).
+
+        The Parameter objects are kept (their data is swapped), so optimizers keep pointing at them; their gradients
+        are dropped because the shapes change. Raises ReductionError if the system is not representable.
+        """
+        nu_log, theta_log, gamma_log, B_normalised = lru_parameters_from_system(lam, B)
+        C = C.detach().to(torch.complex128)
+        new_values = {
+            "nu_log": nu_log,
+            "theta_log": theta_log,
+            "gamma_log": gamma_log,
+            "B_re": B_normalised.real,
+            "B_im": B_normalised.imag,
+            "C_re": C.real,
+            "C_im": C.imag,
+        }
+        for name, value in new_values.items():
+            parameter = getattr(self, name)
+            parameter.data = value.to(device=parameter.device, dtype=parameter.dtype).contiguous()
+            parameter.grad = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        initial_state: torch.Tensor | None = None,
+        step_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden_states: (batch, L, H) -> (y (batch, L, H) same dtype, final state complex64 (batch, N))."""
+        lam, B, C, D = self.to_lti()
+        return lru_sequence(hidden_states, lam, B, C, D, initial_state=initial_state, step_mask=step_mask)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, state_dim={self.state_dim}"
+
+
+class CompreSSMBlock(nn.Module):
+    """x + Dropout(GLU(Dropout(GELU(LRU(Norm(x)))))), x: (batch, L, H)."""
+
+    def __init__(self, config: CompreSSMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.norm = _make_norm(config)
+        self.lru = CompreSSMLRU(
+            config.hidden_size, config.state_dims[layer_idx], config.r_min, config.r_max, config.max_phase
+        )
+        self.glu_proj = nn.Linear(config.hidden_size, 2 * config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        step_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        initial_state = _read_recurrent_state(cache, self.layer_idx)
+        mixed, final_state = self.lru(self.norm(hidden_states), initial_state=initial_state, step_mask=step_mask)
+        if cache is not None:
+            _write_recurrent_state(cache, self.layer_idx, final_state)
+        mixed = self.dropout(F.gelu(mixed))
+        value, gate = self.glu_proj(mixed).chunk(2, dim=-1)
+        return residual + self.dropout(value * torch.sigmoid(gate))
+
+
+class CompreSSMCache(DynamicCache):
+    """Generation cache of a CompreSSM model: one recurrent state per layer (complex64 (batch, N_i), sizes may differ
+    between layers) in linear-attention cache layers, plus the number of steps consumed so far (which `generate` asks
+    for through `get_seq_length`). Beam search reorders the states through `reorder_cache`."""
+
+    def __init__(self, config: CompreSSMConfig, **kwargs):
+        super().__init__(config=config, **kwargs)
+        self.seen_steps = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_steps
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_steps = 0
+
+
+def _read_recurrent_state(cache: Cache | None, layer_idx: int) -> torch.Tensor | None:
+    """State h (complex64 (batch, N)) that `cache` holds for this layer, or None before the first step."""
+    if cache is None or layer_idx >= len(cache.layers) or not cache.has_previous_state(layer_idx):
+        return None
+    return cache.layers[layer_idx].recurrent_states[0]
+
+
+def _write_recurrent_state(cache: Cache, layer_idx: int, state: torch.Tensor) -> None:
+    layer = cache.layers[layer_idx]
+    if layer.is_recurrent_states_initialized[0] and layer.recurrent_states[0].shape != state.shape:
+        raise ValueError(
+            f"cache of layer {layer_idx} holds a state of shape {tuple(layer.recurrent_states[0].shape)}, the layer "
+            f"produces {tuple(state.shape)}: a cache cannot be reused across a reduction or a batch-size change"
+        )
+    cache.update_recurrent_state(state.detach(), layer_idx)
+    layer.has_previous_state[0] = True
+
+
+class CompreSSMPreTrainedModel(PreTrainedModel):
+    config_class = CompreSSMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["CompreSSMBlock"]
+    _is_stateful = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, CompreSSMLRU):
+            module.reset_parameters()
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (CompreSSMRMSNorm, nn.LayerNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    HISTORY_FILE = "compressm_history.json"
+
+    @property
+    def reduction_history(self) -> list[dict]:
+        """Reduction events (JSON-serialisable dicts, appended by CompreSSMCallback); saved as
+        `compressm_history.json` next to the weights and reloaded by `from_pretrained`."""
+        if "_reduction_history" not in self.__dict__:
+            self.__dict__["_reduction_history"] = []
+        return self.__dict__["_reduction_history"]
+
+    @reduction_history.setter
+    def reduction_history(self, events: list[dict]) -> None:
+        self.__dict__["_reduction_history"] = list(events)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the reduction history and a model card for reduced models."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and not os.path.isfile(save_directory):
+            with open(os.path.join(save_directory, self.HISTORY_FILE), "w", encoding="utf-8") as handle:
+                json.dump({"state_dims": list(self.config.state_dims), "events": self.reduction_history}, handle, indent=1)
+            try:
+                from .model_card import write_model_card
+            except ImportError:  # remote-code copies may lack the optional model-card module
+                write_model_card = None
+            if write_model_card is not None:
+                write_model_card(self, save_directory)
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, restoring `reduction_history` when the checkpoint has one."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if pretrained_model_name_or_path is not None:
+            history_path = os.path.join(str(pretrained_model_name_or_path), cls.HISTORY_FILE)
+            if not os.path.isfile(history_path):
+                try:
+                    from transformers.utils import cached_file
+
+                    history_path = cached_file(
+                        pretrained_model_name_or_path,
+                        cls.HISTORY_FILE,
+                        _raise_exceptions_for_missing_entries=False,
+                        _raise_exceptions_for_connection_errors=False,
+                        revision=kwargs.get("revision"),
+                        cache_dir=kwargs.get("cache_dir"),
+                        local_files_only=kwargs.get("local_files_only", False),
+                    )
+                except (OSError, ValueError):
+                    history_path = None
+            if history_path and os.path.isfile(history_path):
+                with open(history_path, encoding="utf-8") as handle:
+                    model.reduction_history = json.load(handle).get("events", [])
+        return model
+
+    # ------------------------------------------------------------------------------------------------ reduction
+    def lru_layers(self) -> list[CompreSSMLRU]:
+        """The LRU modules in layer order."""
+        return [module for module in self.modules() if isinstance(module, CompreSSMLRU)]
+
+    @torch.no_grad()
+    def hankel_singular_values(self) -> list[torch.Tensor]:
+        """Hankel singular values of every layer: a list of float64 (N_i,) tensors, descending, on the model device."""
+        return [hankel_singular_values(*layer.to_lti()[:3]) for layer in self.lru_layers()]
+
+    @torch.no_grad()
+    def set_state_dims(self, state_dims: list[int]) -> None:
+        """Re-allocate the LRU layers at the given sizes (freshly initialised) and rewrite `config.state_dims`.
+
+        Used to rebuild a model at a checkpoint's reduced sizes before loading its weights into it (e.g. when a
+        Trainer resumes from a checkpoint saved after a reduction). Parameter objects are kept; their data changes.
+        """
+        layers = self.lru_layers()
+        if len(state_dims) != len(layers):
+            raise ValueError(f"state_dims has {len(state_dims)} entries, the model has {len(layers)} LRU layers")
+        for index, (layer, dim) in enumerate(zip(layers, state_dims)):
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+                raise ValueError(f"state_dims[{index}] must be a positive int, got {dim!r}")
+            if dim == layer.state_dim:
+                continue
+            layer.resize_state(dim)
+        self.config.state_dims = [layer.state_dim for layer in layers]
+
+    @torch.no_grad()
+    def reduce(self, ranks: list[int | None], strict: bool = False) -> list[dict]:
+        """Shrink layers in place by balanced truncation and rewrite `config.state_dims`.
+
+        Args:
+            ranks: one entry per layer: the new state size, or None to leave the layer alone. A rank >= the current
+                size leaves the layer as it is (a reduction never grows a layer).
+            strict: raise the ReductionError of a failing layer instead of skipping it with a warning.
+        Returns:
+            One dict per layer: {"layer", "old_dim", "new_dim", "status" ("reduced" | "unchanged" | "failed"),
+            "error" (str or None), "hsv" (float64 tensor or None), "kept_energy" (float or None)}.
+            Parameters of reduced layers keep their identity but change shape, and their gradients are dropped:
+            optimizer state for them must be reset (CompreSSMCallback does this).
+        """
+        layers = self.lru_layers()
+        if len(ranks) != len(layers):
+            raise ValueError(f"ranks has {len(ranks)} entries, the model has {len(layers)} LRU layers")
+        report = []
+        for index, (layer, rank) in enumerate(zip(layers, ranks)):
+            entry = {"layer": index, "old_dim": layer.state_dim, "new_dim": layer.state_dim, "status": "unchanged",
+                     "error": None, "hsv": None, "kept_energy": None}
+            report.append(entry)
+            if rank is None or rank >= layer.state_dim:
+                continue
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"ranks[{index}] must be a positive int or None, got {rank!r}")
+            lam, B, C, _ = layer.to_lti()
+            try:
+                reduced = balanced_truncation(lam, B, C, rank)
+                layer.load_system(reduced.lam, reduced.B, reduced.C)
+            except ReductionError as error:
+                if strict:
+                    raise
+                logger.warning("CompreSSM: layer %d not reduced (%d -> %d): %s", index, layer.state_dim, rank, error)
+                entry.update(status="failed", error=str(error))
+                continue
+            entry.update(
+                new_dim=layer.state_dim,
+                status="reduced",
+                hsv=reduced.hsv,
+                kept_energy=float(reduced.hsv[:rank].sum() / reduced.hsv.sum()),
+            )
+        self.config.state_dims = [layer.state_dim for layer in layers]
+        return report
+
+
+@dataclass
+class _Inputs:
+    hidden_states: torch.Tensor
+    step_mask: torch.Tensor | None
+
+
+class CompreSSMModel(CompreSSMPreTrainedModel):
+    """Backbone: token embedding (or Linear encoder when `config.input_dim` is set), LRU blocks, final norm."""
+
+    def __init__(self, config: CompreSSMConfig):
+        super().__init__(config)
+        if config.input_dim is None:
+            self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+            self.encoder = None
+        else:
+            self.embeddings = None
+            self.encoder = nn.Linear(config.input_dim, config.hidden_size)
+        self.layers = nn.ModuleList(CompreSSMBlock(config, index) for index in range(config.num_hidden_layers))
+        self.norm_f = _make_norm(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings if self.embeddings is not None else self.encoder
+
+    def set_input_embeddings(self, new_embeddings):
+        if self.embeddings is None:
+            self.encoder = new_embeddings
+        else:
+            self.embeddings = new_embeddings
+
+    def _embed(self, input_ids, inputs_embeds, attention_mask) -> _Inputs:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if self.encoder is not None:
+            if input_ids is not None:
+                raise ValueError(
+                    f"this model encodes continuous inputs (config.input_dim={self.config.input_dim}): pass them as "
+                    "inputs_embeds of shape (batch, length, input_dim), not input_ids"
+                )
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.input_dim:
+                raise ValueError(
+                    f"inputs_embeds must be (batch, length, {self.config.input_dim}), got {tuple(inputs_embeds.shape)}"
+                )
+            hidden_states = self.encoder(inputs_embeds.to(self.encoder.weight.dtype))
+        elif input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+            hidden_states = self.embeddings(input_ids)
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must be (batch, length, {self.config.hidden_size}), got {tuple(inputs_embeds.shape)}"
+                )
+            hidden_states = inputs_embeds
+        step_mask = None
+        if attention_mask is not None:
+            length = hidden_states.shape[1]
+            if attention_mask.dim() != 2 or attention_mask.shape[1] < length:
+                raise ValueError(
+                    f"attention_mask must be (batch, >= {length}), got shape {tuple(attention_mask.shape)}"
+                )
+            # During generation the mask covers past and new tokens: the new ones are the last `length` columns.
+            step_mask = attention_mask[:, -length:].to(device=hidden_states.device, dtype=torch.bool)
+            if bool(step_mask.all()):
+                step_mask = None
+        return _Inputs(hidden_states, step_mask)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """
+        Args:
+            input_ids: int64 (batch, L) token ids, or
+            inputs_embeds: float (batch, L, H), or (batch, L, input_dim) when `config.input_dim` is set.
+            attention_mask: (batch, L) 1 for real steps, 0 for padding (left or right; with a cache, the mask may cover
+                past + new steps, its last L columns are used).
+            past_key_values: a `CompreSSMCache(config)` holding one recurrent state per layer
+                (complex64 (batch, N_i)); created when `use_cache` and None.
+        Returns:
+            BaseModelOutputWithPast(last_hidden_state (batch, L, H), past_key_values, hidden_states).
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        inputs = self._embed(input_ids, inputs_embeds, attention_mask)
+        if use_cache and past_key_values is None:
+            past_key_values = CompreSSMCache(self.config)
+        cache = past_key_values if use_cache else None
+
+        hidden_states = inputs.hidden_states
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for block in self.layers:
+            hidden_states = block(hidden_states, step_mask=inputs.step_mask, cache=cache)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm_f(hidden_states)
+        if isinstance(cache, CompreSSMCache):
+            cache.seen_steps += inputs.hidden_states.shape[1]
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+
+        if not return_dict:
+            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden_states
+        )
+
+
+class CompreSSMForCausalLM(CompreSSMPreTrainedModel, GenerationMixin):
+    """CompreSSMModel with a (tied) linear LM head; generation keeps one recurrent state per layer in the cache."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: CompreSSMConfig):
+        super().__init__(config)
+        if config.input_dim is not None:
+            raise ValueError("CompreSSMForCausalLM needs token inputs: set config.input_dim=None")
+        self.model = CompreSSMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.model.set_input_embeddings(new_embeddings)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # generate() would build a plain DynamicCache, which cannot report a sequence length for state-only layers.
+        if (
+            model_kwargs.get("past_key_values") is None
+            and generation_config.use_cache is not False
+            and generation_config.cache_implementation in (None, "dynamic")
+        ):
+            model_kwargs["past_key_values"] = CompreSSMCache(self.config)
+            generation_config.cache_implementation = None
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def create_masks_for_generate(self, config=None, inputs_embeds=None, attention_mask=None, **kwargs):
+        """The recurrence needs no attention mask matrix: keep the 2-D (batch, steps) padding mask as it is."""
+        return attention_mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """
+        labels: int64 (batch, L), -100 ignored; shifted inside (predict token t+1 from positions <= t).
+        Returns CausalLMOutputWithPast(loss, logits (batch, L or logits_to_keep, vocab) float32, past_key_values).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :]).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            output = (logits, outputs.past_key_values, outputs.hidden_states)
+            output = tuple(v for v in output if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+
+
+class CompreSSMForSequenceClassification(CompreSSMPreTrainedModel):
+    """CompreSSMModel, pooling over time (masked mean as in the paper, or last real step), then a linear head."""
+
+    def __init__(self, config: CompreSSMConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = CompreSSMModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast | tuple:
+        """
+        labels: int64 (batch,) class ids, float (batch,) for regression (num_labels=1), or float (batch, num_labels)
+        for multi-label. Returns SequenceClassifierOutputWithPast(loss, logits float32 (batch, num_labels)).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state.float()  # (batch, L, H)
+        if attention_mask is None:
+            mask = torch.ones(hidden_states.shape[:2], device=hidden_states.device)
+        else:
+            mask = attention_mask[:, -hidden_states.shape[1] :].to(hidden_states.device, torch.float32)
+        if self.config.pooling == "mean":
+            pooled = (hidden_states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+        else:
+            positions = torch.arange(mask.shape[1], device=mask.device)
+            last = (positions[None, :] * (mask > 0)).max(dim=1).values
+            pooled = hidden_states[torch.arange(hidden_states.shape[0], device=mask.device), last]
+        logits = self.score(pooled.to(self.score.weight.dtype)).float()
+        loss = None
+        if labels is not None:
+            loss = self._classification_loss(logits, labels.to(logits.device))
+        if not return_dict:
+            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        problem_type = self.config.problem_type
+        if problem_type is None:
+            if self.num_labels == 1:
+                problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem_type = "single_label_classification"
+            else:
+                problem_type = "multi_label_classification"
+            self.config.problem_type = problem_type
+        if problem_type == "regression":
+            return F.mse_loss(logits.squeeze(-1), labels.float().view(-1)) if self.num_labels == 1 else F.mse_loss(
+                logits, labels.float()
+            )
+        if problem_type == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+
+
+__all__ = [
+    "CompreSSMPreTrainedModel",
+    "CompreSSMModel",
+    "CompreSSMForCausalLM",
+    "CompreSSMForSequenceClassification",
+    "CompreSSMLRU",
+    "CompreSSMCache",
+]

@@ -1,0 +1,244 @@
+"""Balanced truncation of diagonal complex linear systems, in torch (float64 / complex128), no nn.Module code.
+
+The system of one LRU layer (discrete time, complex state of size N, real input/output of width H):
+
+    h_k = diag(lam) h_{k-1} + B u_k,      y_k = Re(C h_k) + D u_k
+
+with `lam` complex (N,), `B` complex (N, H) (the input gain gamma already folded in), `C` complex (H, N).
+Everything here works on the complex map (lam, B, C); D is a feed-through and is never changed by a reduction.
+
+Functions:
+    gramians(lam, B, C)                        -> P, Q           complex128 (N, N) each
+    hankel_singular_values(lam, B, C)          -> sigma          float64 (N,), descending
+    balanced_truncation(lam, B, C, rank)       -> ReducedSystem  (lam_r, B_r, C_r, hsv), re-diagonalised
+    rank_for_energy(hsv, tau)                  -> int
+    lru_parameters_from_system(lam, B)         -> nu_log, theta_log, gamma_log, B_normalised (LRU storage form)
+
+Guards raise `ReductionError` (a ValueError) so a caller can skip one layer and go on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "ReductionError",
+    "ReducedSystem",
+    "gramians",
+    "hankel_singular_values",
+    "balanced_truncation",
+    "rank_for_energy",
+    "lru_parameters_from_system",
+]
+
+# Reduced eigenvalues must satisfy |lam| <= 1 - STABILITY_MARGIN; an LRU cannot represent |lam| >= 1.
+STABILITY_MARGIN = 1e-6
+# Largest accepted condition number of the eigenvector matrix used to re-diagonalise the reduced system.
+MAX_EIGENVECTOR_CONDITION = 1e8
+
+
+class ReductionError(ValueError):
+    """A reduction could not be carried out safely (NaN/Inf, unstable or ill-conditioned result, bad rank)."""
+
+
+class ReducedSystem(NamedTuple):
+    """A reduced, re-diagonalised system and the Hankel singular values of the system it came from.
+
+    lam: complex128 (r,) eigenvalues, |lam| < 1.
+    B:   complex128 (r, H) input matrix (input gain included).
+    C:   complex128 (H, r) output matrix.
+    hsv: float64 (N,) Hankel singular values of the original system, descending.
+    """
+
+    lam: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    hsv: torch.Tensor
+
+
+def _as_system(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
+    """Validate shapes/values and promote to complex128 on the inputs' device."""
+    if lam.dim() != 1:
+        raise ReductionError(f"lam must be 1-D (N,), got shape {tuple(lam.shape)}")
+    n = lam.shape[0]
+    if B.dim() != 2 or B.shape[0] != n:
+        raise ReductionError(f"B must have shape (N={n}, H), got {tuple(B.shape)}")
+    if C.dim() != 2 or C.shape[1] != n:
+        raise ReductionError(f"C must have shape (H, N={n}), got {tuple(C.shape)}")
+    lam, B, C = (t.detach().to(torch.complex128) for t in (lam, B, C))
+    for name, tensor in (("lam", lam), ("B", B), ("C", C)):
+        if not torch.isfinite(torch.view_as_real(tensor)).all():
+            raise ReductionError(f"{name} contains NaN or Inf")
+    if (lam.abs() >= 1.0).any():
+        raise ReductionError(f"the system is not stable: max |lam| = {lam.abs().max().item():.6g} >= 1")
+    return lam, B, C
+
+
+def gramians(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Controllability and observability Gramians of the diagonal system, in closed form.
+
+    P solves P = A P A^H + B B^H and Q solves Q = A^H Q A + C^H C for A = diag(lam):
+        P_ij = (B B^H)_ij / (1 - lam_i conj(lam_j)),   Q_ij = (C^H C)_ij / (1 - conj(lam_i) lam_j).
+
+    Args:
+        lam: complex (N,), |lam| < 1.   B: complex (N, H).   C: complex (H, N).
+    Returns:
+        P, Q: complex128 (N, N), Hermitian positive semi-definite.
+    """
+    lam, B, C = _as_system(lam, B, C)
+    outer = lam[:, None] * lam.conj()[None, :]
+    P = (B @ B.conj().T) / (1.0 - outer)
+    Q = (C.conj().T @ C) / (1.0 - outer.conj())
+    return P, Q
+
+
+def _psd_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """A factor L with L L^H = matrix for a Hermitian PSD matrix, robust to numerical rank deficiency.
+
+    Cholesky fails on the (often numerically singular) Gramians of SSM layers; the eigendecomposition with negative
+    round-off eigenvalues clipped to zero does not. Returns complex128 (N, N).
+    """
+    hermitian = 0.5 * (matrix + matrix.conj().T)
+    eigenvalues, eigenvectors = torch.linalg.eigh(hermitian)
+    return eigenvectors * eigenvalues.clamp_min(0.0).sqrt()[None, :]
+
+
+def _balancing_svd(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
+    P, Q = gramians(lam, B, C)
+    controllability_factor = _psd_factor(P)
+    observability_factor = _psd_factor(Q)
+    # Square-root method: SVD of Lo^H Lc (conjugate transpose, not a plain transpose).
+    U, sigma, Vh = torch.linalg.svd(observability_factor.conj().T @ controllability_factor)
+    return controllability_factor, observability_factor, U, sigma, Vh
+
+
+def hankel_singular_values(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Hankel singular values sigma_i = sqrt(eig(P Q)) of the diagonal system, computed by the square-root method.
+
+    Args:
+        lam: complex (N,), |lam| < 1.   B: complex (N, H).   C: complex (H, N).
+    Returns:
+        float64 (N,), sorted descending, on the inputs' device.
+    Raises:
+        ReductionError: NaN/Inf input or |lam| >= 1.
+    """
+    return _balancing_svd(lam, B, C)[3]
+
+
+def balanced_truncation(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, rank: int) -> ReducedSystem:
+    """Reduce the diagonal system to `rank` states by balanced truncation, then re-diagonalise it.
+
+    Square-root balancing with P = Lc Lc^H, Q = Lo Lo^H and SVD(Lo^H Lc) = U S V^H gives the truncated balancing
+    transform T_r = Lc V_r S_r^{-1/2}, T_r^+ = S_r^{-1/2} U_r^H Lo^H (T_r^+ T_r = I_r), so
+
+        A_r = T_r^+ diag(lam) T_r,   B_r = T_r^+ B,   C_r = C T_r.
+
+    A_r is dense; its eigendecomposition A_r = V diag(lam_r) V^{-1} maps it back to diagonal form:
+    B_r <- V^{-1} B_r, C_r <- C_r V. The H-infinity error of the complex map is at most 2 * sum(hsv[rank:]).
+
+    Args:
+        lam: complex (N,), |lam| < 1.   B: complex (N, H).   C: complex (H, N).
+        rank: number of states to keep, 1 <= rank <= N.
+    Returns:
+        ReducedSystem(lam complex128 (rank,), B complex128 (rank, H), C complex128 (H, rank), hsv float64 (N,)).
+    Raises:
+        ReductionError: bad rank, NaN/Inf, a kept Hankel singular value of zero, a reduced eigenvalue with
+            |lam| >= 1 - STABILITY_MARGIN, or an eigenvector matrix with condition number > MAX_EIGENVECTOR_CONDITION.
+    """
+    lam, B, C = _as_system(lam, B, C)
+    n = lam.shape[0]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= n:
+        raise ReductionError(f"rank must be an int in [1, {n}], got {rank!r}")
+    controllability_factor, observability_factor, U, sigma, Vh = _balancing_svd(lam, B, C)
+    kept = sigma[:rank]
+    if not torch.isfinite(sigma).all():
+        raise ReductionError("Hankel singular values are not finite")
+    if kept[-1] <= torch.finfo(torch.float64).eps * max(kept[0].item(), 1e-300):
+        raise ReductionError(
+            f"rank {rank} keeps a numerically zero Hankel singular value ({kept[-1].item():.3g}); choose a smaller rank"
+        )
+    inv_sqrt = kept.rsqrt().to(torch.complex128)
+    transform = controllability_factor @ Vh[:rank].conj().T * inv_sqrt[None, :]  # (N, r)
+    inverse_transform = inv_sqrt[:, None] * (U[:, :rank].conj().T @ observability_factor.conj().T)  # (r, N)
+
+    A_r = inverse_transform @ (lam[:, None] * transform)
+    B_r = inverse_transform @ B
+    C_r = C @ transform
+
+    lam_r, eigenvectors = torch.linalg.eig(A_r)
+    condition = torch.linalg.cond(eigenvectors).real.item()
+    if not math.isfinite(condition) or condition > MAX_EIGENVECTOR_CONDITION:
+        raise ReductionError(
+            f"re-diagonalising the reduced system is ill-conditioned (cond(V) = {condition:.3g} > "
+            f"{MAX_EIGENVECTOR_CONDITION:.0e})"
+        )
+    B_diag = torch.linalg.solve(eigenvectors, B_r)
+    C_diag = C_r @ eigenvectors
+    for name, tensor in (("lam", lam_r), ("B", B_diag), ("C", C_diag)):
+        if not torch.isfinite(torch.view_as_real(tensor)).all():
+            raise ReductionError(f"reduced {name} contains NaN or Inf")
+    max_modulus = lam_r.abs().max().item()
+    if max_modulus >= 1.0 - STABILITY_MARGIN:
+        raise ReductionError(f"reduced system is not stable enough: max |lam| = {max_modulus:.9f}")
+    return ReducedSystem(lam=lam_r, B=B_diag, C=C_diag, hsv=sigma)
+
+
+def rank_for_energy(hsv: torch.Tensor, tau: float) -> int:
+    """Smallest r whose top-r Hankel singular values hold at least (1 - tau) of their sum.
+
+    The energy is the sum of sigma (not sigma^2), so the discarded part tau * sum(sigma) is exactly what enters the
+    error bound 2 * sum(sigma_{i>r}).
+
+    Args:
+        hsv: float (N,), any order, non-negative.
+        tau: tolerance in [0, 1).
+    Returns:
+        int in [1, N].
+    """
+    if not 0.0 <= float(tau) < 1.0:
+        raise ValueError(f"tau must lie in [0, 1), got {tau!r}")
+    if hsv.dim() != 1 or hsv.numel() == 0:
+        raise ValueError(f"hsv must be a non-empty 1-D tensor, got shape {tuple(hsv.shape)}")
+    values = torch.sort(hsv.detach().to(torch.float64), descending=True).values
+    total = values.sum()
+    if not torch.isfinite(total):
+        raise ValueError("hsv contains NaN or Inf")
+    if total <= 0:
+        return 1
+    cumulative = torch.cumsum(values, dim=0)
+    # Relative slack against round-off so tau = 0 keeps every state with non-zero energy, not N + 1.
+    threshold = (1.0 - float(tau)) * total * (1.0 - 1e-12)
+    return int(torch.searchsorted(cumulative, threshold).item()) + 1
+
+
+def lru_parameters_from_system(lam: torch.Tensor, B: torch.Tensor, min_phase: float = 1e-6):
+    """Map a diagonal stable system back to the LRU parametrisation.
+
+    lam = exp(-exp(nu_log) + i exp(theta_log)), B = B_normalised * exp(gamma_log) with the LRU normalisation
+    exp(gamma_log) = sqrt(1 - |lam|^2).
+
+    Args:
+        lam: complex (N,), 0 < |lam| < 1.   B: complex (N, H), input gain included.
+        min_phase: phases are taken modulo 2 pi and clamped to at least this value (theta = log(phase) needs > 0).
+    Returns:
+        nu_log float64 (N,), theta_log float64 (N,), gamma_log float64 (N,), B_normalised complex128 (N, H).
+    Raises:
+        ReductionError: |lam| outside (0, 1 - STABILITY_MARGIN) or non-finite results.
+    """
+    lam = lam.detach().to(torch.complex128)
+    modulus = lam.abs()
+    if (modulus <= 0).any() or (modulus >= 1.0 - STABILITY_MARGIN).any():
+        raise ReductionError(f"eigenvalue moduli must lie in (0, 1), got range [{modulus.min():.3g}, {modulus.max():.9f}]")
+    nu_log = torch.log(-torch.log(modulus))
+    phase = torch.remainder(torch.angle(lam), 2 * math.pi).clamp_min(min_phase)
+    theta_log = torch.log(phase)
+    gamma = torch.sqrt(1.0 - modulus**2)
+    gamma_log = torch.log(gamma)
+    B_normalised = B.detach().to(torch.complex128) / gamma[:, None]
+    for name, tensor in (("nu_log", nu_log), ("theta_log", theta_log), ("gamma_log", gamma_log)):
+        if not torch.isfinite(tensor).all():
+            raise ReductionError(f"{name} is not finite after the mapping")
+    return nu_log, theta_log, gamma_log, B_normalised

@@ -1,0 +1,197 @@
+"""The LRU recurrence in torch, and the one dispatch between the fused Triton kernel (CUDA) and the torch path.
+
+    x_t = B u_t,   h_t = lam * h_{t-1} + x_t  (h_{-1} = initial_state or 0),   y_t = Re(C h_t) + D * u_t
+
+Paths:
+    sequential_diagonal_scan   python loop over time; the reference the other paths are tested against.
+    parallel_diagonal_scan     log-depth doubling (Hillis-Steele) scan: ceil(log2 L) vectorised steps, every factor
+                               a power of lam with |lam| < 1, so it is stable for any length (no lam^{-t} terms).
+    lru_sequence               the whole layer map; CUDA tensors go to `compressm_kernels.fused_lru_forward` (Triton)
+                               when it is installed, everything else to the torch path.
+
+This file is copied next to the modeling file for `trust_remote_code` loading, so it only imports torch and, inside
+try/except, the optional kernel package.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Optional: the Triton kernels ship with the pip package, not with remote-code checkpoints.
+    from compressm_kernels import TRITON_AVAILABLE as _TRITON_AVAILABLE
+    from compressm_kernels import fused_lru_forward as _fused_lru_forward
+except ImportError:  # pragma: no cover - depends on the installation
+    _TRITON_AVAILABLE = False
+    _fused_lru_forward = None
+
+__all__ = [
+    "sequential_diagonal_scan",
+    "parallel_diagonal_scan",
+    "lru_sequence",
+    "triton_available",
+]
+
+
+def triton_available() -> bool:
+    """True when the fused Triton kernels can be used for CUDA tensors."""
+    return bool(_TRITON_AVAILABLE) and _fused_lru_forward is not None
+
+
+def sequential_diagonal_scan(
+    x: torch.Tensor, lam: torch.Tensor, initial_state: torch.Tensor | None = None, decay: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reference scan h_t = a_t * h_{t-1} + x_t with a python loop over time.
+
+    Args:
+        x: complex (batch, L, N).
+        lam: complex (N,), used as a_t when `decay` is None.
+        initial_state: complex (batch, N) or None (zeros).
+        decay: complex (batch, L, N) per-step factors a_t, or None.
+    Returns:
+        complex (batch, L, N): all states h_0 .. h_{L-1}.
+    """
+    state = initial_state if initial_state is not None else x.new_zeros(x.shape[0], x.shape[2])
+    states = []
+    for t in range(x.shape[1]):
+        factor = lam if decay is None else decay[:, t]
+        state = factor * state + x[:, t]
+        states.append(state)
+    return torch.stack(states, dim=1)
+
+
+def parallel_diagonal_scan(
+    x: torch.Tensor, lam: torch.Tensor, initial_state: torch.Tensor | None = None, decay: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Log-depth scan h_t = a_t * h_{t-1} + x_t (Hillis-Steele doubling), differentiable by autograd.
+
+    With a constant a_t = lam, step k combines h_t with h_{t-d}, d = 2^k, by the factor lam^d; with per-step factors
+    (`decay`, used for masked/padded steps where a_t = 1 and x_t = 0) the factors are composed alongside.
+
+    Args:
+        x: complex (batch, L, N).
+        lam: complex (N,).
+        initial_state: complex (batch, N) or None (zeros).
+        decay: complex (batch, L, N) per-step factors, or None for a_t = lam.
+    Returns:
+        complex (batch, L, N): all states, same dtype as x.
+    """
+    length = x.shape[1]
+    states = x
+    if decay is None:
+        power = lam
+        offset = 1
+        while offset < length:
+            shifted = power * states[:, :-offset]
+            states = torch.cat([states[:, :offset], states[:, offset:] + shifted], dim=1)
+            power = power * power
+            offset *= 2
+        if initial_state is not None:
+            exponents = torch.arange(1, length + 1, device=x.device, dtype=torch.float64)
+            # lam^(t+1) for t = 0..L-1, through exp/log so that it is one vectorised op: (L, N).
+            powers = torch.exp(exponents[:, None].to(lam.real.dtype) * torch.log(lam)[None, :])
+            states = states + powers[None] * initial_state[:, None, :]
+        return states
+    factors = decay
+    if initial_state is not None:
+        # Fold h_{-1} into the first input: h_0 = a_0 h_{-1} + x_0.
+        states = torch.cat([states[:, :1] + factors[:, :1] * initial_state[:, None, :], states[:, 1:]], dim=1)
+    offset = 1
+    while offset < length:
+        shifted = factors[:, offset:] * states[:, :-offset]
+        states = torch.cat([states[:, :offset], states[:, offset:] + shifted], dim=1)
+        factors = torch.cat([factors[:, :offset], factors[:, offset:] * factors[:, :-offset]], dim=1)
+        offset *= 2
+    return states
+
+
+def _is_left_padding(step_mask: torch.Tensor) -> bool:
+    """True when every row is 0...0 1...1 (padding only before the first real step)."""
+    as_int = step_mask.to(torch.int8)
+    return bool((as_int[:, 1:] >= as_int[:, :-1]).all())
+
+
+def lru_sequence_torch(
+    u: torch.Tensor,
+    lam: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    step_mask: torch.Tensor | None = None,
+    scan=parallel_diagonal_scan,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LRU map in plain torch (fp32 / complex64 inside). See `lru_sequence` for the arguments."""
+    u32 = u.float()
+    x = torch.complex(u32 @ B.real.float().T, u32 @ B.imag.float().T)  # (batch, L, N)
+    lam = lam.to(torch.complex64)
+    decay = None
+    if step_mask is not None:
+        keep = step_mask.to(torch.bool)[:, :, None]
+        x = x.masked_fill(~keep, 0)
+        if initial_state is not None or not _is_left_padding(step_mask):
+            # Masked steps must leave the state untouched: a_t = 1 there (a fixed lam would still decay it).
+            decay = torch.where(keep, lam[None, None, :], torch.ones((), dtype=lam.dtype, device=lam.device))
+    init = initial_state.to(torch.complex64) if initial_state is not None else None
+    states = scan(x, lam, init, decay)
+    y = states.real @ C.real.float().T - states.imag @ C.imag.float().T + u32 * D.float()
+    return y.to(u.dtype), states[:, -1]
+
+
+def lru_sequence(
+    u: torch.Tensor,
+    lam: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    step_mask: torch.Tensor | None = None,
+    use_kernel: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one LRU over a sequence: the single dispatch point between the Triton kernel and the torch path.
+
+    Args:
+        u: real (batch, L, H), fp32/bf16/fp16.
+        lam: complex (N,), |lam| < 1.
+        B: complex (N, H), input gain included.  C: complex (H, N).  D: real (H,).
+        initial_state: complex (batch, N) state before the first step, or None (zeros).
+        step_mask: (batch, L) bool/int, 1 for real steps and 0 for padding. Padded steps have zero input and, unless
+            the padding is on the left of a fresh sequence (where the state is still zero), they leave the state
+            unchanged.
+        use_kernel: force (True) or forbid (False) the Triton kernel; None picks it for CUDA tensors when installed.
+    Returns:
+        y: real (batch, L, H) in u's dtype; final_state: complex64 (batch, N), the state after the last step.
+    """
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, length, hidden), got shape {tuple(u.shape)}")
+    if u.shape[1] == 0:
+        raise ValueError("cannot run the recurrence over an empty sequence (length 0)")
+    needs_time_varying = step_mask is not None and (initial_state is not None or not _is_left_padding(step_mask))
+    if use_kernel is None:
+        use_kernel = u.is_cuda and triton_available() and not needs_time_varying
+    if use_kernel:
+        if not triton_available():
+            raise RuntimeError("use_kernel=True but the Triton kernels (compressm_kernels) are not available")
+        if not u.is_cuda:
+            raise RuntimeError("the Triton kernels need CUDA tensors; use the torch path (use_kernel=False) on CPU")
+        if needs_time_varying:
+            raise ValueError("the Triton kernel supports left padding only; pass use_kernel=None for other masks")
+        if step_mask is not None:
+            u = u.masked_fill(~step_mask.to(torch.bool)[:, :, None], 0)
+        h0_re = h0_im = None
+        if initial_state is not None:
+            h0_re, h0_im = initial_state.real.float().contiguous(), initial_state.imag.float().contiguous()
+        y, final_re, final_im = _fused_lru_forward(
+            u.contiguous(),
+            lam.real.float().contiguous(),
+            lam.imag.float().contiguous(),
+            B.real.float().contiguous(),
+            B.imag.float().contiguous(),
+            C.real.float().contiguous(),
+            C.imag.float().contiguous(),
+            D.float().contiguous(),
+            h0_re,
+            h0_im,
+        )
+        return y, torch.complex(final_re, final_im)
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        return lru_sequence_torch(u, lam, B, C, D, initial_state, step_mask)

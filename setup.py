@@ -1,0 +1,35 @@
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="compressm",
+    version="0.1.0",
+    description="CompreSSM for Hugging Face: LRU state-space models that shrink themselves while they train "
+    "(in-training balanced truncation, arXiv 2510.02823).",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The repository folder `kernels/` is installed as `compressm_kernels`: a top-level module named `kernels`
+    # belongs to Hugging Face's hub-kernels library, which transformers probes for.
+    packages=["modeling_compressm", "compressm_kernels"],
+    package_dir={"modeling_compressm": "modeling_compressm", "compressm_kernels": "kernels"},
+    package_data={"modeling_compressm": ["hub_configs/*.json"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.56",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "evaluate>=0.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "safetensors>=0.4",
+        "scikit-learn>=1.3",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["compressm=modeling_compressm.cli:main"]},
+)
