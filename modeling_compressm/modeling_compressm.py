@@ -191,7 +191,7 @@ class CompreSSMBlock(nn.Module):
         cache: Cache | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
-        initial_state = _read_recurrent_state(cache, self.layer_idx)
+        initial_state = _read_recurrent_state(cache, self.layer_idx, self.lru.state_dim)
         mixed, final_state = self.lru(self.norm(hidden_states), initial_state=initial_state, step_mask=step_mask)
         if cache is not None:
             _write_recurrent_state(cache, self.layer_idx, final_state)
@@ -217,22 +217,22 @@ class CompreSSMCache(DynamicCache):
         self.seen_steps = 0
 
 
-def _read_recurrent_state(cache: Cache | None, layer_idx: int) -> torch.Tensor | None:
+def _read_recurrent_state(cache: Cache | None, layer_idx: int, state_dim: int) -> torch.Tensor | None:
     """State h (complex64 (batch, N)) that `cache` holds for this layer, or None before the first step."""
     if cache is None or layer_idx >= len(cache.layers) or not cache.has_previous_state(layer_idx):
         return None
-    return cache.layers[layer_idx].recurrent_states[0]
+    state = cache.layers[layer_idx].recurrent_states[0]
+    if state.shape[-1] != state_dim:
+        raise ValueError(
+            f"cache of layer {layer_idx} holds a state of size {state.shape[-1]} but the layer has {state_dim} "
+            "states: a cache cannot be reused across a reduction"
+        )
+    return state
 
 
 def _write_recurrent_state(cache: Cache, layer_idx: int, state: torch.Tensor) -> None:
-    layer = cache.layers[layer_idx]
-    if layer.is_recurrent_states_initialized[0] and layer.recurrent_states[0].shape != state.shape:
-        raise ValueError(
-            f"cache of layer {layer_idx} holds a state of shape {tuple(layer.recurrent_states[0].shape)}, the layer "
-            f"produces {tuple(state.shape)}: a cache cannot be reused across a reduction or a batch-size change"
-        )
     cache.update_recurrent_state(state.detach(), layer_idx)
-    layer.has_previous_state[0] = True
+    cache.layers[layer_idx].has_previous_state[0] = True
 
 
 class CompreSSMPreTrainedModel(PreTrainedModel):

@@ -59,13 +59,72 @@ def sequential_diagonal_scan(
     return torch.stack(states, dim=1)
 
 
+def _doubling_scan_(states: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """In place: turn inputs x (batch, L, N) into states of h_t = lam * h_{t-1} + x_t (zero initial state).
+
+    Step k adds lam^d * h_{t-d} to h_t for d = 2^k; the product on the right is materialised before the in-place add,
+    so overlapping reads and writes are safe. ceil(log2 L) passes, every factor |lam^d| <= 1.
+    """
+    power = lam
+    offset = 1
+    length = states.shape[1]
+    while offset < length:
+        states[:, offset:].add_(states[:, :-offset] * power)
+        power = power * power
+        offset *= 2
+    return states
+
+
+def _powers(lam: torch.Tensor, length: int) -> torch.Tensor:
+    """lam^(t+1) for t = 0..length-1: complex (length, N)."""
+    exponents = torch.arange(1, length + 1, device=lam.device, dtype=lam.real.dtype)
+    return torch.exp(exponents[:, None] * torch.log(lam)[None, :])
+
+
+class _ConstantDecayScan(torch.autograd.Function):
+    """h_t = lam * h_{t-1} + x_t with a hand-written backward (a reverse scan with conj(lam)), saving only the states.
+
+    PyTorch's complex gradient convention (grad of a product a*b w.r.t. a is grad * conj(b)) gives
+        g_t = dL/dh_t + conj(lam) g_{t+1},   dL/dx_t = g_t,   dL/dlam = sum_t g_t conj(h_{t-1}),   dL/dh0 = conj(lam) g_0.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lam, initial_state):
+        with torch.no_grad():
+            states = _doubling_scan_(x.clone(), lam)
+            if initial_state is not None:
+                states.add_(_powers(lam, x.shape[1])[None] * initial_state[:, None, :])
+        ctx.save_for_backward(states, lam, initial_state)
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states):
+        states, lam, initial_state = ctx.saved_tensors
+        lam_conj = lam.conj()
+        grad_x = _doubling_scan_(grad_states.flip(1).contiguous(), lam_conj).flip(1)
+        grad_lam = grad_initial = None
+        if ctx.needs_input_grad[1]:
+            previous = torch.cat(
+                [
+                    (initial_state if initial_state is not None else torch.zeros_like(states[:, 0]))[:, None],
+                    states[:, :-1],
+                ],
+                dim=1,
+            )
+            grad_lam = (grad_x * previous.conj()).sum(dim=(0, 1))
+        if initial_state is not None and ctx.needs_input_grad[2]:
+            grad_initial = lam_conj * grad_x[:, 0]
+        return grad_x, grad_lam, grad_initial
+
+
 def parallel_diagonal_scan(
     x: torch.Tensor, lam: torch.Tensor, initial_state: torch.Tensor | None = None, decay: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Log-depth scan h_t = a_t * h_{t-1} + x_t (Hillis-Steele doubling), differentiable by autograd.
+    """Log-depth scan h_t = a_t * h_{t-1} + x_t (Hillis-Steele doubling), differentiable.
 
-    With a constant a_t = lam, step k combines h_t with h_{t-d}, d = 2^k, by the factor lam^d; with per-step factors
-    (`decay`, used for masked/padded steps where a_t = 1 and x_t = 0) the factors are composed alongside.
+    With a constant a_t = lam (the training path) step k combines h_t with h_{t-d}, d = 2^k, by the factor lam^d, and
+    the backward pass is the same scan run in reverse with conj(lam). With per-step factors (`decay`, used for
+    masked/padded steps where a_t = 1 and x_t = 0) the factors are composed alongside and autograd differentiates.
 
     Args:
         x: complex (batch, L, N).
@@ -75,22 +134,10 @@ def parallel_diagonal_scan(
     Returns:
         complex (batch, L, N): all states, same dtype as x.
     """
+    if decay is None:
+        return _ConstantDecayScan.apply(x, lam, initial_state)
     length = x.shape[1]
     states = x
-    if decay is None:
-        power = lam
-        offset = 1
-        while offset < length:
-            shifted = power * states[:, :-offset]
-            states = torch.cat([states[:, :offset], states[:, offset:] + shifted], dim=1)
-            power = power * power
-            offset *= 2
-        if initial_state is not None:
-            exponents = torch.arange(1, length + 1, device=x.device, dtype=torch.float64)
-            # lam^(t+1) for t = 0..L-1, through exp/log so that it is one vectorised op: (L, N).
-            powers = torch.exp(exponents[:, None].to(lam.real.dtype) * torch.log(lam)[None, :])
-            states = states + powers[None] * initial_state[:, None, :]
-        return states
     factors = decay
     if initial_state is not None:
         # Fold h_{-1} into the first input: h_0 = a_0 h_{-1} + x_0.

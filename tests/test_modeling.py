@@ -1,0 +1,271 @@
+"""Model family: forward passes, caching and generation, pooling, reduction in place, save/load round trips."""
+
+import logging
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
+from transformers.utils import logging as hf_logging
+
+from modeling_compressm import (
+    CompreSSMCache,
+    CompreSSMConfig,
+    CompreSSMForCausalLM,
+    CompreSSMForSequenceClassification,
+    CompreSSMModel,
+    reduction,
+)
+
+
+def lm_config(**overrides):
+    values = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, state_dims=[12, 7])
+    values.update(overrides)
+    return CompreSSMConfig(**values)
+
+
+@pytest.fixture
+def lm():
+    return CompreSSMForCausalLM(lm_config()).eval()
+
+
+@pytest.fixture
+def classifier():
+    config = CompreSSMConfig(hidden_size=12, num_hidden_layers=2, state_dims=[10, 6], input_dim=1, num_labels=3)
+    return CompreSSMForSequenceClassification(config).eval()
+
+
+class CapturedLogs(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_warnings():
+    handler = CapturedLogs()
+    logger = hf_logging.get_logger("transformers")
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+def test_lm_forward_shapes_and_loss(lm):
+    ids = torch.randint(0, 40, (3, 9))
+    out = lm(ids, labels=ids)
+    assert out.logits.shape == (3, 9, 40) and out.logits.dtype == torch.float32
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 40), ids[:, 1:].reshape(-1))
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    out.loss.backward()
+    assert all(p.grad is not None for p in lm.parameters() if p.requires_grad)
+
+
+def test_prefix_then_single_steps_equal_the_full_forward(lm):
+    ids = torch.randint(0, 40, (2, 13))
+    full = lm(ids, use_cache=False).logits
+    prefix = lm(ids[:, :6], use_cache=True)
+    cache = prefix.past_key_values
+    assert isinstance(cache, CompreSSMCache) and cache.get_seq_length() == 6
+    pieces = [prefix.logits]
+    for t in range(6, 13):
+        step = lm(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        pieces.append(step.logits)
+    assert cache.get_seq_length() == 13
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+    # Layers have different state sizes and the cache holds one state per layer.
+    assert [layer.recurrent_states[0].shape[-1] for layer in cache.layers] == [12, 7]
+
+
+def test_greedy_generate_matches_step_by_step_argmax(lm):
+    prompt = torch.randint(1, 40, (2, 5))
+    generated = lm.generate(prompt, max_new_tokens=6, do_sample=False)
+    tokens = prompt
+    for _ in range(6):
+        next_token = lm(tokens, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, next_token], dim=1)
+    assert torch.equal(generated, tokens)
+
+
+def test_left_padded_generation_equals_unpadded(lm):
+    prompt = torch.randint(1, 40, (1, 5))
+    reference = lm.generate(prompt, max_new_tokens=5, do_sample=False)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)], dim=1)
+    generated = lm.generate(padded, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(generated[:, 3:], reference)
+
+
+def test_batched_left_padding_matches_each_sequence_alone(lm):
+    short, long = torch.randint(1, 40, (1, 4)), torch.randint(1, 40, (1, 7))
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long], 0)
+    mask = torch.ones_like(batch)
+    mask[0, :3] = 0
+    generated = lm.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated[0, 3:], lm.generate(short, max_new_tokens=4, do_sample=False)[0])
+    assert torch.equal(generated[1], lm.generate(long, max_new_tokens=4, do_sample=False)[0])
+
+
+def test_beam_search_runs_and_cache_reorders_states(lm):
+    prompt = torch.randint(1, 40, (2, 4))
+    out = lm.generate(prompt, max_new_tokens=5, num_beams=3, do_sample=False)
+    assert out.shape == (2, 9)
+    cache = lm(torch.randint(1, 40, (3, 4)), use_cache=True).past_key_values
+    before = [layer.recurrent_states[0].clone() for layer in cache.layers]
+    order = torch.tensor([2, 0, 0])
+    cache.reorder_cache(order)
+    for layer, state in zip(cache.layers, before):
+        assert torch.equal(layer.recurrent_states[0], state[order])
+
+
+def test_greedy_beam_of_one_equals_greedy(lm):
+    prompt = torch.randint(1, 40, (1, 4))
+    assert torch.equal(
+        lm.generate(prompt, max_new_tokens=4, num_beams=1, do_sample=False),
+        lm.generate(prompt, max_new_tokens=4, do_sample=False),
+    )
+
+
+def test_classifier_mean_pooling_ignores_padding(classifier):
+    x = torch.randn(1, 20, 1)
+    logits = classifier(inputs_embeds=x).logits
+    padded = torch.cat([x, torch.randn(1, 6, 1)], dim=1)
+    mask = torch.cat([torch.ones(1, 20), torch.zeros(1, 6)], dim=1)
+    assert torch.allclose(classifier(inputs_embeds=padded, attention_mask=mask).logits, logits, atol=1e-5)
+    out = classifier(inputs_embeds=torch.randn(4, 20, 1), labels=torch.tensor([0, 1, 2, 1]))
+    assert out.logits.shape == (4, 3) and out.loss.ndim == 0
+
+
+def test_classifier_last_pooling_and_regression():
+    config = CompreSSMConfig(hidden_size=8, num_hidden_layers=1, state_dims=4, input_dim=2, num_labels=1, pooling="last")
+    model = CompreSSMForSequenceClassification(config).eval()
+    x = torch.randn(2, 10, 2)
+    hidden = model.model(inputs_embeds=x).last_hidden_state
+    assert torch.allclose(model(inputs_embeds=x).logits, model.score(hidden[:, -1]), atol=1e-6)
+    out = model(inputs_embeds=x, labels=torch.tensor([0.5, -1.0]))
+    assert model.config.problem_type == "regression" and out.loss.ndim == 0
+
+
+def test_bad_inputs_raise_clear_errors(lm, classifier):
+    with pytest.raises(ValueError, match="exactly one"):
+        lm(None)
+    with pytest.raises(ValueError, match="input_ids must be"):
+        lm(torch.randint(0, 40, (5,)))
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        classifier(input_ids=torch.randint(0, 3, (1, 4)))
+    with pytest.raises(ValueError, match=r"\(batch, length, 1\)"):
+        classifier(inputs_embeds=torch.randn(1, 4, 3))
+    with pytest.raises(ValueError, match="attention_mask"):
+        lm(torch.randint(0, 40, (1, 5)), attention_mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="input_dim"):
+        CompreSSMForCausalLM(lm_config(input_dim=3))
+
+
+def test_reduce_shrinks_in_place_and_rewrites_the_config(lm):
+    parameters_before = {name: p for name, p in lm.named_parameters()}
+    report = lm.reduce([5, 20])
+    assert lm.config.state_dims == [5, 7]  # never grows a layer
+    assert [entry["status"] for entry in report] == ["reduced", "unchanged"]
+    assert report[0]["old_dim"] == 12 and report[0]["new_dim"] == 5 and 0 < report[0]["kept_energy"] <= 1
+    layer = lm.lru_layers()[0]
+    assert layer.B_re.shape == (5, 16) and layer.C_im.shape == (16, 5) and layer.nu_log.shape == (5,)
+    # The Parameter objects survive, so optimizers keep pointing at them.
+    assert all(parameters_before[name] is p for name, p in lm.named_parameters())
+    assert [h.shape[0] for h in lm.hankel_singular_values()] == [5, 7]
+    ids = torch.randint(0, 40, (2, 8))
+    assert lm(ids).logits.shape == (2, 8, 40)
+    with pytest.raises(ValueError, match="entries"):
+        lm.reduce([3])
+
+
+def test_reduced_layer_output_error_is_within_the_hsv_bound():
+    model = CompreSSMModel(CompreSSMConfig(hidden_size=6, num_hidden_layers=1, state_dims=24, r_min=0.5, r_max=0.95))
+    layer = model.lru_layers()[0]
+    u = torch.randn(4, 200, 6)
+    y_full, _ = layer(u)
+    hsv = model.hankel_singular_values()[0]
+    model.reduce([8])
+    y_reduced, _ = layer(u)
+    bound = 2 * hsv[8:].sum().item()
+    error = (y_full - y_reduced).flatten(1).norm(dim=1)
+    # fp32 forward: allow round-off on the order of 1e-5 of the output size on top of the bound
+    slack = 1e-5 * y_full.flatten(1).norm(dim=1)
+    assert torch.all(error <= bound * u.flatten(1).norm(dim=1) + slack)
+
+
+def test_failing_layer_is_skipped_with_a_warning(lm, monkeypatch, caplog):
+    calls = {"n": 0}
+    real = reduction.balanced_truncation
+
+    def flaky(lam, B, C, rank):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise reduction.ReductionError("unstable eigenvalue")
+        return real(lam, B, C, rank)
+
+    monkeypatch.setattr("modeling_compressm.modeling_compressm.balanced_truncation", flaky)
+    with caplog.at_level(logging.WARNING):
+        report = lm.reduce([4, 3])
+    assert [entry["status"] for entry in report] == ["failed", "reduced"]
+    assert lm.config.state_dims == [12, 3]
+    assert "unstable eigenvalue" in caplog.text
+    with pytest.raises(reduction.ReductionError):
+        monkeypatch.setattr(
+            "modeling_compressm.modeling_compressm.balanced_truncation",
+            lambda *a: (_ for _ in ()).throw(reduction.ReductionError("boom")),
+        )
+        lm.reduce([2, None], strict=True)
+
+
+def test_reduced_model_round_trips_with_identical_logits(lm, tmp_path, transformers_warnings):
+    lm.reduce([4, 3])
+    lm.save_pretrained(tmp_path)
+    ids = torch.randint(0, 40, (2, 10))
+    expected = lm(ids).logits
+    loaded = CompreSSMForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.state_dims == [4, 3]
+    assert torch.equal(loaded(ids).logits, expected)
+    via_auto = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(via_auto, CompreSSMForCausalLM)
+    assert torch.equal(via_auto(ids).logits, expected)
+    backbone = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(backbone, CompreSSMModel)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), CompreSSMConfig)
+    joined = "\n".join(transformers_warnings).lower()
+    assert "mismatch" not in joined and "newly initialized" not in joined and "not used" not in joined
+
+
+def test_classifier_round_trips_through_auto_class(classifier, tmp_path):
+    classifier.reduce([3, None])
+    classifier.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 15, 1)
+    assert loaded.config.state_dims == [3, 6]
+    assert torch.equal(loaded(inputs_embeds=x).logits, classifier(inputs_embeds=x).logits)
+
+
+def test_set_state_dims_rebuilds_at_checkpoint_sizes(lm, tmp_path):
+    lm.reduce([5, 4])
+    lm.save_pretrained(tmp_path)
+    fresh = CompreSSMForCausalLM(lm_config()).eval()
+    fresh.set_state_dims([5, 4])
+    from safetensors.torch import load_file
+
+    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
+    ids = torch.randint(0, 40, (1, 6))
+    assert torch.equal(fresh(ids).logits, lm(ids).logits)
+    with pytest.raises(ValueError, match="positive int"):
+        fresh.set_state_dims([0, 4])
+
+
+def test_cache_is_rejected_after_a_reduction(lm):
+    cache = lm(torch.randint(0, 40, (1, 4)), use_cache=True).past_key_values
+    lm.reduce([3, 3])
+    with pytest.raises(ValueError, match="reduction"):
+        lm(torch.randint(0, 40, (1, 1)), past_key_values=cache, use_cache=True)

@@ -1,0 +1,123 @@
+"""Torch scan paths against the sequential reference, masking semantics and the dispatch."""
+
+import pytest
+import torch
+
+from modeling_compressm import scan
+from modeling_compressm.scan import lru_sequence, parallel_diagonal_scan, sequential_diagonal_scan
+
+
+def complex_randn(*shape, dtype=torch.complex128):
+    return torch.complex(torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)).to(dtype)
+
+
+def random_lam(n):
+    return torch.polar(0.5 + 0.49 * torch.rand(n, dtype=torch.float64), 6.28 * torch.rand(n, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("length", [1, 2, 63, 100, 1000])
+@pytest.mark.parametrize("with_initial_state", [False, True])
+def test_parallel_scan_matches_sequential(length, with_initial_state):
+    x = complex_randn(3, length, 5)
+    lam = random_lam(5)
+    h0 = complex_randn(3, 5) if with_initial_state else None
+    expected = sequential_diagonal_scan(x, lam, h0)
+    assert torch.allclose(parallel_diagonal_scan(x, lam, h0), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("length", [1, 37, 64])
+def test_parallel_scan_with_per_step_factors_matches_sequential(length):
+    x = complex_randn(2, length, 7)
+    decay = complex_randn(2, length, 7) * 0.3
+    h0 = complex_randn(2, 7)
+    lam = random_lam(7)
+    expected = sequential_diagonal_scan(x, lam, h0, decay)
+    assert torch.allclose(parallel_diagonal_scan(x, lam, h0, decay), expected, atol=1e-10)
+
+
+def test_parallel_scan_gradients_match_sequential():
+    x = complex_randn(2, 45, 3).requires_grad_()
+    lam = random_lam(3).requires_grad_()
+    h0 = complex_randn(2, 3).requires_grad_()
+    weights = complex_randn(2, 45, 3)
+    grads = []
+    for fn in (sequential_diagonal_scan, parallel_diagonal_scan):
+        loss = (fn(x, lam, h0) * weights).real.sum()
+        grads.append(torch.autograd.grad(loss, (x, lam, h0)))
+    for reference, parallel in zip(*grads):
+        assert torch.allclose(reference, parallel, atol=1e-9)
+
+
+def _system(n=6, h=4):
+    lam = random_lam(n).to(torch.complex64)
+    B = complex_randn(n, h, dtype=torch.complex64) * 0.3
+    C = complex_randn(h, n, dtype=torch.complex64) * 0.3
+    D = torch.randn(h)
+    return lam, B, C, D
+
+
+def test_lru_sequence_equals_the_layer_equations():
+    lam, B, C, D = _system()
+    u = torch.randn(2, 30, 4)
+    y, final_state = lru_sequence(u, lam, B, C, D)
+    states = sequential_diagonal_scan(u.to(torch.complex64) @ B.T, lam)
+    expected = (states @ C.T).real + u * D
+    assert torch.allclose(y, expected, atol=1e-5)
+    assert torch.allclose(final_state, states[:, -1], atol=1e-5)
+    assert y.dtype == u.dtype
+
+
+def test_lru_sequence_continues_from_an_initial_state():
+    lam, B, C, D = _system()
+    u = torch.randn(2, 40, 4)
+    y_full, final_full = lru_sequence(u, lam, B, C, D)
+    y_head, state = lru_sequence(u[:, :25], lam, B, C, D)
+    y_tail, final_tail = lru_sequence(u[:, 25:], lam, B, C, D, initial_state=state)
+    assert torch.allclose(torch.cat([y_head, y_tail], 1), y_full, atol=1e-5)
+    assert torch.allclose(final_tail, final_full, atol=1e-5)
+
+
+def test_left_padding_gives_the_same_outputs_as_no_padding():
+    lam, B, C, D = _system()
+    u = torch.randn(1, 20, 4)
+    padded = torch.cat([torch.randn(1, 5, 4), u], dim=1)  # garbage in the padded steps
+    mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 20)], dim=1)
+    y, state = lru_sequence(u, lam, B, C, D)
+    y_padded, state_padded = lru_sequence(padded, lam, B, C, D, step_mask=mask)
+    assert torch.allclose(y_padded[:, 5:], y, atol=1e-5)
+    assert torch.allclose(state_padded, state, atol=1e-5)
+
+
+def test_masked_steps_leave_the_state_unchanged():
+    lam, B, C, D = _system()
+    u = torch.randn(1, 12, 4)
+    mask = torch.ones(1, 12)
+    mask[:, 4:7] = 0  # a hole in the middle: a fixed lam would still decay the state there
+    _, state = lru_sequence(u[:, [0, 1, 2, 3, 7, 8, 9, 10, 11]], lam, B, C, D)
+    _, state_masked = lru_sequence(u, lam, B, C, D, step_mask=mask)
+    assert torch.allclose(state_masked, state, atol=1e-5)
+    # Right padding after a cached prefix behaves the same way.
+    _, head = lru_sequence(u[:, :4], lam, B, C, D)
+    _, continued = lru_sequence(u[:, 4:], lam, B, C, D, initial_state=head, step_mask=mask[:, 4:])
+    assert torch.allclose(continued, state, atol=1e-5)
+
+
+def test_dispatch_uses_torch_on_cpu_and_refuses_the_kernel_there():
+    lam, B, C, D = _system()
+    u = torch.randn(1, 5, 4)
+    with pytest.raises(RuntimeError, match="CUDA|not available"):
+        lru_sequence(u, lam, B, C, D, use_kernel=True)
+    with pytest.raises(ValueError, match="empty"):
+        lru_sequence(u[:, :0], lam, B, C, D)
+    with pytest.raises(ValueError, match="batch, length, hidden"):
+        lru_sequence(u[0], lam, B, C, D)
+    assert isinstance(scan.triton_available(), bool)
+
+
+def test_bfloat16_inputs_return_bfloat16_outputs():
+    lam, B, C, D = _system()
+    u = torch.randn(2, 9, 4)
+    y32, _ = lru_sequence(u, lam, B, C, D)
+    y16, _ = lru_sequence(u.bfloat16(), lam, B, C, D)
+    assert y16.dtype == torch.bfloat16
+    assert torch.allclose(y16.float(), y32, atol=0.1, rtol=0.05)
