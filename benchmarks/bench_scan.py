@@ -1,0 +1,399 @@
+#!/usr/bin/env python
+"""Benchmark the LRU scan paths: Triton fused layer, Triton plain scan, and the torch paths.
+
+Usage (GPU)::
+
+    python benchmarks/bench_scan.py                      # paper shapes + N sweep, writes benchmarks/results/
+    python benchmarks/bench_scan.py --peak-gbps 4800     # e.g. H200 (default 3350 = H100 SXM HBM3)
+
+CPU smoke test (tiny shapes; the Triton rows run only under the interpreter)::
+
+    python benchmarks/bench_scan.py --device cpu --quick
+    TRITON_INTERPRET=1 python benchmarks/bench_scan.py --device cpu --quick
+
+Paths (one LRU layer y = Re(C h) + D u, h_t = lam h_{t-1} + B u_t; complex as real pairs):
+
+    triton_scan         compressm_kernels.diagonal_scan alone (x given): the bandwidth-bound scan kernel
+    triton_fused        compressm_kernels.fused_lru_forward (cuBLAS x = B u, chunk-state pass, fused output pass)
+    triton_scan+proj    torch matmuls for x = B u and y = Re(C h) + D u around the Triton plain scan
+    torch_sequential    compressm_kernels.naive_lru_forward (python loop over time; the test oracle)
+    torch_parallel      modeling_compressm.scan.lru_sequence_torch with parallel_diagonal_scan (doubling scan);
+                        a local Hillis-Steele doubling scan if that module is not importable
+    torch_compile       torch.compile(torch_parallel)
+
+Byte model (fp32 = 4 bytes, complex = 8 bytes, s_u = bytes per element of u/y; E = Bt*L*N complex elements):
+
+    compulsory (all layer paths)  u read Bt*L*H*s_u + y written Bt*L*H*s_u
+                                  + params (lam 8N + B 8NH + C 8HN + D 4H) + h0 read / hT written (8*Bt*N each)
+    triton_scan   fwd             x read 8E + h written 8E (+ lam, h0)                        = 16E
+                  fwd+bwd         fwd + (dh read 8E + h read 8E + dx written 8E)              = 40E
+    triton_fused  fwd             compulsory + x written 8E by cuBLAS + x read 8E by each of the two passes = +24E
+                                  (the (Bt, L, N) states never reach HBM)
+                  fwd+bwd         fwd + recompute (x 8E w + 8E r, h 8E w) + dh 8E (w + r) + G 8E (w + 3 r)
+                                  + h read 2x 8E (dlam, dC GEMM) + u/dy reads ~ 4 Bt*L*H*s_u + du written
+    triton_scan+proj fwd          compulsory + x (w + r) 16E + h (w + r) 16E                  = +32E
+    torch paths   fwd             compulsory + x (w + r) 16E + h (w + r) 16E + doubling passes
+                                  ceil(log2 L) * 40E (torch_parallel: read 2, write 1, product temp w + r per pass)
+                                  torch_sequential: per step r/w of the state, ~ 32E
+
+GB/s = modelled bytes / measured time. The scan kernel's "% of peak" (triton_scan row) is the number to hold
+against the >= 70 % HBM target; the layer rows also report it for comparison. Every modelled byte count is an
+idealisation (L2 hits not subtracted, GEMM re-reads not counted), so treat % of peak as approximate.
+
+Timing: CUDA events around each call, `--warmup` calls, median of `--repeats`; fwd+bwd = forward + backward with
+a fixed random cotangent for y. Nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import compressm_kernels as K  # noqa: E402
+
+try:  # the lead's torch paths (complex tensors)
+    from modeling_compressm.scan import lru_sequence_torch as _lru_sequence_torch
+    from modeling_compressm.scan import parallel_diagonal_scan as _parallel_diagonal_scan
+
+    HAVE_MODEL_SCAN = True
+except Exception:  # pragma: no cover - depends on the checkout
+    _lru_sequence_torch = None
+    _parallel_diagonal_scan = None
+    HAVE_MODEL_SCAN = False
+
+PAPER_SHAPES = [  # (Bt, L, N, H)
+    (50, 784, 256, 8),
+    (50, 1024, 384, 512),
+]
+SWEEP_N = [16, 32, 64, 128, 256, 384]
+QUICK_SHAPES = [(2, 33, 12, 6)]
+QUICK_SWEEP_N = [4, 8, 12]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch fallbacks
+# ------------------------------------------------------------------------------------------------------------
+def _local_doubling_scan(x, lam, initial_state=None, decay=None):
+    """Hillis-Steele doubling scan h_t = lam h_{t-1} + x_t on complex tensors (autograd differentiates)."""
+    states = x
+    if initial_state is not None:
+        states = torch.cat([states[:, :1] + lam * initial_state[:, None, :], states[:, 1:]], dim=1)
+    power, offset, length = lam, 1, x.shape[1]
+    while offset < length:
+        states = torch.cat([states[:, :offset], states[:, offset:] + power * states[:, :-offset]], dim=1)
+        power = power * power
+        offset *= 2
+    return states
+
+
+def torch_parallel_layer(u, lam, Bc, Cc, D, h0c):
+    if HAVE_MODEL_SCAN:
+        return _lru_sequence_torch(u, lam, Bc, Cc, D, h0c, scan=_parallel_diagonal_scan)
+    u32 = u.float()
+    x = torch.complex(u32 @ Bc.real.T, u32 @ Bc.imag.T)
+    states = _local_doubling_scan(x, lam, h0c)
+    y = states.real @ Cc.real.T - states.imag @ Cc.imag.T + u32 * D
+    return y.to(u.dtype), states[:, -1]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# byte model
+# ------------------------------------------------------------------------------------------------------------
+def byte_model(path, Bt, L, N, H, s_u, bwd):
+    E = Bt * L * N
+    act = Bt * L * H * s_u
+    params = 8 * N + 16 * N * H + 4 * H
+    states_io = 2 * 8 * Bt * N
+    comp = 2 * act + params + states_io
+    if path == "triton_scan":
+        return 16 * E + 8 * N + (24 * E if bwd else 0)
+    if path == "triton_fused":
+        fwd = comp + 24 * E
+        return fwd + ((24 + 16 + 32 + 16) * E + 5 * act if bwd else 0)
+    if path == "triton_scan+proj":
+        fwd = comp + 32 * E
+        return fwd + ((16 + 24 + 32) * E + 4 * act if bwd else 0)
+    if path in ("torch_parallel", "torch_compile"):
+        fwd = comp + 32 * E + math.ceil(math.log2(max(L, 2))) * 40 * E
+        return fwd * (2 if bwd else 1)  # backward: roughly the same traffic again
+    if path == "torch_sequential":
+        fwd = comp + 32 * E + 32 * E
+        return fwd * (2 if bwd else 1)
+    raise KeyError(path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------------------
+def _time(fn, device, warmup, repeats, budget_s):
+    for _ in range(warmup):
+        fn()
+    times = []
+    t_start = time.perf_counter()
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        if time.perf_counter() - t_start > budget_s and len(times) >= 1:
+            break
+    return statistics.median(times)
+
+
+def _make_inputs(Bt, L, N, H, device, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    r = 0.5 + 0.49 * torch.rand(N, generator=g)
+    th = 2 * math.pi * torch.rand(N, generator=g)
+    p = dict(
+        u=torch.randn(Bt, L, H, generator=g).to(dtype),
+        lam_re=r * torch.cos(th),
+        lam_im=r * torch.sin(th),
+        B_re=torch.randn(N, H, generator=g) / math.sqrt(H),
+        B_im=torch.randn(N, H, generator=g) / math.sqrt(H),
+        C_re=torch.randn(H, N, generator=g) / math.sqrt(N),
+        C_im=torch.randn(H, N, generator=g) / math.sqrt(N),
+        D=torch.randn(H, generator=g),
+        h0_re=torch.randn(Bt, N, generator=g),
+        h0_im=torch.randn(Bt, N, generator=g),
+    )
+    return {k: v.to(device) for k, v in p.items()}
+
+
+def _layer_fns(p, compile_ok):
+    """name -> callable(params dict) returning y."""
+    names = ["u", "lam_re", "lam_im", "B_re", "B_im", "C_re", "C_im", "D", "h0_re", "h0_im"]
+
+    def triton_fused(q):
+        return K.fused_lru_forward(*[q[k] for k in names])[0]
+
+    def triton_scan_proj(q):
+        u32 = q["u"].float()
+        x_re, x_im = u32 @ q["B_re"].T, u32 @ q["B_im"].T
+        h_re, h_im = K.diagonal_scan(x_re, x_im, q["lam_re"], q["lam_im"], q["h0_re"], q["h0_im"])
+        return (h_re @ q["C_re"].T - h_im @ q["C_im"].T + u32 * q["D"]).to(q["u"].dtype)
+
+    def torch_sequential(q):
+        return K.naive_lru_forward(*[q[k] for k in names])[0]
+
+    def _torch_parallel(u, lam_re, lam_im, B_re, B_im, C_re, C_im, D, h0_re, h0_im):
+        lam = torch.complex(lam_re, lam_im)
+        return torch_parallel_layer(
+            u, lam, torch.complex(B_re, B_im), torch.complex(C_re, C_im), D, torch.complex(h0_re, h0_im)
+        )[0]
+
+    def torch_parallel(q):
+        return _torch_parallel(*[q[k] for k in names])
+
+    fns = {}
+    if K.TRITON_AVAILABLE:
+        fns["triton_fused"] = triton_fused
+        fns["triton_scan+proj"] = triton_scan_proj
+    fns["torch_sequential"] = torch_sequential
+    fns["torch_parallel"] = torch_parallel
+    if compile_ok:
+        compiled = torch.compile(_torch_parallel)
+        fns["torch_compile"] = lambda q: compiled(*[q[k] for k in names])
+    return fns
+
+
+def _triton_ok(device):
+    from compressm_kernels import lru_scan
+
+    return K.TRITON_AVAILABLE and (device.type == "cuda" or lru_scan._INTERPRET)
+
+
+def bench_shape(Bt, L, N, H, device, dtype, args, paths=None):
+    rows = []
+    p = _make_inputs(Bt, L, N, H, device, dtype)
+    s_u = p["u"].element_size()
+    dy = torch.randn(Bt, L, H, device=device, dtype=dtype)
+    triton_ok = _triton_ok(device)
+    fns = _layer_fns(p, compile_ok=not args.no_compile)
+    if not triton_ok:
+        fns = {k: v for k, v in fns.items() if not k.startswith("triton")}
+    if paths is not None:
+        fns = {k: v for k, v in fns.items() if k in paths}
+    if "torch_sequential" in fns and args.skip_sequential:
+        del fns["torch_sequential"]
+
+    def record(name, fwd_s, fb_s):
+        row = dict(path=name, Bt=Bt, L=L, N=N, H=H, dtype=str(dtype).replace("torch.", ""))
+        for tag, sec, bwd in (("fwd", fwd_s, False), ("fwd_bwd", fb_s, True)):
+            nbytes = byte_model(name, Bt, L, N, H, s_u, bwd)
+            row[f"{tag}_ms"] = None if sec is None else sec * 1e3
+            row[f"{tag}_bytes"] = nbytes
+            row[f"{tag}_gbps"] = None if sec is None else nbytes / sec / 1e9
+            row[f"{tag}_pct_peak"] = None if sec is None else 100 * nbytes / sec / 1e9 / args.peak_gbps
+        rows.append(row)
+        _print_row(row)
+
+    # plain scan kernel alone (the bandwidth target)
+    if triton_ok and (paths is None or "triton_scan" in paths):
+        g = torch.Generator(device="cpu").manual_seed(1)
+        x_re = torch.randn(Bt, L, N, generator=g).to(device).requires_grad_()
+        x_im = torch.randn(Bt, L, N, generator=g).to(device).requires_grad_()
+        lr, li = p["lam_re"], p["lam_im"]
+        dh = torch.randn(Bt, L, N, device=device)
+
+        def scan_fwd():
+            with torch.no_grad():
+                K.diagonal_scan(x_re, x_im, lr, li)
+
+        def scan_fb():
+            h_re, h_im = K.diagonal_scan(x_re, x_im, lr, li)
+            torch.autograd.backward([h_re, h_im], [dh, dh])
+
+        record("triton_scan", _time(scan_fwd, device, args.warmup, args.repeats, args.budget),
+               _time(scan_fb, device, args.warmup, args.repeats, args.budget))
+
+    leaf = {k: v.detach().clone().requires_grad_() for k, v in p.items()}
+    for name, fn in fns.items():
+        def fwd():
+            with torch.no_grad():
+                fn(p)
+
+        def fb():
+            y = fn(leaf)
+            y.backward(dy)
+
+        try:
+            fwd_s = _time(fwd, device, args.warmup, args.repeats, args.budget)
+            fb_s = _time(fb, device, args.warmup, args.repeats, args.budget)
+        except Exception as exc:  # e.g. torch.compile without a working compiler on this machine
+            print(f"  {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+            continue
+        record(name, fwd_s, fb_s)
+    return rows
+
+
+_HEADER = f"{'path':<18}{'Bt':>4}{'L':>6}{'N':>5}{'H':>5} {'fwd ms':>9}{'GB/s':>8}{'%pk':>6} {'f+b ms':>9}{'GB/s':>8}{'%pk':>6}"
+
+
+def _fmt(v, spec):
+    return format(v, spec) if v is not None else "-"
+
+
+def _print_row(r):
+    print(
+        f"{r['path']:<18}{r['Bt']:>4}{r['L']:>6}{r['N']:>5}{r['H']:>5} "
+        f"{_fmt(r['fwd_ms'], '9.3f'):>9}{_fmt(r['fwd_gbps'], '8.2f'):>8}{_fmt(r['fwd_pct_peak'], '6.1f'):>6} "
+        f"{_fmt(r['fwd_bwd_ms'], '9.3f'):>9}{_fmt(r['fwd_bwd_gbps'], '8.2f'):>8}{_fmt(r['fwd_bwd_pct_peak'], '6.1f'):>6}",
+        flush=True,
+    )
+
+
+def _markdown(meta, shape_rows, sweep_rows):
+    lines = [f"# Scan benchmark: {meta['device_name']} ({meta['date']})", ""]
+    lines.append(
+        f"torch {meta['torch']}, triton {meta['triton']}, dtype {meta['dtype']}, peak {meta['peak_gbps']} GB/s, "
+        f"median of {meta['repeats']} after {meta['warmup']} warm-up calls. Byte model: see benchmarks/bench_scan.py."
+    )
+    for title, rows in (("Paper shapes", shape_rows), ("Layer time vs state dim N", sweep_rows)):
+        if not rows:
+            continue
+        lines += ["", f"## {title}", "",
+                  "| path | Bt | L | N | H | fwd ms | fwd GB/s | fwd % peak | fwd+bwd ms | fwd+bwd GB/s | fwd+bwd % peak |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(
+                f"| {r['path']} | {r['Bt']} | {r['L']} | {r['N']} | {r['H']} | {_fmt(r['fwd_ms'], '.3f')} | "
+                f"{_fmt(r['fwd_gbps'], '.1f')} | {_fmt(r['fwd_pct_peak'], '.1f')} | {_fmt(r['fwd_bwd_ms'], '.3f')} | "
+                f"{_fmt(r['fwd_bwd_gbps'], '.1f')} | {_fmt(r['fwd_bwd_pct_peak'], '.1f')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of u / y")
+    ap.add_argument("--peak-gbps", type=float, default=3350.0, help="peak HBM bandwidth (H100 SXM: 3350)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--budget", type=float, default=20.0, help="max seconds of timed repeats per measurement")
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                    help="torch.compile path: auto = on for CUDA, off on CPU (inductor's CPU build is slow)")
+    ap.add_argument("--skip-sequential", action="store_true", help="skip the python-loop reference")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the state-dim sweep")
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("CUDA is not available; use --device cpu --quick")
+    if device.type == "cpu" and not args.quick:
+        print("note: CPU without --quick runs the paper shapes on CPU, which is very slow", file=sys.stderr)
+    args.no_compile = args.compile == "off" or (args.compile == "auto" and device.type != "cuda")
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
+    args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 20)
+    dtype = getattr(torch, args.dtype)
+
+    shapes = QUICK_SHAPES if args.quick else PAPER_SHAPES
+    sweep = QUICK_SWEEP_N if args.quick else SWEEP_N
+    sweep_base = QUICK_SHAPES[0] if args.quick else PAPER_SHAPES[1]
+
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"cpu-{platform.machine()}"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    meta = dict(
+        device_name=device_name, date=str(_dt.date.today()), torch=torch.__version__, triton=triton_version,
+        dtype=args.dtype, peak_gbps=args.peak_gbps, warmup=args.warmup, repeats=args.repeats, quick=args.quick,
+        interpreter=os.environ.get("TRITON_INTERPRET", "0") == "1", model_scan=HAVE_MODEL_SCAN,
+    )
+    print(f"device: {device_name}   torch {torch.__version__}   triton {triton_version}   "
+          f"model torch path: {'modeling_compressm.scan' if HAVE_MODEL_SCAN else 'local doubling scan'}")
+    print(_HEADER)
+    shape_rows = []
+    for Bt, L, N, H in shapes:
+        shape_rows += bench_shape(Bt, L, N, H, device, dtype, args)
+    sweep_rows = []
+    if not args.no_sweep:
+        print(f"\nsweep over N (Bt={sweep_base[0]}, L={sweep_base[1]}, H={sweep_base[3]})")
+        print(_HEADER)
+        for N in sweep:
+            sweep_rows += bench_shape(sweep_base[0], sweep_base[1], N, sweep_base[3], device, dtype, args,
+                                      paths={"triton_scan", "triton_fused", "torch_parallel", "torch_compile"})
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower()
+    stem = out_dir / f"scan_{slug}_{meta['date']}{'_quick' if args.quick else ''}"
+    payload = dict(meta=meta, shapes=shape_rows, sweep=sweep_rows)
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    stem.with_suffix(".md").write_text(_markdown(meta, shape_rows, sweep_rows))
+    print(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
