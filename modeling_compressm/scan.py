@@ -15,6 +15,8 @@ try/except, the optional kernel package.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:  # Optional: the Triton kernels ship with the pip package, not with remote-code checkpoints.
@@ -169,12 +171,13 @@ def lru_sequence_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The LRU map in plain torch (fp32 / complex64 inside). See `lru_sequence` for the arguments."""
     u32 = u.float()
+    if step_mask is not None:
+        keep = step_mask.to(torch.bool)[:, :, None]
+        u32 = u32.masked_fill(~keep, 0)
     x = torch.complex(u32 @ B.real.float().T, u32 @ B.imag.float().T)  # (batch, L, N)
     lam = lam.to(torch.complex64)
     decay = None
     if step_mask is not None:
-        keep = step_mask.to(torch.bool)[:, :, None]
-        x = x.masked_fill(~keep, 0)
         if initial_state is not None or not _is_left_padding(step_mask):
             # Masked steps must leave the state untouched: a_t = 1 there (a fixed lam would still decay it).
             decay = torch.where(keep, lam[None, None, :], torch.ones((), dtype=lam.dtype, device=lam.device))
@@ -201,10 +204,12 @@ def lru_sequence(
         lam: complex (N,), |lam| < 1.
         B: complex (N, H), input gain included.  C: complex (H, N).  D: real (H,).
         initial_state: complex (batch, N) state before the first step, or None (zeros).
-        step_mask: (batch, L) bool/int, 1 for real steps and 0 for padding. Padded steps have zero input and, unless
+        step_mask: (batch, L) bool/int, 1 for real steps and 0 for padding. Padded steps have zero input (so their
+            outputs are Re(C h) of the held state) and, unless
             the padding is on the left of a fresh sequence (where the state is still zero), they leave the state
             unchanged.
         use_kernel: force (True) or forbid (False) the Triton kernel; None picks it for CUDA tensors when installed.
+            CPU tensors can be forced through the kernel only in Triton's interpreter mode (TRITON_INTERPRET=1).
     Returns:
         y: real (batch, L, H) in u's dtype; final_state: complex64 (batch, N), the state after the last step.
     """
@@ -218,7 +223,7 @@ def lru_sequence(
     if use_kernel:
         if not triton_available():
             raise RuntimeError("use_kernel=True but the Triton kernels (compressm_kernels) are not available")
-        if not u.is_cuda:
+        if not u.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("the Triton kernels need CUDA tensors; use the torch path (use_kernel=False) on CPU")
         if needs_time_varying:
             raise ValueError("the Triton kernel supports left padding only; pass use_kernel=None for other masks")
