@@ -1,0 +1,418 @@
+"""CompreSSMCallback inside real (tiny, CPU) Trainer runs: shrinking, optimizer state, logging, checkpoints and
+resume, rollback, failing layers, gradient accumulation with clipping and bf16."""
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+import modeling_compressm.modeling_compressm as modeling
+from modeling_compressm import (
+    CompreSSMCallback,
+    CompreSSMConfig,
+    CompreSSMForSequenceClassification,
+    CompreSSMTrainer,
+    ReductionError,
+    prepare_model_for_resume,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: thread start-up dominates, and 2 threads on a busy 2-core machine are ~100x slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class SignTask(Dataset):
+    """inputs_embeds: float (L, 1) noise; label: whether the first 4 inputs sum to a positive number."""
+
+    def __init__(self, size: int, length: int = 16, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.inputs = torch.randn(size, length, 1, generator=generator)
+        self.labels = (self.inputs[:, :4, 0].sum(dim=1) > 0).long()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"inputs_embeds": self.inputs[index], "labels": self.labels[index]}
+
+
+def make_model(state_dims=16, seed=0):
+    torch.manual_seed(seed)
+    config = CompreSSMConfig(input_dim=1, hidden_size=16, num_hidden_layers=2, state_dims=state_dims, num_labels=2)
+    return CompreSSMForSequenceClassification(config)
+
+
+def make_args(tmp_path, name="run", **overrides):
+    values = dict(
+        output_dir=str(tmp_path / name), max_steps=40, per_device_train_batch_size=16, learning_rate=3e-3,
+        logging_steps=5, report_to="none", disable_tqdm=True, save_strategy="no", use_cpu=True, seed=0,
+        lr_scheduler_type="linear",
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+class Recorder(TrainerCallback):
+    """Stands in for a report_to integration: those run before user callbacks, so it is registered first."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append((state.global_step, dict(logs)))
+
+
+def losses(trainer):
+    return [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"policy": "greedy"}, "policy"),
+        ({"tau": 1.0}, "tau"),
+        ({"tau": -0.1}, "tau"),
+        ({"fraction": 0.0}, "fraction"),
+        ({"start_step": -1}, "start_step"),
+        ({"end_step": 1.5}, "fraction of max_steps"),
+        ({"end_step": "10"}, "end_step"),
+        ({"start_step": 20, "end_step": 10}, "end_step"),
+        ({"interval": 0}, "interval"),
+        ({"gate": 1.2}, "gate"),
+        ({"min_dim": 0}, "min_dim"),
+        ({"total_budget": 0}, "total_budget"),
+        ({"rollback_tolerance": -0.1}, "rollback_tolerance"),
+        ({"greater_is_better": "yes"}, "greater_is_better"),
+        ({"rollback_metric": ""}, "rollback_metric"),
+    ],
+)
+def test_invalid_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CompreSSMCallback(**kwargs)
+
+
+def test_schedule_and_metric_direction():
+    callback = CompreSSMCallback(start_step=10, end_step=0.25, interval=5)
+    assert callback.resolved_end_step(100) == 25
+    steps = [step for step in range(0, 101) if callback.is_reduction_step(step, 100)]
+    assert steps == [10, 15, 20, 25]
+    assert [s for s in range(0, 30) if CompreSSMCallback(end_step=12, interval=4).is_reduction_step(s, 1000)] == [4, 8, 12]
+    assert CompreSSMCallback(rollback_metric="loss").metric_name == "eval_loss"
+    assert CompreSSMCallback(rollback_metric="eval_loss").lower_is_better
+    assert not CompreSSMCallback(rollback_metric="accuracy").lower_is_better
+    assert CompreSSMCallback(rollback_metric="accuracy", greater_is_better=False).lower_is_better
+
+
+# ----------------------------------------------------------------------------------------------- main run
+def test_training_shrinks_logs_and_keeps_learning(tmp_path):
+    model = make_model()
+    recorder = Recorder()
+    callback = CompreSSMCallback(tau=0.05, start_step=10, end_step=30, interval=10)
+    trainer = Trainer(
+        model=model, args=make_args(tmp_path, max_steps=80), train_dataset=SignTask(512),
+        callbacks=[recorder, callback],
+    )
+    trainer.train()
+
+    events = callback.history
+    assert [event["step"] for event in events] == [10, 20, 30]
+    assert events[0]["dims_before"] == [16, 16]
+    for before, after in zip(events, events[1:]):
+        assert after["dims_before"] == before["dims_after"]
+    for event in events:
+        assert all(new < old for new, old in zip(event["dims_after"], event["dims_before"]))
+        assert all(0.9 < value <= 1.0 for value in event["kept_energy"])
+        assert [len(values) for values in event["hsv"]] == event["dims_before"]
+    assert model.config.state_dims == events[-1]["dims_after"]
+    assert [layer.state_dim for layer in model.lru_layers()] == model.config.state_dims
+    assert model.reduction_history == events
+    json.dumps(events)  # JSON-serialisable
+
+    # Metrics went through Trainer.log: into log_history and to callbacks that run before ours (integrations).
+    logged = {step: logs for step, logs in recorder.logs if "compressm/total_state_dim" in logs}
+    assert sorted(logged) == [10, 20, 30]
+    assert logged[30]["compressm/total_state_dim"] == sum(model.config.state_dims)
+    assert logged[30]["compressm/state_dim_layer1"] == model.config.state_dims[1]
+    assert logged[30]["compressm/reductions"] == 3
+    assert logged[10]["compressm/kept_energy_layer0"] == pytest.approx(events[0]["kept_energy"][0])
+    assert any("compressm/total_state_dim" in entry for entry in trainer.state.log_history)
+    # ...without swallowing the Trainer's own loss logs at the reduction steps
+    steps_with_loss = [step for step, _ in losses(trainer)]
+    assert steps_with_loss == list(range(5, 81, 5))
+
+    # Training keeps improving after the last reduction (step 30).
+    values = dict(losses(trainer))
+    early = (values[5] + values[10]) / 2
+    after_last = [values[step] for step in range(35, 81, 5)]
+    late = sum(after_last[-4:]) / 4
+    assert late < early - 0.1, (early, late, values)
+    model.eval()
+    dataset = SignTask(256, seed=1)
+    with torch.no_grad():
+        predictions = model(inputs_embeds=dataset.inputs).logits.argmax(-1)
+    assert (predictions == dataset.labels).float().mean() > 0.7
+
+
+def test_optimizer_state_reset_only_for_reduced_parameters(tmp_path):
+    model = make_model()
+    seen = {}
+
+    class Probe(TrainerCallback):  # runs right after CompreSSMCallback in the same on_step_end
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            inner = optimizer.optimizer  # accelerate's AcceleratedOptimizer wraps the torch AdamW
+            if state.global_step in (10, 11):
+                ssm = {id(p) for layer in model.lru_layers() for p in layer.ssm_parameters()}
+
+                def copy(p):
+                    return {key: value.clone() for key, value in inner.state.get(p, {}).items()}
+
+                seen[state.global_step] = {
+                    "ssm": [copy(p) for layer in model.lru_layers() for p in layer.ssm_parameters()],
+                    "shapes": [tuple(p.shape) for layer in model.lru_layers() for p in layer.ssm_parameters()],
+                    "other": [copy(p) for p in model.parameters() if id(p) not in ssm],
+                }
+
+    callback = CompreSSMCallback(tau=0.05, start_step=10, end_step=10, interval=10, gate=1.0)
+    trainer = Trainer(model=model, args=make_args(tmp_path, max_steps=12), train_dataset=SignTask(256),
+                      callbacks=[callback, Probe()])
+    trainer.train()
+    assert callback.history and all(status == "reduced" for status in callback.history[0]["status"])
+    # right after the reduction: no state for the reduced SSM parameters, other parameters keep theirs
+    assert all(state == {} for state in seen[10]["ssm"])
+    assert seen[10]["other"] and all(float(state["step"]) == 10 for state in seen[10]["other"])
+    # one step later: fresh Adam state of the new shapes
+    for state, shape in zip(seen[11]["ssm"], seen[11]["shapes"]):
+        assert float(state["step"]) == 1
+        assert tuple(state["exp_avg"].shape) == shape
+    assert all(float(state["step"]) == 11 for state in seen[11]["other"])
+    # the learning-rate schedule continued (linear decay from 3e-3 to 0 over 12 steps)
+    lrs = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    assert lrs[-1] == pytest.approx(3e-3 * (12 - 9) / 12)
+
+
+# --------------------------------------------------------------------------------------- checkpoint/resume
+def _final_parameters(model):
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("trainer_cls", ["CompreSSMTrainer", "Trainer+prepare_model_for_resume"])
+def test_checkpoint_after_reduction_and_exact_resume(tmp_path, trainer_cls):
+    def run(output, resume=None):
+        model = make_model()
+        callback = CompreSSMCallback(tau=0.05, start_step=10, end_step=20, interval=10)
+        args = make_args(tmp_path, output, max_steps=30, save_strategy="steps", save_steps=15)
+        if trainer_cls == "CompreSSMTrainer":
+            trainer = CompreSSMTrainer(model=model, args=args, train_dataset=SignTask(256), callbacks=[callback])
+        else:
+            if resume is not None:
+                prepare_model_for_resume(model, resume)
+            trainer = Trainer(model=model, args=args, train_dataset=SignTask(256), callbacks=[callback])
+        trainer.train(resume_from_checkpoint=resume)
+        return model, callback, trainer
+
+    full_model, full_callback, _ = run("full")
+    assert [event["step"] for event in full_callback.history] == [10, 20]
+    checkpoint = tmp_path / "full" / "checkpoint-15"
+    with open(checkpoint / "config.json") as handle:
+        saved_dims = json.load(handle)["state_dims"]
+    assert saved_dims == full_callback.history[0]["dims_after"] and sum(saved_dims) < 32
+    with open(checkpoint / "compressm_history.json") as handle:
+        saved_history = json.load(handle)
+    assert saved_history["state_dims"] == saved_dims and len(saved_history["events"]) == 1
+    with open(checkpoint / "trainer_state.json") as handle:
+        assert "CompreSSMCallback" in json.load(handle)["stateful_callbacks"]
+
+    # A fresh full-size model resumes from the reduced checkpoint: weights and optimizer state load, the pending
+    # reduction at step 20 still happens, and the result matches the uninterrupted run.
+    resumed_model, resumed_callback, trainer = run("resumed", resume=str(checkpoint))
+    assert [event["step"] for event in resumed_callback.history] == [10, 20]
+    assert resumed_model.reduction_history == resumed_callback.history
+    assert resumed_model.config.state_dims == full_model.config.state_dims
+    inner = trainer.optimizer.optimizer
+    assert all(float(inner.state[p]["step"]) == 30 for p in resumed_model.model.layers[0].glu_proj.parameters())
+    expected = _final_parameters(full_model)
+    for name, tensor in _final_parameters(resumed_model).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_plain_trainer_resume_without_preparation_fails_clearly(tmp_path):
+    model = make_model()
+    callback = CompreSSMCallback(tau=0.05, start_step=5, end_step=5, interval=5)
+    args = make_args(tmp_path, "a", max_steps=6, save_strategy="steps", save_steps=6)
+    Trainer(model=model, args=args, train_dataset=SignTask(128), callbacks=[callback]).train()
+    fresh = make_model()
+    trainer = Trainer(model=fresh, args=make_args(tmp_path, "b", max_steps=8), train_dataset=SignTask(128),
+                      callbacks=[CompreSSMCallback(tau=0.05, start_step=5, end_step=5, interval=5)])
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+    assert prepare_model_for_resume(fresh, str(tmp_path / "a" / "checkpoint-6")) == model.config.state_dims
+    assert fresh.reduction_history == model.reduction_history
+
+
+# ------------------------------------------------------------------------------------------------- rollback
+class StateSizeMetric:
+    """compute_metrics returning the model's total state size: a metric a reduction is sure to change."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, prediction):
+        return {"state_total": float(sum(self.model.config.state_dims))}
+
+
+def _rollback_run(tmp_path, greater_is_better):
+    model = make_model()
+    snapshots = {}
+
+    class Before(TrainerCallback):  # runs before CompreSSMCallback: sees the state the reduction starts from
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if state.global_step == 10:
+                inner = optimizer.optimizer
+                snapshots["model"] = {k: v.clone() for k, v in model.state_dict().items()}
+                snapshots["optimizer"] = [
+                    {k: v.clone() for k, v in inner.state[p].items()} for p in model.parameters()
+                ]
+
+    class After(TrainerCallback):  # runs after CompreSSMCallback.on_evaluate
+        def on_evaluate(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if state.global_step == 10:  # baseline evaluation before the reduction, then the one after it
+                snapshots["evaluations_at_10"] = snapshots.get("evaluations_at_10", 0) + 1
+                inner = optimizer.optimizer
+                snapshots["after"] = {k: v.clone() for k, v in model.state_dict().items()}
+                snapshots["after_optimizer"] = [
+                    {k: v.clone() for k, v in inner.state.get(p, {}).items()} for p in model.parameters()
+                ]
+
+    callback = CompreSSMCallback(
+        policy="rollback", tau=0.05, start_step=10, end_step=30, interval=10, rollback_metric="state_total",
+        rollback_tolerance=0.0, greater_is_better=greater_is_better,
+    )
+    args = make_args(tmp_path, max_steps=30, eval_strategy="steps", eval_steps=10, per_device_eval_batch_size=64)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=SignTask(256), eval_dataset=SignTask(64, seed=2),
+        compute_metrics=StateSizeMetric(model), callbacks=[Before(), callback, After()],
+    )
+    trainer.train()
+    return model, callback, snapshots
+
+
+def test_rollback_restores_exactly_and_stops(tmp_path):
+    # greater_is_better=True: the smaller state after the reduction is a "degradation" -> rolled back at step 10
+    model, callback, snapshots = _rollback_run(tmp_path, greater_is_better=True)
+    assert callback.stopped
+    assert [event.get("type") for event in callback.history] == [None, "rollback"]
+    event, rollback = callback.history
+    assert event["rolled_back"] and event["metric_before"] == 32.0 and event["metric_after"] < 32.0
+    assert rollback["dims_after"] == [16, 16] and rollback["dims_before"] == event["dims_after"]
+    assert model.config.state_dims == [16, 16]  # no reduction after the rollback
+    assert model.reduction_history == callback.history
+    assert snapshots["evaluations_at_10"] == 2
+    for name, tensor in snapshots["model"].items():
+        assert torch.equal(snapshots["after"][name], tensor), name
+    for before, after in zip(snapshots["optimizer"], snapshots["after_optimizer"]):
+        assert before.keys() == after.keys()
+        for key in before:
+            assert torch.equal(before[key], after[key])
+
+
+def test_rollback_policy_keeps_an_improving_reduction(tmp_path):
+    model, callback, _ = _rollback_run(tmp_path, greater_is_better=False)
+    assert not callback.stopped
+    reductions = [event for event in callback.history if event.get("type") != "rollback"]
+    assert len(reductions) >= 2 and all(event.get("verified") for event in reductions[:-1])
+    assert not any(event["rolled_back"] for event in reductions)
+    assert sum(model.config.state_dims) < 32
+
+
+def test_rollback_requires_evaluation(tmp_path):
+    callback = CompreSSMCallback(policy="rollback", start_step=5, end_step=5, interval=5)
+    trainer = Trainer(model=make_model(), args=make_args(tmp_path, max_steps=5), train_dataset=SignTask(64),
+                      callbacks=[callback])
+    with pytest.raises(ValueError, match="eval_strategy"):
+        trainer.train()
+
+
+# ------------------------------------------------------------------------------------------- failure paths
+def test_failing_layer_is_skipped_with_warning(tmp_path, monkeypatch, caplog):
+    original = modeling.balanced_truncation
+
+    def flaky(lam, B, C, rank):
+        if lam.shape[0] == 12:  # layer 1
+            raise ReductionError("injected failure")
+        return original(lam, B, C, rank)
+
+    monkeypatch.setattr(modeling, "balanced_truncation", flaky)
+    model = make_model(state_dims=[16, 12])
+    recorder = Recorder()
+    callback = CompreSSMCallback(tau=0.05, start_step=5, end_step=5, interval=5, gate=1.0)
+    trainer = Trainer(model=model, args=make_args(tmp_path, max_steps=10), train_dataset=SignTask(128),
+                      callbacks=[recorder, callback])
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    (event,) = callback.history
+    assert event["status"] == ["reduced", "failed"]
+    assert "injected failure" in event["errors"][1]
+    assert model.config.state_dims[0] < 16 and model.config.state_dims[1] == 12
+    assert any("injected failure" in record.getMessage() for record in caplog.records)
+    (logs,) = [logs for _, logs in recorder.logs if "compressm/failed_layers" in logs]
+    assert logs["compressm/failed_layers"] == 1
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in losses(trainer))
+
+
+def test_gradient_accumulation_clipping_and_bf16(tmp_path):
+    model = make_model()
+    callback = CompreSSMCallback(policy="fixed", fraction=0.25, start_step=4, end_step=8, interval=4)
+    micro_batches = []
+
+    class Counter(TrainerCallback):
+        def on_substep_end(self, args, state, control, **kwargs):
+            micro_batches.append(state.global_step)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            micro_batches.append(("step", state.global_step, list(model.config.state_dims)))
+
+    args = make_args(tmp_path, max_steps=12, gradient_accumulation_steps=2, max_grad_norm=0.5, bf16=True,
+                     per_device_train_batch_size=8, logging_steps=2)
+    trainer = Trainer(model=model, args=args, train_dataset=SignTask(256), callbacks=[callback, Counter()])
+    trainer.train()
+    assert [event["step"] for event in callback.history] == [4, 8]
+    assert [event["dims_after"] for event in callback.history] == [[12, 12], [9, 9]]
+    # reductions happen on optimizer-step boundaries: each on_step_end follows exactly one accumulation substep
+    steps = [entry for entry in micro_batches if isinstance(entry, tuple)]
+    assert len(steps) == 12 and len(micro_batches) == 24
+    assert steps[3][2] == [12, 12] and steps[2][2] == [16, 16]
+    grad_norms = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    assert grad_norms and all(torch.isfinite(torch.tensor(value)) for value in grad_norms)
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in losses(trainer))
+
+
+def test_unbound_callback_logs_to_state(tmp_path):
+    """Outside a Trainer (no Trainer to find), metrics still land in state.log_history."""
+    model = make_model()
+    callback = CompreSSMCallback(tau=0.05, start_step=2, end_step=2, interval=2)
+    args = make_args(tmp_path, max_steps=10)
+    state = TrainerState(max_steps=10)
+    control = TrainerControl()
+    callback.on_train_begin(args, state, control, model=model)
+    state.global_step = 1
+    callback.on_step_end(args, state, control, model=model, optimizer=None)
+    assert callback.history == [] and state.log_history == []
+    state.global_step = 2
+    callback.on_step_end(args, state, control, model=model, optimizer=None)
+    assert len(callback.history) == 1 and model.reduction_history == callback.history
+    assert state.log_history[-1]["step"] == 2
+    assert state.log_history[-1]["compressm/total_state_dim"] == sum(model.config.state_dims) < 32
+    saved = callback.state()
+    restored = CompreSSMCallback(**saved["args"])
+    assert restored.state()["args"] == saved["args"]
+    assert os.fspath(tmp_path)  # tmp_path unused beyond args
