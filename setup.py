@@ -14,9 +14,14 @@ setup(
     python_requires=">=3.10",
     # The repository folder `kernels/` is installed as `compressm_kernels`: a top-level module named `kernels`
     # belongs to Hugging Face's hub-kernels library, which transformers probes for.
-    packages=["modeling_compressm", "compressm_kernels"],
-    package_dir={"modeling_compressm": "modeling_compressm", "compressm_kernels": "kernels"},
-    package_data={"modeling_compressm": ["hub_configs/*.json"]},
+    # The repository folder `hub_configs/` (JSON model presets) is installed as `modeling_compressm.hub_configs`.
+    packages=["modeling_compressm", "modeling_compressm.hub_configs", "compressm_kernels"],
+    package_dir={
+        "modeling_compressm": "modeling_compressm",
+        "modeling_compressm.hub_configs": "hub_configs",
+        "compressm_kernels": "kernels",
+    },
+    package_data={"modeling_compressm.hub_configs": ["*.json"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=4.56",

@@ -11,6 +11,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
+from .callback import CompreSSMCallback, CompreSSMTrainer, prepare_model_for_resume
 from .configuration_compressm import CompreSSMConfig
 from .modeling_compressm import (
     CompreSSMCache,
@@ -20,6 +21,7 @@ from .modeling_compressm import (
     CompreSSMModel,
     CompreSSMPreTrainedModel,
 )
+from .presets import build_model_from_preset, list_presets, load_preset
 from .reduction import (
     ReductionError,
     balanced_truncation,
@@ -47,6 +49,9 @@ def _register_auto_classes() -> None:
 _register_auto_classes()
 
 __all__ = [
+    "load_preset",
+    "list_presets",
+    "build_model_from_preset",
     "CompreSSMConfig",
     "CompreSSMPreTrainedModel",
     "CompreSSMModel",
@@ -59,4 +64,7 @@ __all__ = [
     "hankel_singular_values",
     "balanced_truncation",
     "rank_for_energy",
+    "CompreSSMCallback",
+    "CompreSSMTrainer",
+    "prepare_model_for_resume",
 ]

@@ -42,67 +42,124 @@ def write_hsv_plot(hsv_per_layer: list[list[float]], path: str) -> bool:
     return True
 
 
+_AUTO_CLASS_FOR = {
+    "CompreSSMForCausalLM": "AutoModelForCausalLM",
+    "CompreSSMForSequenceClassification": "AutoModelForSequenceClassification",
+}
+
+# Text of the card transformers' `push_to_hub` creates when the Hub repo has none (`create_and_tag_model_card`).
+_TRANSFORMERS_DEFAULT_CARD_MARKER = "This model card has been automatically generated"
+CARD_MARKER = "- compressm"
+
+
+def _event_row(event: dict) -> str:
+    if event.get("type") == "rollback":
+        return (
+            f"| {event.get('step', '-')} | {event.get('dims_before', '-')} | {event.get('dims_after', '-')} "
+            f"| rollback | {event.get('policy', '-')} |"
+        )
+    note = _energy_line(event)
+    if event.get("rolled_back"):
+        note += " (rolled back)"
+    return (
+        f"| {event.get('step', '-')} | {event.get('dims_before', '-')} | {event.get('dims_after', '-')} "
+        f"| {note} | {event.get('policy', '-')} |"
+    )
+
+
 def render_model_card(model) -> str:
-    """Markdown model card: architecture, per-layer state sizes, reduction history."""
+    """Markdown model card: architecture, per-layer state sizes (initial and current), reduction history."""
     config = model.config
-    events = model.reduction_history
+    events = list(model.reduction_history)
+    class_name = type(model).__name__
+    auto_class = _AUTO_CLASS_FOR.get(class_name, "AutoModel")
+    dims = list(config.state_dims)
+    initial = list(events[0]["dims_before"]) if events and events[0].get("dims_before") else dims
+    if len(initial) != len(dims):
+        initial = dims
+    reductions = [event for event in events if event.get("type") != "rollback"]
+    input_line = (
+        f"tokens (vocab {config.vocab_size})" if config.input_dim is None else f"continuous, input_dim {config.input_dim}"
+    )
     lines = [
         "---",
         "library_name: transformers",
         "tags:",
-        "- compressm",
+        CARD_MARKER,
         "- state-space-model",
         "- lru",
         "- balanced-truncation",
         "---",
         "",
-        f"# {type(model).__name__} (CompreSSM)",
+        f"# {class_name} (CompreSSM)",
         "",
         "A Linear Recurrent Unit (LRU) state-space model trained with in-training balanced truncation "
         "(CompreSSM, arXiv 2510.02823): per-layer state sizes were reduced during training by truncating "
         "the states with the smallest Hankel singular values.",
         "",
+        "Load it with the modeling code stored next to the weights (no package needed), or with the `compressm` "
+        "package installed (then `trust_remote_code` is not needed after `import modeling_compressm`):",
+        "",
         "```python",
-        "from transformers import AutoModel",
-        'model = AutoModel.from_pretrained("<this repo or folder>", trust_remote_code=True)',
+        f"from transformers import {auto_class}",
+        f'model = {auto_class}.from_pretrained("<this repo or folder>", trust_remote_code=True)',
         "```",
         "",
         "## Architecture",
         "",
-        f"- hidden size: {config.hidden_size}, layers: {config.num_hidden_layers}, norm: {config.norm_type}",
-        f"- input: {'tokens (vocab ' + str(config.vocab_size) + ')' if config.input_dim is None else 'continuous, input_dim ' + str(config.input_dim)}",
-        f"- total state size: {sum(config.state_dims)}",
+        f"- class: `{class_name}`; hidden size: {config.hidden_size}, layers: {config.num_hidden_layers}, "
+        f"norm: {config.norm_type}",
+        f"- input: {input_line}"
+        + (f"; labels: {config.num_labels}" if class_name == "CompreSSMForSequenceClassification" else ""),
+        f"- total state size: {sum(dims)} (initially {sum(initial)}); parameters: "
+        f"{sum(parameter.numel() for parameter in model.parameters()):,}",
         "",
-        "| layer | state dim |",
-        "| --- | --- |",
+        "| layer | initial state dim | state dim |",
+        "| --- | --- | --- |",
     ]
-    lines += [f"| {index} | {dim} |" for index, dim in enumerate(config.state_dims)]
+    lines += [f"| {index} | {before} | {dim} |" for index, (before, dim) in enumerate(zip(initial, dims))]
     lines += ["", "## Reduction history", ""]
     if not events:
-        lines.append("No reductions were applied.")
+        lines.append("No reductions were recorded.")
     else:
-        lines += ["| step | dims before | dims after | kept HSV energy per layer | policy |", "| --- | --- | --- | --- | --- |"]
-        for event in events:
-            lines.append(
-                f"| {event.get('step', '-')} | {event.get('dims_before', '-')} | {event.get('dims_after', '-')} "
-                f"| {_energy_line(event)} | {event.get('policy', '-')} |"
-            )
+        lines.append(f"{len(reductions)} reduction event(s)" + (
+            f", {len(events) - len(reductions)} rollback(s)" if len(events) != len(reductions) else ""
+        ) + ".")
+        lines += ["", "| step | dims before | dims after | kept HSV energy per layer | policy |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [_event_row(event) for event in events]
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(model, save_directory: str) -> None:
-    """Write README.md (unless one exists that this module did not write) and the HSV plot into save_directory."""
+def _is_replaceable(card_path: str) -> bool:
+    """True when card_path is missing, a card this module wrote, or transformers' auto-generated placeholder."""
+    if not os.path.exists(card_path):
+        return True
+    with open(card_path, encoding="utf-8") as handle:
+        text = handle.read()
+    return CARD_MARKER in text or _TRANSFORMERS_DEFAULT_CARD_MARKER in text
+
+
+def write_model_card(model, save_directory: str, overwrite: bool = False) -> bool:
+    """Write README.md and the HSV plot (`hsv_spectrum.png`) into save_directory.
+
+    An existing README.md is replaced only when `overwrite`, when this module wrote it, or when it is transformers'
+    auto-generated placeholder (what `push_to_hub` puts in when the Hub repo has no card); a user's own card is left
+    alone. Returns True when README.md was written.
+    """
     card_path = os.path.join(save_directory, "README.md")
-    if os.path.exists(card_path):
-        with open(card_path, encoding="utf-8") as handle:
-            if "- compressm" not in handle.read():
-                return  # a card written by the user: leave it alone
+    if not overwrite and not _is_replaceable(card_path):
+        return False
     card = render_model_card(model)
     try:
         hsv_per_layer = [values.tolist() for values in model.hankel_singular_values()]
-    except ValueError:  # a layer with NaN or unstable eigenvalues: no spectrum to show
+    except (ValueError, RuntimeError):  # a layer with NaN or unstable eigenvalues: no spectrum to show
         hsv_per_layer = None
     if hsv_per_layer is not None and write_hsv_plot(hsv_per_layer, os.path.join(save_directory, HSV_PLOT_FILE)):
         card += f"\n## Hankel singular values\n\n![Hankel singular values per layer]({HSV_PLOT_FILE})\n"
+        card += "\nCurrent spectrum (largest / smallest kept value per layer): " + ", ".join(
+            f"layer {index}: {values[0]:.3g} / {values[-1]:.3g}" for index, values in enumerate(hsv_per_layer) if values
+        ) + "\n"
     with open(card_path, "w", encoding="utf-8") as handle:
         handle.write(card)
+    return True

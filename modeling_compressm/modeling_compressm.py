@@ -272,18 +272,45 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
         self.__dict__["_reduction_history"] = list(events)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus the reduction history and a model card for reduced models."""
+        """`PreTrainedModel.save_pretrained`, plus the reduction history and a model card for reduced models.
+
+        With remote code registered, `auto_map` lists AutoConfig, AutoModel, AutoModelForCausalLM and
+        AutoModelForSequenceClassification, so any of the Auto classes loads the checkpoint with trust_remote_code.
+        """
+        if self._auto_class is not None:
+            module = type(self).__module__.split(".")[-1]
+            config_module = type(self.config).__module__.split(".")[-1]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoConfig", f"{config_module}.{type(self.config).__name__}")
+            for auto_class, class_name in (
+                ("AutoModel", "CompreSSMModel"),
+                ("AutoModelForCausalLM", "CompreSSMForCausalLM"),
+                ("AutoModelForSequenceClassification", "CompreSSMForSequenceClassification"),
+            ):
+                auto_map.setdefault(auto_class, f"{module}.{class_name}")
+            self.config.auto_map = auto_map
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True) and not os.path.isfile(save_directory):
-            with open(os.path.join(save_directory, self.HISTORY_FILE), "w", encoding="utf-8") as handle:
-                json.dump({"state_dims": list(self.config.state_dims), "events": self.reduction_history}, handle, indent=1)
-            try:
-                from .model_card import write_model_card
-            except ImportError:  # remote-code copies may lack the optional model-card module
-                write_model_card = None
-            if write_model_card is not None:
-                write_model_card(self, save_directory)
+            self._write_compressm_files(save_directory)
         return result
+
+    def _write_compressm_files(self, directory) -> None:
+        """Write `compressm_history.json` and (when the model-card module is present) README.md + HSV plot."""
+        with open(os.path.join(directory, self.HISTORY_FILE), "w", encoding="utf-8") as handle:
+            json.dump({"state_dims": list(self.config.state_dims), "events": self.reduction_history}, handle, indent=1)
+        try:
+            from .model_card import write_model_card
+        except ImportError:  # remote-code copies may lack the optional model-card module
+            write_model_card = None
+        if write_model_card is not None:
+            write_model_card(self, directory)
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        """Hub upload (push_to_hub / save_pretrained(push_to_hub=True)): transformers replaces README.md with the
+        Hub's card (or a placeholder) and, with push_to_hub=True, uploads before save_pretrained returns; write the
+        history and the CompreSSM card (unless the Hub card is the user's own) into the folder before uploading."""
+        self._write_compressm_files(working_dir)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
