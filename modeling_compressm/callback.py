@@ -547,7 +547,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             hsv, current, policy=self.policy, tau=self.tau, fraction=self.fraction, gate=self.gate,
             min_dim=self.min_dim, total_budget=self.total_budget,
         )
-        report = model.reduce([rank if rank < dim else None for rank, dim in zip(ranks, current)])
+        report = model.reduce([rank if rank < dim else None for rank, dim in zip(ranks, current)], record=False)
         kept = []
         for entry, values in zip(report, hsv):
             if entry["status"] == "reduced":

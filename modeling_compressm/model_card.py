@@ -53,17 +53,14 @@ CARD_MARKER = "- compressm"
 
 
 def _event_row(event: dict) -> str:
+    step = "manual" if event.get("step") is None else event["step"]
     if event.get("type") == "rollback":
-        return (
-            f"| {event.get('step', '-')} | {event.get('dims_before', '-')} | {event.get('dims_after', '-')} "
-            f"| rollback | {event.get('policy', '-')} |"
-        )
-    note = _energy_line(event)
-    if event.get("rolled_back"):
-        note += " (rolled back)"
+        note = "rollback"
+    else:
+        note = _energy_line(event) + (" (rolled back)" if event.get("rolled_back") else "")
     return (
-        f"| {event.get('step', '-')} | {event.get('dims_before', '-')} | {event.get('dims_after', '-')} "
-        f"| {note} | {event.get('policy', '-')} |"
+        f"| {step} | {event.get('dims_before', '-')} | {event.get('dims_after', '-')} | {note} "
+        f"| {event.get('policy', '-')} |"
     )
 
 

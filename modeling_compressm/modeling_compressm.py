@@ -367,13 +367,15 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
         self.config.state_dims = [layer.state_dim for layer in layers]
 
     @torch.no_grad()
-    def reduce(self, ranks: list[int | None], strict: bool = False) -> list[dict]:
+    def reduce(self, ranks: list[int | None], strict: bool = False, record: bool = True) -> list[dict]:
         """Shrink layers in place by balanced truncation and rewrite `config.state_dims`.
 
         Args:
             ranks: one entry per layer: the new state size, or None to leave the layer alone. A rank >= the current
                 size leaves the layer as it is (a reduction never grows a layer).
             strict: raise the ReductionError of a failing layer instead of skipping it with a warning.
+            record: append a "manual" event to `reduction_history` when a layer changed (CompreSSMCallback passes
+                False and records its own, richer event).
         Returns:
             One dict per layer: {"layer", "old_dim", "new_dim", "status" ("reduced" | "unchanged" | "failed"),
             "error" (str or None), "hsv" (float64 tensor or None), "kept_energy" (float or None)}.
@@ -409,6 +411,18 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
                 kept_energy=float(reduced.hsv[:rank].sum() / reduced.hsv.sum()),
             )
         self.config.state_dims = [layer.state_dim for layer in layers]
+        if record and any(entry["status"] != "unchanged" for entry in report):
+            self.reduction_history.append(
+                {
+                    "step": None,
+                    "policy": "manual",
+                    "dims_before": [entry["old_dim"] for entry in report],
+                    "dims_after": list(self.config.state_dims),
+                    "kept_energy": [1.0 if entry["kept_energy"] is None else entry["kept_energy"] for entry in report],
+                    "status": [entry["status"] for entry in report],
+                    "errors": [entry["error"] for entry in report],
+                }
+            )
         return report
 
 

@@ -178,6 +178,11 @@ def test_reduce_shrinks_in_place_and_rewrites_the_config(lm):
     # The Parameter objects survive, so optimizers keep pointing at them.
     assert all(parameters_before[name] is p for name, p in lm.named_parameters())
     assert [h.shape[0] for h in lm.hankel_singular_values()] == [5, 7]
+    (event,) = lm.reduction_history
+    assert event["policy"] == "manual" and event["dims_before"] == [12, 7] and event["dims_after"] == [5, 7]
+    assert event["status"] == ["reduced", "unchanged"] and event["kept_energy"][1] == 1.0
+    lm.reduce([None, None])
+    assert len(lm.reduction_history) == 1  # nothing changed, nothing recorded
     ids = torch.randint(0, 40, (2, 8))
     assert lm(ids).logits.shape == (2, 8, 40)
     with pytest.raises(ValueError, match="entries"):
