@@ -240,7 +240,7 @@ def format_summary(summary: dict) -> str:
     rows.append(("parameters", str(summary["params_before"]), str(summary["params_after"])))
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     rule = "+".join("-" * (width + 2) for width in widths)
-    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines = ["|".join(f" {cell.ljust(width)} " for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, rule)
     lines.insert(len(lines) - 2, rule)
     mode = (

@@ -37,7 +37,7 @@ def test_short_training_run_prints_table_and_saves(tmp_path, capsys):
     before, after = _table_dims(out)
     assert before == [64, 64]
     assert len(after) == 2 and sum(after) < sum(before), out  # tau=0.1 reduces during steps 0..12
-    assert re.search(rf"^total\s+\| 128\s+\| {sum(after)}\s*$", out, re.M)
+    assert re.search(rf"^ total\s+\| 128\s+\| {sum(after)}\s*$", out, re.M)
     accuracy = float(re.search(r"test accuracy : (\d\.\d{4})", out).group(1))
     loss = float(re.search(r"test loss\s+: (\d+\.\d{4})", out).group(1))
     assert 0.0 <= accuracy <= 1.0 and loss > 0
