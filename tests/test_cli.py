@@ -19,7 +19,7 @@ from modeling_compressm.data import DigitsSequenceDataset, digits_collator, load
 def _table_dims(output: str) -> tuple[list[int], list[int]]:
     before, after = [], []
     for line in output.splitlines():
-        match = re.match(r"^(\d+)\s+\|\s+(\d+)\s+\|\s+(\d+)\s*$", line)
+        match = re.match(r"^ (\d+)\s+\|\s+(\d+)\s+\|\s+(\d+)\s*$", line)
         if match:
             before.append(int(match.group(2)))
             after.append(int(match.group(3)))
