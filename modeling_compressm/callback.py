@@ -34,12 +34,13 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .modeling_compressm import CompreSSMPreTrainedModel
 from .rank_selection import POLICIES, select_ranks
 from .reduction import ReductionError
 
 logger = logging.getLogger(__name__)
 
-HISTORY_FILE = "compressm_history.json"
+HISTORY_FILE = CompreSSMPreTrainedModel.HISTORY_FILE
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
