@@ -12,6 +12,15 @@ Results go to `benchmarks/results/reproduce_paper_<device>_<date>.{json,md}`.
 
     python benchmarks/reproduce_paper.py                       # taus 0.01 0.05 0.1, seeds 0 1, 40 epochs
     python benchmarks/reproduce_paper.py --taus 0.05 --seeds 0 --epochs 5   # quick smoke run
+
+Second protocol (closer to the paper: reductions only early, long training afterwards, a task where memory matters):
+
+    python benchmarks/reproduce_paper.py --task permuted-digits --reduction-end 0.1 --epochs 60 --taus 0.05 0.1 \
+        --seeds 0 1 2
+
+`--task permuted-digits` applies one fixed random permutation (`--permutation-seed`, default 0) to the 64 pixel steps of
+every image (a psMNIST stand-in); its results go to `reproduce_paper_permuted-digits_<device>_<date>.{json,md}`.
+`--initial-dims` overrides the preset's starting state sizes for the baseline and CompreSSM runs.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import torch
 from modeling_compressm.cli import train_preset
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TASKS = ("digits", "permuted-digits")
 
 
 def device_description() -> dict:
@@ -151,11 +161,17 @@ def analysis(summary_rows: list[dict], taus: list[float]) -> list[str]:
         gap_small = 100 * (comp["accuracy_mean"] - small["accuracy_mean"])
         gap_base = 100 * (comp["accuracy_mean"] - base["accuracy_mean"])
         verdict = "beats" if gap_small > 0 else ("ties" if gap_small == 0 else "trails")
+        per_seed_small = dict(zip(small["seeds"], small["accuracy_per_seed"]))
+        paired = [(acc, per_seed_small[seed]) for seed, acc in zip(comp["seeds"], comp["accuracy_per_seed"])
+                  if seed in per_seed_small]
+        wins = sum(c > s for c, s in paired)
+        losses = sum(c < s for c, s in paired)
         lines.append(
             f"- tau={tau:g}: CompreSSM ends at a mean total state size of {comp['total_state_dim_mean']:.1f} "
             f"(baseline {base['total_state_dim_mean']:.0f}) with {100 * comp['accuracy_mean']:.2f}% test accuracy: "
             f"{gap_base:+.2f} points vs. the baseline, and it {verdict} the same-size model trained from scratch "
-            f"({100 * small['accuracy_mean']:.2f}%, {gap_small:+.2f} points). Training wall-clock: "
+            f"({100 * small['accuracy_mean']:.2f}%, {gap_small:+.2f} points; higher on {wins}, lower on {losses} of "
+            f"{len(paired)} seeds). Training wall-clock: "
             f"{comp['wallclock_ratio_mean']:.2f}x of the baseline (small-from-scratch: {small['wallclock_ratio_mean']:.2f}x); "
             f"step time of the final model: {comp['step_time_ratio']:.2f}x of the baseline's."
         )
@@ -167,27 +183,48 @@ def analysis(summary_rows: list[dict], taus: list[float]) -> list[str]:
     return lines
 
 
+def _shown_argv(argv: list[str]) -> list[str]:
+    """The command line with the (long) --protocol text replaced by a pointer to the Protocol section."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            shown.append('"<see Protocol>"')
+            skip = False
+        elif arg.startswith("--protocol="):
+            shown.append('--protocol "<see Protocol>"')
+        else:
+            shown.append(arg)
+            skip = arg == "--protocol"
+    return shown
+
+
 def write_markdown(path: Path, payload: dict) -> None:
     device = payload["device"]
     settings = payload["settings"]
+    task = settings.get("task", "digits")
+    permuted = task == "permuted-digits"
+    protocol = payload.get("protocol")
     lines = [
-        "# CompreSSM reproduction on sklearn digits (offline sMNIST stand-in)",
+        "# CompreSSM reproduction on sklearn digits (offline sMNIST stand-in)" if not permuted else
+        "# CompreSSM reproduction on permuted sklearn digits (offline psMNIST stand-in)",
         "",
         f"- date: {payload['date']}",
         f"- device: {device['cpu']} ({device['logical_cores']} logical cores, torch {device['torch']}, "
         f"{device['torch_threads']} threads)" + (f", GPU {device['cuda']}" if device["cuda"] else ", CPU only"),
         f"- task: 8x8 digits as 64-step pixel sequences (input_dim=1, 10 classes), fixed stratified split "
-        f"(1437 train / 360 test)",
+        f"(1437 train / 360 test)"
+        + (f"; pixels in one fixed random order (permutation seed {settings['permutation_seed']})" if permuted else ""),
         f"- model: preset `{settings['preset']}` ({settings['num_layers']} blocks, H={settings['hidden_size']}, "
         f"N={settings['initial_dims']}), {settings['max_steps']} steps ({settings['epochs']:g} epochs, batch 64, "
         "AdamW lr 3e-3, cosine schedule)",
         f"- CompreSSM: tolerance policy, reductions every {settings['interval']} steps from step {settings['start_step']} "
         f"to step {settings['end_step']} (first {100 * settings['reduction_end']:.0f}% of training)",
         f"- seeds: {settings['seeds']}; total benchmark wall-clock {payload['wall_seconds'] / 60:.1f} min",
-        "- command: `python benchmarks/reproduce_paper.py" + "".join(" " + arg for arg in payload["argv"]) + "`"
+        "- command: `python benchmarks/reproduce_paper.py" + "".join(" " + arg for arg in _shown_argv(payload["argv"])) + "`"
         + (" (default arguments)" if not payload["argv"] else "")
         + (f"; step timings re-measured on {payload['retimed']}" if payload.get("retimed") else ""),
         "",
+    ] + ([ "## Protocol (fixed before the run)", "", protocol, "", "## Results", ""] if protocol else []) + [
         "| run | test accuracy (mean ± std) | per seed | final dims per seed | mean total state | params "
         "| run wall-clock vs baseline | step time at final dims vs baseline |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -208,7 +245,7 @@ def write_markdown(path: Path, payload: dict) -> None:
         "Run wall-clock is the whole Trainer run (one process, measured while other jobs may share the CPU, so it is "
         "noisy); the step-time column is the least time of a training step (batch 64) at each run's final state "
         "sizes, min over 12 blocks of 5 steps, a steadier measure of the speed of the final model. A CompreSSM run "
-        "spends its first 30% of steps at larger sizes, so its whole-run time lies between the two.",
+        f"spends its first {100 * settings['reduction_end']:.0f}% of steps at larger sizes, so its whole-run time lies between the two.",
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -220,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=float, default=40.0)
     parser.add_argument("--preset", default="digits")
     parser.add_argument("--reduction-end", type=float, default=0.3, help="fraction of training with reductions")
+    parser.add_argument("--task", choices=TASKS, default="digits",
+                        help="digits: row-major pixel sequences; permuted-digits: one fixed random pixel order")
+    parser.add_argument("--permutation-seed", type=int, default=0, help="seed of the pixel permutation (permuted-digits)")
+    parser.add_argument("--initial-dims", type=int, nargs="+", default=None,
+                        help="starting per-layer state sizes of the baseline and CompreSSM runs (default: the preset's)")
+    parser.add_argument("--protocol", default=None,
+                        help="text of the protocol, written before the table (state it before running)")
     parser.add_argument("--output-dir", default=str(RESULTS_DIR))
     parser.add_argument("--from-json", default=None,
                         help="re-use the training runs of an earlier results JSON (no retraining): recompute step "
@@ -240,14 +284,22 @@ def main(argv: list[str] | None = None) -> int:
         settings = previous["settings"]
         args.taus, args.seeds, args.epochs = settings["taus"], settings["seeds"], settings["epochs"]
         args.preset, args.reduction_end = settings["preset"], settings["reduction_end"]
+        args.task = settings.get("task", "digits")
+        args.permutation_seed = settings.get("permutation_seed", 0)
+        args.initial_dims = settings.get("initial_dims_override")
+        args.protocol = previous.get("protocol", args.protocol)
+    initial = {} if args.initial_dims is None else {"state_dims": list(args.initial_dims)}
+    # "permuted-digits": the same split with one fixed pixel order (psMNIST-style); "digits": natural order
+    common["permutation_seed"] = args.permutation_seed if args.task == "permuted-digits" else None
     for seed in ([] if previous else args.seeds):
         print(f"seed {seed}", flush=True)
-        rows.append(run_one("baseline", seed=seed, compress=False, **common))
+        rows.append(run_one("baseline", seed=seed, compress=False, **initial, **common))
         for tau in args.taus:
-            compressed = run_one(f"compressm tau={tau:g}", seed=seed, tau=tau, compress=True, **common)
+            compressed = run_one(f"compressm tau={tau:g}", seed=seed, tau=tau, compress=True, **initial, **common)
             rows.append(compressed)
             dims = compressed["dims_after"]
-            rows.append(run_one(f"small-scratch tau={tau:g}", seed=seed, compress=False, state_dims=list(dims), **common))
+            rows.append(run_one(f"small-scratch tau={tau:g}", seed=seed, compress=False, state_dims=list(dims),
+                                **common))
     if previous:
         training_wall = previous.get("training_wall_seconds", previous["wall_seconds"])
     else:
@@ -259,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from modeling_compressm.presets import load_preset
 
-    config = load_preset(args.preset)
+    config = load_preset(args.preset, **initial)
     max_steps = rows[0]["max_steps"]
     start_step = int(0.02 * max_steps)
     end_step = max(start_step + 1, int(args.reduction_end * max_steps))
@@ -273,11 +325,14 @@ def main(argv: list[str] | None = None) -> int:
             "initial_dims": config.state_dims, "epochs": args.epochs, "max_steps": max_steps, "seeds": args.seeds,
             "taus": args.taus, "start_step": start_step, "end_step": end_step,
             "interval": max(1, (end_step - start_step) // 6), "reduction_end": args.reduction_end,
+            "task": args.task, "permutation_seed": args.permutation_seed if args.task == "permuted-digits" else None,
+            "initial_dims_override": args.initial_dims,
         },
         "runs": rows,
         "summary": summary,
         "analysis": analysis(summary, args.taus),
         "wall_seconds": wall,
+        "protocol": args.protocol,
         "training_wall_seconds": training_wall,
     }
     if previous:
@@ -287,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     cpu_tag = "gpu" if torch.cuda.is_available() else "cpu-" + platform.machine().replace("_", "-")
-    stem = f"reproduce_paper_{cpu_tag}_{datetime.date.today().isoformat()}"
+    task_tag = "" if args.task == "digits" else f"{args.task}_"
+    stem = f"reproduce_paper_{task_tag}{cpu_tag}_{datetime.date.today().isoformat()}"
     (output / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     write_markdown(output / f"{stem}.md", payload)
     print("\n".join(payload["analysis"]))

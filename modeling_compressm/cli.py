@@ -30,8 +30,9 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_LEARNING_RATE = 3e-3
 
 
-def _load_datasets(config, seed: int):
-    """(train_dataset, eval_dataset, task) for a config: "classification" on digits or "causal-lm" on toy text."""
+def _load_datasets(config, seed: int, permutation_seed: int | None = None):
+    """(train_dataset, eval_dataset, task) for a config: "classification" on digits (pixel order permuted by
+    `permutation_seed` when given) or "causal-lm" on toy text."""
     from .data import DIGITS_NUM_CLASSES, DigitsSequenceDataset, TokenBlockDataset, synthetic_text_corpus
     from .presets import model_class_for_config
 
@@ -44,7 +45,8 @@ def _load_datasets(config, seed: int):
                 "images, which are not shipped offline). Train it with your own data through the Python API "
                 "(CompreSSMCallback + transformers.Trainer)"
             )
-        train, test = DigitsSequenceDataset.splits(seed=0)  # the split is fixed; --seed changes init and order
+        # the split is fixed; --seed changes init and order
+        train, test = DigitsSequenceDataset.splits(seed=0, permutation_seed=permutation_seed)
         return train, test, "classification"
     if config.input_dim is not None:
         raise ValueError("causal-LM presets must use token inputs (input_dim unset)")
@@ -82,6 +84,7 @@ def train_preset(
     state_dims: int | list[int] | None = None,
     show_progress: bool = True,
     callbacks: list | None = None,
+    permutation_seed: int | None = None,
 ) -> dict:
     """Train preset `preset` offline with the HF Trainer and CompreSSMCallback; optionally save the reduced model.
 
@@ -97,6 +100,8 @@ def train_preset(
         state_dims: override the preset's per-layer state sizes (e.g. to train a small model from scratch).
         output_dir: save the trained model there (save_pretrained) with `train_summary.json`; None saves nothing.
         callbacks: extra `TrainerCallback`s.
+        permutation_seed: digits presets only: train and test on the pixel sequences in one fixed random order
+            (a psMNIST-style task); None keeps the natural order.
     Returns:
         {"model", "preset", "task", "policy", "tau", "compressed", "dims_before" (list[int]), "dims_after",
          "params_before", "params_after", "test_loss", "test_accuracy" (classification) or "test_perplexity",
@@ -127,7 +132,7 @@ def train_preset(
     started = time.perf_counter()
     overrides = {} if state_dims is None else {"state_dims": state_dims}
     config = load_preset(preset, **overrides)
-    train_dataset, eval_dataset, task = _load_datasets(config, seed)
+    train_dataset, eval_dataset, task = _load_datasets(config, seed, permutation_seed)
     if max_steps is None:
         steps_per_epoch = math.ceil(len(train_dataset) / batch_size)
         max_steps = max(1, int(round((epochs if epochs is not None else DEFAULT_EPOCHS) * steps_per_epoch)))

@@ -1,7 +1,8 @@
 """Offline datasets for CompreSSM examples, tests and benchmarks (nothing is downloaded).
 
 `load_digits_sequences` turns scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes) into 64-step
-pixel sequences, row-major, one pixel per step (`input_dim=1`): a small offline stand-in for sequential MNIST.
+pixel sequences, row-major, one pixel per step (`input_dim=1`): a small offline stand-in for sequential MNIST;
+`permutation_seed=` applies a fixed random pixel permutation (a permuted-sMNIST stand-in).
 
 `synthetic_text_corpus` generates a deterministic toy corpus of byte-level token sequences for the language-model
 presets (vocab 256) without any download.
@@ -28,13 +29,18 @@ DIGITS_NUM_CLASSES = 10
 DIGITS_SEQUENCE_LENGTH = 64
 
 
-def load_digits_sequences(test_size: float = 0.2, seed: int = 0, normalize: bool = True) -> dict[str, dict[str, np.ndarray]]:
+def load_digits_sequences(
+    test_size: float = 0.2, seed: int = 0, normalize: bool = True, permutation_seed: int | None = None
+) -> dict[str, dict[str, np.ndarray]]:
     """Load sklearn's 8x8 digits as pixel sequences with a fixed stratified train/test split.
 
     Args:
         test_size: fraction of the 1797 images held out for testing, in (0, 1).
         seed: seed of the (stratified) split; the same seed always gives the same split.
         normalize: scale pixels from [0, 16] to zero mean / unit variance using train-split statistics.
+        permutation_seed: None (default) keeps the row-major pixel order; an int applies one fixed random permutation
+            of the 64 time steps (`numpy.random.default_rng(permutation_seed).permutation(64)`) to every image, like
+            permuted sequential MNIST. The split and the normalisation statistics do not depend on it.
     Returns:
         {"train": {"inputs": float32 (n_train, 64, 1), "labels": int64 (n_train,)},
          "test":  {"inputs": float32 (n_test, 64, 1),  "labels": int64 (n_test,)}}
@@ -43,12 +49,16 @@ def load_digits_sequences(test_size: float = 0.2, seed: int = 0, normalize: bool
         raise ValueError(f"test_size must lie strictly between 0 and 1, got {test_size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    if permutation_seed is not None and (isinstance(permutation_seed, bool) or not isinstance(permutation_seed, int)):
+        raise ValueError(f"permutation_seed must be None or an int, got {permutation_seed!r}")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = digits.images.astype(np.float32).reshape(len(digits.images), DIGITS_SEQUENCE_LENGTH, 1)
     labels = digits.target.astype(np.int64)
+    if permutation_seed is not None:
+        images = images[:, np.random.default_rng(permutation_seed).permutation(DIGITS_SEQUENCE_LENGTH)]
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=float(test_size), random_state=seed, stratify=labels
     )
@@ -67,13 +77,18 @@ class DigitsSequenceDataset(torch.utils.data.Dataset):
 
     Args:
         split: "train" or "test".
-        test_size, seed, normalize: passed to `load_digits_sequences`.
+        test_size, seed, normalize, permutation_seed: passed to `load_digits_sequences`.
     """
 
-    def __init__(self, split: str = "train", test_size: float = 0.2, seed: int = 0, normalize: bool = True):
+    def __init__(
+        self, split: str = "train", test_size: float = 0.2, seed: int = 0, normalize: bool = True,
+        permutation_seed: int | None = None,
+    ):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        data = load_digits_sequences(test_size=test_size, seed=seed, normalize=normalize)[split]
+        data = load_digits_sequences(
+            test_size=test_size, seed=seed, normalize=normalize, permutation_seed=permutation_seed
+        )[split]
         self.inputs = torch.from_numpy(data["inputs"])  # float32 (n, 64, 1)
         self.labels = torch.from_numpy(data["labels"])  # int64 (n,)
 
@@ -84,9 +99,13 @@ class DigitsSequenceDataset(torch.utils.data.Dataset):
         return {"inputs_embeds": self.inputs[index], "labels": self.labels[index]}
 
     @classmethod
-    def splits(cls, test_size: float = 0.2, seed: int = 0, normalize: bool = True) -> tuple["DigitsSequenceDataset", "DigitsSequenceDataset"]:
+    def splits(
+        cls, test_size: float = 0.2, seed: int = 0, normalize: bool = True, permutation_seed: int | None = None
+    ) -> tuple["DigitsSequenceDataset", "DigitsSequenceDataset"]:
         """(train, test) datasets from one split computation."""
-        data = load_digits_sequences(test_size=test_size, seed=seed, normalize=normalize)
+        data = load_digits_sequences(
+            test_size=test_size, seed=seed, normalize=normalize, permutation_seed=permutation_seed
+        )
         out = []
         for split in ("train", "test"):
             dataset = cls.__new__(cls)
