@@ -211,8 +211,8 @@ def write_markdown(path: Path, payload: dict) -> None:
         f"- date: {payload['date']}",
         f"- device: {device['cpu']} ({device['logical_cores']} logical cores, torch {device['torch']}, "
         f"{device['torch_threads']} threads)" + (f", GPU {device['cuda']}" if device["cuda"] else ", CPU only"),
-        f"- task: 8x8 digits as 64-step pixel sequences (input_dim=1, 10 classes), fixed stratified split "
-        f"(1437 train / 360 test)"
+        "- task: 8x8 digits as 64-step pixel sequences (input_dim=1, 10 classes), fixed stratified split "
+        "(1437 train / 360 test)"
         + (f"; pixels in one fixed random order (permutation seed {settings['permutation_seed']})" if permuted else ""),
         f"- model: preset `{settings['preset']}` ({settings['num_layers']} blocks, H={settings['hidden_size']}, "
         f"N={settings['initial_dims']}), {settings['max_steps']} steps ({settings['epochs']:g} epochs, batch 64, "

@@ -1,5 +1,6 @@
 """Shared test setup: deterministic seeds and small random LTI systems."""
 
+import logging
 import os
 
 # Triton kernels run on CPU tensors only in interpreter mode, which must be set before triton is imported.
@@ -7,11 +8,34 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+from transformers.utils import logging as hf_logging
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class _CapturedWarnings(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_warnings():
+    """Messages of warnings logged by the `transformers` library loggers (loading reports go there)."""
+    hf_logging.set_verbosity_warning()
+    handler = _CapturedWarnings()
+    root = hf_logging.get_logger()  # the library root logger "transformers"
+    root.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        root.removeHandler(handler)
 
 
 def random_stable_system(n: int, h: int, max_modulus: float = 0.95, seed: int = 0, dtype=torch.complex128):

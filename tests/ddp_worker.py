@@ -14,25 +14,11 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
+from tasks import SignTask  # tests/ is sys.path[0] when this script runs
+
 from modeling_compressm import CompreSSMCallback, CompreSSMConfig, CompreSSMForSequenceClassification
-
-
-class SignTask(Dataset):
-    """x: float (L, 1) noise; label: whether the first 4 inputs sum to a positive number."""
-
-    def __init__(self, size: int, length: int = 16, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        self.inputs = torch.randn(size, length, 1, generator=generator)
-        self.labels = (self.inputs[:, :4, 0].sum(dim=1) > 0).long()
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        return {"inputs_embeds": self.inputs[index], "labels": self.labels[index]}
 
 
 def flat_parameters(model) -> torch.Tensor:

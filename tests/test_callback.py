@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 import modeling_compressm.modeling_compressm as modeling
+from tasks import SignTask
 from modeling_compressm import (
     CompreSSMCallback,
     CompreSSMConfig,
@@ -28,21 +28,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-class SignTask(Dataset):
-    """inputs_embeds: float (L, 1) noise; label: whether the first 4 inputs sum to a positive number."""
-
-    def __init__(self, size: int, length: int = 16, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        self.inputs = torch.randn(size, length, 1, generator=generator)
-        self.labels = (self.inputs[:, :4, 0].sum(dim=1) > 0).long()
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        return {"inputs_embeds": self.inputs[index], "labels": self.labels[index]}
 
 
 def make_model(state_dims=16, seed=0):

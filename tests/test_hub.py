@@ -2,7 +2,6 @@
 package cannot be imported, Auto-class loading with the package, and an offline push_to_hub."""
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-from transformers import logging as hf_logging
 
 import modeling_compressm
 from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM, CompreSSMForSequenceClassification
@@ -79,28 +77,6 @@ def reduced_checkpoints(tmp_path_factory):
         "classifier_logits": classifier_logits,
         "lm_logits": lm_logits,
     }
-
-
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(level=logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def transformers_warnings():
-    """Collect warnings of the `transformers` loggers (loading reports go there)."""
-    hf_logging.set_verbosity_warning()
-    handler = _Capture()
-    root = hf_logging.get_logger()  # the library root logger "transformers"
-    root.addHandler(handler)
-    try:
-        yield handler.messages
-    finally:
-        root.removeHandler(handler)
 
 
 def _load_warnings(messages):

@@ -10,7 +10,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
 )
-from transformers.utils import logging as hf_logging
 
 from modeling_compressm import (
     CompreSSMCache,
@@ -37,24 +36,6 @@ def lm():
 def classifier():
     config = CompreSSMConfig(hidden_size=12, num_hidden_layers=2, state_dims=[10, 6], input_dim=1, num_labels=3)
     return CompreSSMForSequenceClassification(config).eval()
-
-
-class CapturedLogs(logging.Handler):
-    def __init__(self):
-        super().__init__(level=logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def transformers_warnings():
-    handler = CapturedLogs()
-    logger = hf_logging.get_logger("transformers")
-    logger.addHandler(handler)
-    yield handler.messages
-    logger.removeHandler(handler)
 
 
 def test_lm_forward_shapes_and_loss(lm):
