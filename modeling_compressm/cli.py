@@ -133,6 +133,13 @@ def train_preset(
     overrides = {} if state_dims is None else {"state_dims": state_dims}
     config = load_preset(preset, **overrides)
     train_dataset, eval_dataset, task = _load_datasets(config, seed, permutation_seed)
+    rollback = compress and policy == "rollback"
+    validation_dataset = None
+    if rollback:  # rollback decisions use a validation split held out of the training data, never the test set
+        order = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+        held_out = max(1, len(order) // 10)
+        validation_dataset = torch.utils.data.Subset(train_dataset, order[:held_out])
+        train_dataset = torch.utils.data.Subset(train_dataset, order[held_out:])
     if max_steps is None:
         steps_per_epoch = math.ceil(len(train_dataset) / batch_size)
         max_steps = max(1, int(round((epochs if epochs is not None else DEFAULT_EPOCHS) * steps_per_epoch)))
@@ -168,8 +175,8 @@ def train_preset(
             warmup_steps=max(1, int(0.05 * max_steps)),
             lr_scheduler_type="cosine",
             logging_steps=max(1, interval if compress else max_steps // 20),
-            eval_strategy="steps" if (compress and policy == "rollback") else "no",
-            eval_steps=interval if (compress and policy == "rollback") else None,
+            eval_strategy="steps" if rollback else "no",
+            eval_steps=interval if rollback else None,
             save_strategy="no",
             report_to="none",
             seed=seed,
@@ -182,7 +189,7 @@ def train_preset(
             model=model,
             args=arguments,
             train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
+            eval_dataset=validation_dataset if rollback else eval_dataset,
             compute_metrics=_accuracy_metrics if task == "classification" else None,
             callbacks=all_callbacks,
         )

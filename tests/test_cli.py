@@ -141,3 +141,25 @@ def test_console_script_default_run(tmp_path):
     saved = tmp_path / "compressm-digits"
     assert json.loads((saved / "config.json").read_text())["state_dims"] == after
     assert "it/s" in result.stderr or "s/it" in result.stderr  # the Trainer's progress bar
+
+
+def test_rollback_policy_evaluates_on_a_validation_split_not_the_test_set(tmp_path, monkeypatch):
+    from modeling_compressm import cli as cli_module
+
+    import transformers
+
+    seen_eval_sizes = []
+
+    real_evaluate = transformers.Trainer.evaluate
+
+    def recording_evaluate(self, eval_dataset=None, *args, **kwargs):
+        seen_eval_sizes.append(len(eval_dataset if eval_dataset is not None else self.eval_dataset))
+        return real_evaluate(self, eval_dataset, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "evaluate", recording_evaluate)
+    summary = cli_module.train_preset(policy="rollback", tau=0.1, max_steps=24, show_progress=False)
+    _, test = DigitsSequenceDataset.splits(seed=0)
+    # evaluations during training use the held-out tenth of the training split; the final one uses the test set
+    assert seen_eval_sizes[-1] == len(test)
+    assert seen_eval_sizes[:-1] and all(size == 1437 // 10 for size in seen_eval_sizes[:-1])
+    assert summary["policy"] == "rollback"
