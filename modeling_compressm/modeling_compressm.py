@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -171,8 +172,9 @@ class CompreSSMLRU(nn.Module):
         return f"hidden_size={self.hidden_size}, state_dim={self.state_dim}"
 
 
-class CompreSSMBlock(nn.Module):
-    """x + Dropout(GLU(Dropout(GELU(LRU(Norm(x)))))), x: (batch, L, H)."""
+class CompreSSMBlock(GradientCheckpointingLayer):
+    """x + Dropout(GLU(Dropout(GELU(LRU(Norm(x)))))), x: (batch, L, H). Supports gradient checkpointing (the cache is
+    dropped while checkpointing, as for every transformers layer)."""
 
     def __init__(self, config: CompreSSMConfig, layer_idx: int):
         super().__init__()
@@ -188,13 +190,13 @@ class CompreSSMBlock(nn.Module):
         self,
         hidden_states: torch.Tensor,
         step_mask: torch.Tensor | None = None,
-        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
-        initial_state = _read_recurrent_state(cache, self.layer_idx, self.lru.state_dim)
+        initial_state = _read_recurrent_state(past_key_values, self.layer_idx, self.lru.state_dim)
         mixed, final_state = self.lru(self.norm(hidden_states), initial_state=initial_state, step_mask=step_mask)
-        if cache is not None:
-            _write_recurrent_state(cache, self.layer_idx, final_state)
+        if past_key_values is not None:
+            _write_recurrent_state(past_key_values, self.layer_idx, final_state)
         mixed = self.dropout(F.gelu(mixed))
         value, gate = self.glu_proj(mixed).chunk(2, dim=-1)
         return residual + self.dropout(value * torch.sigmoid(gate))
@@ -238,7 +240,7 @@ def _write_recurrent_state(cache: Cache, layer_idx: int, state: torch.Tensor) ->
 class CompreSSMPreTrainedModel(PreTrainedModel):
     config_class = CompreSSMConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["CompreSSMBlock"]
     _is_stateful = True
 
@@ -528,7 +530,7 @@ class CompreSSMModel(CompreSSMPreTrainedModel):
         hidden_states = inputs.hidden_states
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for block in self.layers:
-            hidden_states = block(hidden_states, step_mask=inputs.step_mask, cache=cache)
+            hidden_states = block(hidden_states, step_mask=inputs.step_mask, past_key_values=cache)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm_f(hidden_states)

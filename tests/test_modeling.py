@@ -48,6 +48,21 @@ def test_lm_forward_shapes_and_loss(lm):
     assert all(p.grad is not None for p in lm.parameters() if p.requires_grad)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = lm_config(dropout=0.0)
+    torch.manual_seed(3)
+    plain = CompreSSMForCausalLM(config).train()
+    checkpointed = CompreSSMForCausalLM(config).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert all(block.gradient_checkpointing for block in checkpointed.model.layers)
+    ids = torch.randint(0, 40, (2, 11))
+    for model in (plain, checkpointed):
+        model(ids, labels=ids).loss.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
 def test_prefix_then_single_steps_equal_the_full_forward(lm):
     ids = torch.randint(0, 40, (2, 13))
     full = lm(ids, use_cache=False).logits
