@@ -153,10 +153,18 @@ def parallel_diagonal_scan(
     return states
 
 
-def _is_left_padding(step_mask: torch.Tensor) -> bool:
-    """True when every row is 0...0 1...1 (padding only before the first real step)."""
+def _must_hold_state(step_mask: torch.Tensor | None, initial_state: torch.Tensor | None) -> bool:
+    """Whether padded steps need a_t = 1 (state held) rather than just zero input.
+
+    Zero input suffices only for left padding of a fresh sequence (rows 0...0 1...1, no initial state): the state is
+    still zero there. Any other mask (holes, right padding) or a carried state needs the time-varying scan.
+    """
+    if step_mask is None:
+        return False
+    if initial_state is not None:
+        return True
     as_int = step_mask.to(torch.int8)
-    return bool((as_int[:, 1:] >= as_int[:, :-1]).all())
+    return not bool((as_int[:, 1:] >= as_int[:, :-1]).all())
 
 
 def lru_sequence_torch(
@@ -168,8 +176,10 @@ def lru_sequence_torch(
     initial_state: torch.Tensor | None = None,
     step_mask: torch.Tensor | None = None,
     scan=parallel_diagonal_scan,
+    hold_state: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LRU map in plain torch (fp32 / complex64 inside). See `lru_sequence` for the arguments."""
+    """The LRU map in plain torch (fp32 / complex64 inside). See `lru_sequence` for the arguments; `hold_state`
+    is `_must_hold_state(step_mask, initial_state)` when the caller already knows it (None: computed here)."""
     u32 = u.float()
     if step_mask is not None:
         keep = step_mask.to(torch.bool)[:, :, None]
@@ -177,10 +187,11 @@ def lru_sequence_torch(
     x = torch.complex(u32 @ B.real.float().T, u32 @ B.imag.float().T)  # (batch, L, N)
     lam = lam.to(torch.complex64)
     decay = None
-    if step_mask is not None:
-        if initial_state is not None or not _is_left_padding(step_mask):
-            # Masked steps must leave the state untouched: a_t = 1 there (a fixed lam would still decay it).
-            decay = torch.where(keep, lam[None, None, :], torch.ones((), dtype=lam.dtype, device=lam.device))
+    if hold_state is None:
+        hold_state = _must_hold_state(step_mask, initial_state)
+    if hold_state:
+        # Masked steps must leave the state untouched: a_t = 1 there (a fixed lam would still decay it).
+        decay = torch.where(keep, lam[None, None, :], torch.ones((), dtype=lam.dtype, device=lam.device))
     init = initial_state.to(torch.complex64) if initial_state is not None else None
     states = scan(x, lam, init, decay)
     y = states.real @ C.real.float().T - states.imag @ C.imag.float().T + u32 * D.float()
@@ -217,7 +228,7 @@ def lru_sequence(
         raise ValueError(f"u must be (batch, length, hidden), got shape {tuple(u.shape)}")
     if u.shape[1] == 0:
         raise ValueError("cannot run the recurrence over an empty sequence (length 0)")
-    needs_time_varying = step_mask is not None and (initial_state is not None or not _is_left_padding(step_mask))
+    needs_time_varying = _must_hold_state(step_mask, initial_state)
     if use_kernel is None:
         use_kernel = u.is_cuda and triton_available() and not needs_time_varying
     if use_kernel:
@@ -246,4 +257,4 @@ def lru_sequence(
         )
         return y, torch.complex(final_re, final_im)
     with torch.autocast(device_type=u.device.type, enabled=False):
-        return lru_sequence_torch(u, lam, B, C, D, initial_state, step_mask)
+        return lru_sequence_torch(u, lam, B, C, D, initial_state, step_mask, hold_state=needs_time_varying)
