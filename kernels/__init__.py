@@ -4,6 +4,8 @@ Installed as ``compressm_kernels`` (the repository folder is ``kernels/``). Impo
 missing: ``TRITON_AVAILABLE`` is then False and the Triton entry points raise a RuntimeError. The naive
 sequential torch references are always available.
 
+Import it as ``compressm_kernels`` only (see the note at the end of this file).
+
 Public API::
 
     diagonal_scan(x_re, x_im, lam_re, lam_im, h0_re=None, h0_im=None) -> (h_re, h_im)
@@ -11,13 +13,22 @@ Public API::
     naive_diagonal_scan(...), naive_lru_forward(...)   # same signatures, pure torch (test oracle)
 """
 
-from .lru_scan import TRITON_AVAILABLE, diagonal_scan, fused_lru_forward
-from .naive import naive_diagonal_scan, naive_lru_forward
+if __name__ == "compressm_kernels":
+    from .lru_scan import TRITON_AVAILABLE, diagonal_scan, fused_lru_forward
+    from .naive import naive_diagonal_scan, naive_lru_forward
 
-__all__ = [
-    "TRITON_AVAILABLE",
-    "diagonal_scan",
-    "fused_lru_forward",
-    "naive_diagonal_scan",
-    "naive_lru_forward",
-]
+    __all__ = [
+        "TRITON_AVAILABLE",
+        "diagonal_scan",
+        "fused_lru_forward",
+        "naive_diagonal_scan",
+        "naive_lru_forward",
+    ]
+else:
+    # Imported under another name: in a source checkout with the repository root on sys.path (`python -m pytest`,
+    # `python -c` run there) this folder is importable as a top-level `kernels`, and transformers imports that name
+    # when it probes for Hugging Face's hub-kernels library. Loading the kernel modules a second time would
+    # re-register the `compressm_kernels::*` torch ops with this copy's functions (so settings patched on
+    # `compressm_kernels.lru_scan` would silently stop applying) and re-import triton. Stay an empty module:
+    # transformers then finds no version and reports the hub-kernels library as unavailable, as it is.
+    __all__ = []
