@@ -11,6 +11,9 @@ Public API::
     diagonal_scan(x_re, x_im, lam_re, lam_im, h0_re=None, h0_im=None) -> (h_re, h_im)
     fused_lru_forward(u, lam_re, lam_im, B_re, B_im, C_re, C_im, D, h0_re=None, h0_im=None) -> (y, hT_re, hT_im)
     naive_diagonal_scan(...), naive_lru_forward(...)   # same signatures, pure torch (test oracle)
+
+``compressm_kernels.aot.compile_only(arch)`` compiles every kernel launch for a CUDA target without a GPU
+(resource report: ``benchmarks/compile_report.py``).
 """
 
 if __name__ == "compressm_kernels":

@@ -361,14 +361,19 @@ def _out_config(N: int, H: int) -> Tuple[int, int, int, int]:
     return 32, block_n, block_h, 4
 
 
+def _precision_for_capability(major: int) -> str:
+    """tl.dot input precision for fp32 operands on a GPU of compute capability ``major``.x: TF32 needs sm_80+;
+    follow torch's fp32 matmul policy there (TF32 only when the user allowed it, else 3xTF32, ~fp32 accuracy)."""
+    if major < 8:
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+
+
 def _dot_precision(device: torch.device) -> str:
     if _INTERPRET or device.type != "cuda":
         return "ieee"
     major, _ = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return "ieee"
-    # follow torch's fp32 matmul policy: TF32 only when the user allowed it, else 3xTF32 (~fp32 accuracy)
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    return _precision_for_capability(major)
 
 
 def _check_runtime(device: torch.device) -> None:
