@@ -13,8 +13,11 @@ CPU smoke test (tiny shapes; the Triton rows run only under the interpreter)::
 
 Paths (one LRU layer y = Re(C h) + D u, h_t = lam h_{t-1} + B u_t; complex as real pairs):
 
-    triton_scan         compressm_kernels.diagonal_scan alone (x given): the bandwidth-bound scan kernel
-    triton_fused        compressm_kernels.fused_lru_forward (cuBLAS x = B u, chunk-state pass, fused output pass)
+    triton_scan[s]      compressm_kernels.diagonal_scan alone (x given): the bandwidth-bound scan, with scan
+                        strategy s forced (sequential: one program per (N block, batch) walking all of time;
+                        chunked: local chunk scans, a short scan over the chunk ends, local scans again)
+    triton_fused[s]     compressm_kernels.fused_lru_forward (cuBLAS x = B u, chunk-end pass, fused output pass);
+                        s is the strategy of the scans in its backward (the forward is the same for both)
     triton_scan+proj    torch matmuls for x = B u and y = Re(C h) + D u around the Triton plain scan
     torch_sequential    compressm_kernels.naive_lru_forward (python loop over time; the test oracle)
     torch_parallel      modeling_compressm.scan.lru_sequence_torch with parallel_diagonal_scan (doubling scan);
@@ -36,6 +39,10 @@ Byte model (fp32 = 4 bytes, complex = 8 bytes, s_u = bytes per element of u/y; E
                                   ceil(log2 L) * 40E (torch_parallel: read 2, write 1, product temp w + r per pass)
                                   torch_sequential: per step r/w of the state, ~ 32E
 
+The Triton rows count the least traffic of the operation whatever the strategy, so their GB/s is an effective
+bandwidth: the chunked strategy really moves 8E more in the forward (x is read twice) and 8E more in the backward
+(dh is read twice), plus the chunk-end arrays (1/CHUNK of E).
+
 GB/s = modelled bytes / measured time. The scan kernel's "% of peak" (triton_scan row) is the number to hold
 against the >= 70 % HBM target; the layer rows also report it for comparison. Every modelled byte count is an
 idealisation (L2 hits not subtracted, GEMM re-reads not counted), so treat % of peak as approximate.
@@ -47,6 +54,7 @@ a fixed random cotangent for y. Nothing here asserts on time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -65,6 +73,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import compressm_kernels as K  # noqa: E402
+from compressm_kernels import lru_scan  # noqa: E402
 
 try:  # the lead's torch paths (complex tensors)
     from modeling_compressm.scan import lru_sequence_torch as _lru_sequence_torch
@@ -115,6 +124,7 @@ def torch_parallel_layer(u, lam, Bc, Cc, D, h0c):
 # byte model
 # ------------------------------------------------------------------------------------------------------------
 def byte_model(path, Bt, L, N, H, s_u, bwd):
+    path = path.split("[")[0]  # triton_scan[chunked] -> triton_scan: the same modelled (least) traffic
     E = Bt * L * N
     act = Bt * L * H * s_u
     params = 8 * N + 16 * N * H + 4 * H
@@ -185,8 +195,12 @@ def _layer_fns(p, compile_ok):
     """name -> callable(params dict) returning y."""
     names = ["u", "lam_re", "lam_im", "B_re", "B_im", "C_re", "C_im", "D", "h0_re", "h0_im"]
 
-    def triton_fused(q):
-        return K.fused_lru_forward(*[q[k] for k in names])[0]
+    def triton_fused(strategy):
+        def run(q):
+            with _forced_strategy(strategy):
+                return K.fused_lru_forward(*[q[k] for k in names])[0]
+
+        return run
 
     def triton_scan_proj(q):
         u32 = q["u"].float()
@@ -208,7 +222,8 @@ def _layer_fns(p, compile_ok):
 
     fns = {}
     if K.TRITON_AVAILABLE:
-        fns["triton_fused"] = triton_fused
+        for strategy in lru_scan.STRATEGIES:
+            fns[f"triton_fused[{strategy}]"] = triton_fused(strategy)
         fns["triton_scan+proj"] = triton_scan_proj
     fns["torch_sequential"] = torch_sequential
     fns["torch_parallel"] = torch_parallel
@@ -218,9 +233,23 @@ def _layer_fns(p, compile_ok):
     return fns
 
 
-def _triton_ok(device):
-    from compressm_kernels import lru_scan
+@contextlib.contextmanager
+def _forced_strategy(strategy):
+    """Force the scan strategy of compressm_kernels (sequential / chunked) inside the block, forward and backward:
+    the backward runs inside the block because the timed closures call backward() there."""
+    previous = lru_scan._FORCE_STRATEGY
+    lru_scan._FORCE_STRATEGY = strategy
+    try:
+        yield
+    finally:
+        lru_scan._FORCE_STRATEGY = previous
 
+
+def _selected(name, paths):
+    return paths is None or name.split("[")[0] in paths
+
+
+def _triton_ok(device):
     return K.TRITON_AVAILABLE and (device.type == "cuda" or lru_scan._INTERPRET)
 
 
@@ -233,8 +262,7 @@ def bench_shape(Bt, L, N, H, device, dtype, args, paths=None):
     fns = _layer_fns(p, compile_ok=not args.no_compile)
     if not triton_ok:
         fns = {k: v for k, v in fns.items() if not k.startswith("triton")}
-    if paths is not None:
-        fns = {k: v for k, v in fns.items() if k in paths}
+    fns = {k: v for k, v in fns.items() if _selected(k, paths)}
     if "torch_sequential" in fns and args.skip_sequential:
         del fns["torch_sequential"]
 
@@ -249,8 +277,9 @@ def bench_shape(Bt, L, N, H, device, dtype, args, paths=None):
         rows.append(row)
         _print_row(row)
 
-    # plain scan kernel alone (the bandwidth target)
-    if triton_ok and (paths is None or "triton_scan" in paths):
+    # plain scan kernel alone (the bandwidth target), with each strategy
+    if triton_ok and _selected("triton_scan", paths):
+        print(f"  (automatic strategy at this shape: {lru_scan._scan_strategy(N, Bt, device)})")
         g = torch.Generator(device="cpu").manual_seed(1)
         x_re = torch.randn(Bt, L, N, generator=g).to(device).requires_grad_()
         x_im = torch.randn(Bt, L, N, generator=g).to(device).requires_grad_()
@@ -265,8 +294,10 @@ def bench_shape(Bt, L, N, H, device, dtype, args, paths=None):
             h_re, h_im = K.diagonal_scan(x_re, x_im, lr, li)
             torch.autograd.backward([h_re, h_im], [dh, dh])
 
-        record("triton_scan", _time(scan_fwd, device, args.warmup, args.repeats, args.budget),
-               _time(scan_fb, device, args.warmup, args.repeats, args.budget))
+        for strategy in lru_scan.STRATEGIES:
+            with _forced_strategy(strategy):
+                record(f"triton_scan[{strategy}]", _time(scan_fwd, device, args.warmup, args.repeats, args.budget),
+                       _time(scan_fb, device, args.warmup, args.repeats, args.budget))
 
     leaf = {k: v.detach().clone().requires_grad_() for k, v in p.items()}
     for name, fn in fns.items():
@@ -288,7 +319,7 @@ def bench_shape(Bt, L, N, H, device, dtype, args, paths=None):
     return rows
 
 
-_HEADER = f"{'path':<18}{'Bt':>4}{'L':>6}{'N':>5}{'H':>5} {'fwd ms':>9}{'GB/s':>8}{'%pk':>6} {'f+b ms':>9}{'GB/s':>8}{'%pk':>6}"
+_HEADER = f"{'path':<26}{'Bt':>4}{'L':>6}{'N':>5}{'H':>5} {'fwd ms':>9}{'GB/s':>8}{'%pk':>6} {'f+b ms':>9}{'GB/s':>8}{'%pk':>6}"
 
 
 def _fmt(v, spec):
@@ -297,7 +328,7 @@ def _fmt(v, spec):
 
 def _print_row(r):
     print(
-        f"{r['path']:<18}{r['Bt']:>4}{r['L']:>6}{r['N']:>5}{r['H']:>5} "
+        f"{r['path']:<26}{r['Bt']:>4}{r['L']:>6}{r['N']:>5}{r['H']:>5} "
         f"{_fmt(r['fwd_ms'], '9.3f'):>9}{_fmt(r['fwd_gbps'], '8.2f'):>8}{_fmt(r['fwd_pct_peak'], '6.1f'):>6} "
         f"{_fmt(r['fwd_bwd_ms'], '9.3f'):>9}{_fmt(r['fwd_bwd_gbps'], '8.2f'):>8}{_fmt(r['fwd_bwd_pct_peak'], '6.1f'):>6}",
         flush=True,

@@ -17,7 +17,7 @@ the kernels compile for the target at all, whether they spill, and whether a lau
 
 Usage (TRITON_INTERPRET must not be set: the interpreter replaces the compiler)::
 
-    python benchmarks/compile_report.py               # sm_90 (H100), writes benchmarks/results/compile_sm90_<date>.{md,json}
+    python benchmarks/compile_report.py               # sm_90 (H100): benchmarks/results/compile_sm90_<host>_<date>.*
     python benchmarks/compile_report.py --arch 80     # A100
     python benchmarks/compile_report.py --quick       # one small shape (smoke test)
 """
@@ -92,11 +92,12 @@ def _inputs(Bt, L, N, H, seed=0):
     return [t.requires_grad_() for t in leaves]
 
 
-def compile_shape(Bt, L, N, H, arch):
-    """Compile every kernel launch of one training step (fwd + bwd) of both ops at one shape. Returns rows."""
+def compile_shape(Bt, L, N, H, arch, multiprocessor_count):
+    """Compile every kernel launch of one training step (fwd + bwd) of both ops at one shape, with the scan strategy
+    the automatic rule picks on a GPU with `multiprocessor_count` SMs. Returns rows."""
     rows = []
     u, lam_re, lam_im, B_re, B_im, C_re, C_im, D = _inputs(Bt, L, N, H)
-    with compile_only(arch) as reports:
+    with compile_only(arch, multiprocessor_count) as reports:
         done = 0
         for op in ("fused_lru", "diagonal_scan"):
             if op == "fused_lru":
@@ -135,8 +136,12 @@ def _config(r):
         parts.append(f"BLOCK_H={c['BLOCK_H']}")
     if c.get("STORE_H"):
         parts.append("store h")
-    if c.get("STORE_CHUNKS"):
+    if c.get("STORE_END"):
         parts.append("chunk ends")
+    if c.get("HAS_START") or c.get("HAS_CARRY"):
+        parts.append("from carries")
+    if c.get("HAS_CARRY") is False:
+        parts.append("chunk firsts")
     return " ".join(parts) + f" w={r['num_warps']}"
 
 
@@ -194,7 +199,7 @@ def main(argv=None):
     print("  ".join(_COLUMNS))
     rows = []
     for Bt, L, N, H in shapes:
-        shape_rows = _annotate(compile_shape(Bt, L, N, H, args.arch), limits)
+        shape_rows = _annotate(compile_shape(Bt, L, N, H, args.arch, limits["sms"]), limits)
         for r in shape_rows:
             print("  ".join(_cells(r)), flush=True)
         rows += shape_rows

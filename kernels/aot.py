@@ -38,7 +38,10 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from . import lru_scan
 
 #: The Triton kernels that the launch helpers in ``lru_scan`` call (module globals, looked up at launch time).
-KERNEL_NAMES = ("_scan_fwd_kernel", "_scan_bwd_kernel", "_lru_out_kernel")
+KERNEL_NAMES = ("_scan_fwd_kernel", "_scan_bwd_kernel", "_chunk_fwd_kernel", "_chunk_bwd_kernel", "_lru_out_kernel")
+
+#: Streaming multiprocessors of common GPUs per compute capability (the automatic scan strategy depends on it).
+DEFAULT_MULTIPROCESSORS = {80: 108, 90: 132, 100: 148}
 
 _RESOURCE_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
@@ -161,11 +164,15 @@ class _RecordingKernel:
 
 
 @contextlib.contextmanager
-def compile_only(arch: int = 90, warp_size: int = 32) -> Iterator[List[KernelCompileReport]]:
+def compile_only(
+    arch: int = 90, multiprocessor_count: Optional[int] = None, warp_size: int = 32
+) -> Iterator[List[KernelCompileReport]]:
     """Inside the block, kernel launches compile for ``sm_<arch>`` and are recorded instead of run.
 
     Args:
         arch: CUDA compute capability as an int (80 = A100, 90 = H100/H200, 100 = B200).
+        multiprocessor_count: SMs of the target GPU, which the automatic scan strategy looks at; defaults to
+            ``DEFAULT_MULTIPROCESSORS[arch]`` (required for other archs).
         warp_size: threads per warp of the target (32 on every NVIDIA GPU).
     Yields:
         the list that receives one :class:`KernelCompileReport` per launch, in launch order.
@@ -180,6 +187,10 @@ def compile_only(arch: int = 90, warp_size: int = 32) -> Iterator[List[KernelCom
             "compile_only needs the Triton compiler, but the kernels were loaded in interpreter mode "
             "(TRITON_INTERPRET=1 was set before triton was imported); run it in a process without TRITON_INTERPRET"
         )
+    if multiprocessor_count is None:
+        if int(arch) not in DEFAULT_MULTIPROCESSORS:
+            raise ValueError(f"no default SM count for sm_{arch}: pass multiprocessor_count")
+        multiprocessor_count = DEFAULT_MULTIPROCESSORS[int(arch)]
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
 
@@ -187,6 +198,7 @@ def compile_only(arch: int = 90, warp_size: int = 32) -> Iterator[List[KernelCom
     saved_kernels = {name: getattr(lru_scan, name) for name in KERNEL_NAMES}
     saved_precision = lru_scan._dot_precision
     saved_check = lru_scan._check_runtime
+    saved_sm_count = lru_scan._multiprocessor_count
     saved_driver = driver._active  # private: `driver.active` would try to create a CUDA driver
     try:
         driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", int(arch), int(warp_size))))
@@ -195,10 +207,12 @@ def compile_only(arch: int = 90, warp_size: int = 32) -> Iterator[List[KernelCom
         # what the launch helpers would choose on that GPU (torch's default fp32 matmul policy)
         lru_scan._dot_precision = lambda device: lru_scan._precision_for_capability(int(arch) // 10)
         lru_scan._check_runtime = lambda device: None  # nothing runs, so CPU tensors are fine
+        lru_scan._multiprocessor_count = lambda device: int(multiprocessor_count)
         yield reports
     finally:
         for name, fn in saved_kernels.items():
             setattr(lru_scan, name, fn)
         lru_scan._dot_precision = saved_precision
         lru_scan._check_runtime = saved_check
+        lru_scan._multiprocessor_count = saved_sm_count
         driver._active = saved_driver

@@ -8,12 +8,23 @@ Math (complex quantities are always carried as pairs of REAL fp32 tensors, ``*_r
 
 Design
 ------
-All kernels give each program a block of ``BLOCK_N`` state lanes of one batch element (loads are coalesced along
-the contiguous state dimension) and walk time in chunks of ``CHUNK`` steps. Inside a chunk the recurrence is
-solved in registers with ``tl.associative_scan`` over the first-order linear-recurrence monoid
-``(a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)`` (complex, 4 real tensors); the carry (the state at the end of
-the previous chunk) is then applied as ``h_k = S_k + A_k h_carry`` with ``A_k = lam^(k+1)``. The carry lives in
-registers, so any length works (1, 63, 1000, ...), with fp32 accumulation throughout.
+Every program owns a block of ``BLOCK_N`` state lanes of one batch element (loads are coalesced along the
+contiguous state dimension) and works on time chunks of ``CHUNK`` steps. Inside a chunk the recurrence is solved
+in registers with ``tl.associative_scan`` over the first-order linear-recurrence monoid
+``(a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)`` (complex, 4 real tensors); the carry (the state entering the chunk)
+is then applied as ``h_k = S_k + A_k h_carry`` with ``A_k = lam^(k+1)``. Any length works (1, 63, 1000, ...), with
+fp32 accumulation throughout. A scan over all L steps runs by one of two strategies (``_scan_strategy``):
+
+* sequential: grid (N blocks, Bt); each program walks the chunks in order with the carry in registers. Least
+  traffic (x read once, h written once), but only ``cdiv(N, BLOCK_N) * Bt`` programs;
+* chunked: grid (N blocks, chunks, Bt), three launches: (1) every chunk's local scan from a zero carry, keeping
+  its end value ``e_c``; (2) a short sequential scan over the chunk ends, ``hs_c = lam^CHUNK hs_{c-1} + e_c``
+  (every chunk but the last is full, so one factor serves all), giving the carry into every chunk; (3) the local
+  scans again from their carries. ``L / CHUNK`` times more programs for one more read of x (the backward runs the
+  same three passes in reverse with ``conj(lam)``).
+
+The automatic choice is chunked when the sequential grid has fewer than two programs per SM (small states after
+truncation, small batches); ``_FORCE_STRATEGY`` forces either (tests run both; the benchmark times both).
 
 * ``diagonal_scan`` (plain scan): forward writes all states; backward is the reverse scan
   ``G_t = dL/dh_t + conj(lam) G_{t+1}`` (tiles are loaded in reversed time order and scanned forwards), giving
@@ -27,10 +38,11 @@ registers, so any length works (1, 63, 1000, ...), with fp32 accumulation throug
 
   (all gradients are plain real gradients of real tensors: no Wirtinger convention is involved).
 
-* ``fused_lru_forward`` (fused layer), forward in two kernels:
+* ``fused_lru_forward`` (fused layer), forward:
 
-  1. chunk-state pass: grid (N blocks, Bt); reads x once and writes only the state at each chunk end
-     (Bt, ceil(L/CHUNK), N) plus the final state hT;
+  1. chunk ends: passes (1) and (2) of the chunked scan (x read once, only (Bt, cdiv(L, CHUNK), N) chunk-end
+     states written), parallel over chunks whatever the shape; the final state hT follows from the last chunk's
+     start and local end;
   2. output pass: grid (H blocks, chunks, Bt), fully parallel over time chunks; each program re-derives the
      chunk's states in registers from the chunk-start state, and contracts them with C on tensor cores
      (``tl.dot``: (CHUNK x BLOCK_N) @ (BLOCK_N x BLOCK_H), looping over N), adds ``D u`` and writes y in u's
@@ -42,8 +54,8 @@ registers, so any length works (1, 63, 1000, ...), with fp32 accumulation throug
   the H contraction or recompute it per output block. The price is one write + two reads of x (8 bytes per
   state lane per step), documented in ``benchmarks/bench_scan.py``'s byte model.
 
-  Backward (checkpoint-style recompute): x = B u (cuBLAS) and the state sequence h are recomputed with the
-  plain scan kernel, ``dL/dh = C^H dy`` is a GEMM, the reverse-scan kernel gives G = dL/dx, dlam and dh0, and
+  Backward (checkpoint-style recompute): x = B u (cuBLAS) and the state sequence h are recomputed by the plain
+  scan, ``dL/dh = C^H dy`` is a GEMM, the reverse scan gives G = dL/dx, dlam and dh0, and
   dB, dC, du, dD are GEMMs/reductions. Nothing but the inputs is saved between forward and backward.
 
 Chunk scan algorithm: compiled kernels use ``tl.associative_scan`` (forward direction only: ``reverse=True``
@@ -51,8 +63,9 @@ scans with non-commutative combines have had upstream bugs, so reverse scans loa
 Triton's CPU interpreter runs a custom-combine associative_scan one element at a time (~0.5 ms each), so in
 interpreter mode the same combine is applied by a Hillis-Steele doubling scan whose row shifts are exact 0/1
 ``tl.dot``s; ``_FORCE_ASSOC_SCAN`` selects either path (the tests cover both). Launch limits: Bt <= 65535 and
-ceil(L / 32) <= 65535 (CUDA grid y/z dimensions). Block sizes live in ``_scan_config`` / ``_out_config``:
-untuned heuristics until a GPU run of ``benchmarks/bench_scan.py`` is available.
+cdiv(L, CHUNK) <= 65535 (CUDA grid y/z dimensions). Block sizes live in ``_scan_config`` / ``_out_config``:
+untuned heuristics until a GPU run of ``benchmarks/bench_scan.py`` is available; ``benchmarks/compile_report.py``
+shows their registers, shared memory and occupancy on a GPU target without a GPU (``compressm_kernels.aot``).
 
 Registration: the ops are registered with ``torch.library.custom_op`` (namespace ``compressm_kernels``) with
 fake (meta) implementations and ``register_autograd``, so ``torch.compile`` treats them as opaque ops without
@@ -130,15 +143,108 @@ if TRITON_AVAILABLE:
         return Ar, Ai, Sr, Si
 
     @triton.jit
+    def _load_lam(lam_re, lam_im, cols, nmask, CONJ: tl.constexpr):
+        """lam (or conj(lam)) for the state lanes `cols`: two fp32 [BLOCK_N] vectors."""
+        lr = tl.load(lam_re + cols, mask=nmask, other=0.0).to(tl.float32)
+        li = tl.load(lam_im + cols, mask=nmask, other=0.0).to(tl.float32)
+        if CONJ:
+            li = -li
+        return lr, li
+
+    @triton.jit
+    def _load_row(v_re, v_im, b, N, cols, mask, HAS: tl.constexpr):
+        """Row b of a (Bt, N) pair at lanes `cols` as fp32 [BLOCK_N] vectors (0 where not `mask`), or zeros when
+        HAS is False."""
+        if HAS:
+            vr = tl.load(v_re + b * N + cols, mask=mask, other=0.0).to(tl.float32)
+            vi = tl.load(v_im + b * N + cols, mask=mask, other=0.0).to(tl.float32)
+        else:
+            vr = tl.zeros(cols.shape, dtype=tl.float32)
+            vi = tl.zeros(cols.shape, dtype=tl.float32)
+        return vr, vi
+
+    @triton.jit
+    def _load_chunk_start(hs_re, hs_im, h0_re, h0_im, b, c, n_chunks, N, cols, nmask, HAS_H0: tl.constexpr):
+        """State entering chunk c: the end state of chunk c - 1 from (Bt, n_chunks, N) chunk states, or h0 (zeros
+        without one) for the first chunk. Two fp32 [BLOCK_N] vectors."""
+        cr, ci = _load_chunk_row(hs_re, hs_im, b, c - 1, n_chunks, N, cols, nmask)
+        if HAS_H0:
+            first = nmask & ((tl.zeros(cols.shape, dtype=tl.int32) + c) == 0)
+            h0r, h0i = _load_row(h0_re, h0_im, b, N, cols, first, True)
+            cr += h0r
+            ci += h0i
+        return cr, ci
+
+    @triton.jit
+    def _load_chunk_row(s_re, s_im, b, k, n_chunks, N, cols, nmask):
+        """Entry k of a (Bt, n_chunks, N) pair of per-chunk states, zeros where k is outside [0, n_chunks)."""
+        kvec = tl.zeros(cols.shape, dtype=tl.int32) + k
+        mask = nmask & (kvec >= 0) & (kvec < n_chunks)
+        off = (b * n_chunks + k) * N + cols
+        return tl.load(s_re + off, mask=mask, other=0.0), tl.load(s_im + off, mask=mask, other=0.0)
+
+    @triton.jit
+    def _store_chunk_row(s_re, s_im, vr, vi, b, k, n_chunks, N, cols, nmask):
+        off = (b * n_chunks + k) * N + cols
+        tl.store(s_re + off, vr, mask=nmask)
+        tl.store(s_im + off, vi, mask=nmask)
+
+    @triton.jit
+    def _scan_tile(src_re, src_im, s_b, s_t, b, t, cols, m, lr, li,
+                   CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, USE_ASSOC: tl.constexpr):
+        """Load the [CHUNK, BLOCK_N] tile of rows `t` (in the order given) and scan it with factor (lr, li).
+
+        Returns (Ar, Ai, Sr, Si): row k holds the product of the factors of rows 0..k (A) and the scan of the tile
+        from a zero carry (S). Masked rows are identities (a = 1, b = 0), so trailing invalid rows repeat the last
+        valid state and the last row of the tile always holds it.
+        """
+        off = b * s_b + t[:, None] * s_t + cols[None, :]
+        xr = tl.load(src_re + off, mask=m, other=0.0).to(tl.float32)
+        xi = tl.load(src_im + off, mask=m, other=0.0).to(tl.float32)
+        ar = tl.where(m, lr[None, :], 1.0)
+        ai = tl.where(m, li[None, :], 0.0)
+        return _chunk_scan(ar, ai, xr, xi, CHUNK, LOG2_CHUNK, USE_ASSOC)
+
+    @triton.jit
+    def _apply_carry(Ar, Ai, Sr, Si, cr, ci):
+        """States of a tile from the carry (cr, ci) entering it: h_k = S_k + A_k * carry (complex)."""
+        hr = Sr + Ar * cr[None, :] - Ai * ci[None, :]
+        hi = Si + Ar * ci[None, :] + Ai * cr[None, :]
+        return hr, hi
+
+    @triton.jit
+    def _last_row(vr, vi, rows, CHUNK: tl.constexpr):
+        sel = (rows == CHUNK - 1)[:, None]
+        return tl.sum(tl.where(sel, vr, 0.0), axis=0), tl.sum(tl.where(sel, vi, 0.0), axis=0)
+
+    @triton.jit
+    def _dlam_tile(Gr, Gi, h_re, h_im, shb, sht, b, t, cols, nmask, m, h0r, h0i, HAS_H0: tl.constexpr):
+        """sum over the tile's rows of G_t * conj(h_{t-1}) (h_{-1} = h0), as two fp32 [BLOCK_N] vectors."""
+        tp = t - 1
+        mp = (tp >= 0)[:, None] & m
+        offp = b * shb + tp[:, None] * sht + cols[None, :]
+        hpr = tl.load(h_re + offp, mask=mp, other=0.0)
+        hpi = tl.load(h_im + offp, mask=mp, other=0.0)
+        if HAS_H0:
+            first = (t == 0)[:, None]
+            hpr = tl.where(first, h0r[None, :], hpr)
+            hpi = tl.where(first, h0i[None, :], hpi)
+        dlr = tl.sum(tl.where(m, Gr * hpr + Gi * hpi, 0.0), axis=0)
+        dli = tl.sum(tl.where(m, Gi * hpr - Gr * hpi, 0.0), axis=0)
+        return dlr, dli
+
+    # ------------------------------------------------------------------------------------------------------------
+    # sequential-in-time kernels: grid (N blocks, Bt), each program walks all chunks carrying the state
+    # ------------------------------------------------------------------------------------------------------------
+    @triton.jit
     def _scan_fwd_kernel(
         x_re, x_im, sxb, sxt,  # (Bt, L, N), unit stride along N
         lam_re, lam_im,  # (N,)
         h0_re, h0_im,  # (Bt, N) contiguous (unused unless HAS_H0)
         h_re, h_im, shb, sht,  # (Bt, L, N) outputs, unit stride along N (unused unless STORE_H)
-        hs_re, hs_im,  # (Bt, n_chunks, N) chunk-end states (unused unless STORE_CHUNKS)
         hT_re, hT_im,  # (Bt, N) final state
         L, N,
-        HAS_H0: tl.constexpr, STORE_H: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+        HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
         CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, USE_ASSOC: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
@@ -146,41 +252,18 @@ if TRITON_AVAILABLE:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = cols < N
         rows = tl.arange(0, CHUNK)
-        lr = tl.load(lam_re + cols, mask=nmask, other=0.0).to(tl.float32)
-        li = tl.load(lam_im + cols, mask=nmask, other=0.0).to(tl.float32)
-        if HAS_H0:
-            cr = tl.load(h0_re + b * N + cols, mask=nmask, other=0.0).to(tl.float32)
-            ci = tl.load(h0_im + b * N + cols, mask=nmask, other=0.0).to(tl.float32)
-        else:
-            cr = tl.zeros([BLOCK_N], dtype=tl.float32)
-            ci = tl.zeros([BLOCK_N], dtype=tl.float32)
-        zero = tl.zeros([CHUNK, BLOCK_N], dtype=tl.float32)
-        ar0 = zero + lr[None, :]
-        ai0 = zero + li[None, :]
-        n_chunks = tl.cdiv(L, CHUNK)
-        for c in range(0, n_chunks):
+        lr, li = _load_lam(lam_re, lam_im, cols, nmask, False)
+        cr, ci = _load_row(h0_re, h0_im, b, N, cols, nmask, HAS_H0)
+        for c in range(0, tl.cdiv(L, CHUNK)):
             t = c * CHUNK + rows
             m = (t < L)[:, None] & nmask[None, :]
-            offx = b * sxb + t[:, None] * sxt + cols[None, :]
-            xr = tl.load(x_re + offx, mask=m, other=0.0).to(tl.float32)
-            xi = tl.load(x_im + offx, mask=m, other=0.0).to(tl.float32)
-            ar = tl.where(m, ar0, 1.0)  # identity element outside the valid range
-            ai = tl.where(m, ai0, 0.0)
-            Ar, Ai, Sr, Si = _chunk_scan(ar, ai, xr, xi, CHUNK, LOG2_CHUNK, USE_ASSOC)
-            hr = Sr + Ar * cr[None, :] - Ai * ci[None, :]
-            hi = Si + Ar * ci[None, :] + Ai * cr[None, :]
+            Ar, Ai, Sr, Si = _scan_tile(x_re, x_im, sxb, sxt, b, t, cols, m, lr, li, CHUNK, LOG2_CHUNK, USE_ASSOC)
+            hr, hi = _apply_carry(Ar, Ai, Sr, Si, cr, ci)
             if STORE_H:
                 offh = b * shb + t[:, None] * sht + cols[None, :]
                 tl.store(h_re + offh, hr, mask=m)
                 tl.store(h_im + offh, hi, mask=m)
-            # invalid trailing rows are identities, so the last row holds the last valid state
-            sel = (rows == CHUNK - 1)[:, None]
-            cr = tl.sum(tl.where(sel, hr, 0.0), axis=0)
-            ci = tl.sum(tl.where(sel, hi, 0.0), axis=0)
-            if STORE_CHUNKS:
-                offs = (b * n_chunks + c) * N + cols
-                tl.store(hs_re + offs, cr, mask=nmask)
-                tl.store(hs_im + offs, ci, mask=nmask)
+            cr, ci = _last_row(hr, hi, rows, CHUNK)
         tl.store(hT_re + b * N + cols, cr, mask=nmask)
         tl.store(hT_im + b * N + cols, ci, mask=nmask)
 
@@ -192,7 +275,7 @@ if TRITON_AVAILABLE:
         h0_re, h0_im,  # (Bt, N) (unused unless HAS_H0)
         dx_re, dx_im, sgb, sgt,  # (Bt, L, N) outputs dL/dx_t = G_t
         dlam_re, dlam_im,  # (Bt, N) per-batch partial dL/dlam
-        dh0_re, dh0_im,  # (Bt, N) dL/dh0
+        g0_re, g0_im,  # (Bt, N) G_0 (dL/dh0 = conj(lam) G_0)
         L, N,
         HAS_H0: tl.constexpr, CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
         USE_ASSOC: tl.constexpr,
@@ -202,17 +285,8 @@ if TRITON_AVAILABLE:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = cols < N
         rows = tl.arange(0, CHUNK)
-        lr = tl.load(lam_re + cols, mask=nmask, other=0.0).to(tl.float32)
-        li = tl.load(lam_im + cols, mask=nmask, other=0.0).to(tl.float32)
-        if HAS_H0:
-            h0r = tl.load(h0_re + b * N + cols, mask=nmask, other=0.0).to(tl.float32)
-            h0i = tl.load(h0_im + b * N + cols, mask=nmask, other=0.0).to(tl.float32)
-        else:
-            h0r = tl.zeros([BLOCK_N], dtype=tl.float32)
-            h0i = tl.zeros([BLOCK_N], dtype=tl.float32)
-        zero = tl.zeros([CHUNK, BLOCK_N], dtype=tl.float32)
-        ar0 = zero + lr[None, :]
-        ai0 = zero - li[None, :]  # conj(lam)
+        lr, li = _load_lam(lam_re, lam_im, cols, nmask, True)  # conj(lam)
+        h0r, h0i = _load_row(h0_re, h0_im, b, N, cols, nmask, HAS_H0)
         gr = tl.zeros([BLOCK_N], dtype=tl.float32)
         gi = tl.zeros([BLOCK_N], dtype=tl.float32)
         dlr = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -221,46 +295,108 @@ if TRITON_AVAILABLE:
         for cc in range(0, n_chunks):
             c = n_chunks - 1 - cc
             t = c * CHUNK + (CHUNK - 1) - rows  # reversed time inside the chunk
-            tm = t < L
-            m = tm[:, None] & nmask[None, :]
-            offd = b * sdb + t[:, None] * sdt + cols[None, :]
-            br = tl.load(dh_re + offd, mask=m, other=0.0).to(tl.float32)
-            bi = tl.load(dh_im + offd, mask=m, other=0.0).to(tl.float32)
-            ar = tl.where(m, ar0, 1.0)
-            ai = tl.where(m, ai0, 0.0)
-            Ar, Ai, Sr, Si = _chunk_scan(ar, ai, br, bi, CHUNK, LOG2_CHUNK, USE_ASSOC)
-            Gr = Sr + Ar * gr[None, :] - Ai * gi[None, :]
-            Gi = Si + Ar * gi[None, :] + Ai * gr[None, :]
+            m = (t < L)[:, None] & nmask[None, :]
+            Ar, Ai, Sr, Si = _scan_tile(dh_re, dh_im, sdb, sdt, b, t, cols, m, lr, li, CHUNK, LOG2_CHUNK, USE_ASSOC)
+            Gr, Gi = _apply_carry(Ar, Ai, Sr, Si, gr, gi)
             offg = b * sgb + t[:, None] * sgt + cols[None, :]
             tl.store(dx_re + offg, Gr, mask=m)
             tl.store(dx_im + offg, Gi, mask=m)
-            # h_{t-1} (h0 for t == 0)
-            tp = t - 1
-            mp = ((tp >= 0) & tm)[:, None] & nmask[None, :]
-            offp = b * shb + tp[:, None] * sht + cols[None, :]
-            hpr = tl.load(h_re + offp, mask=mp, other=0.0)
-            hpi = tl.load(h_im + offp, mask=mp, other=0.0)
-            if HAS_H0:
-                first = (t == 0)[:, None]
-                hpr = tl.where(first, h0r[None, :], hpr)
-                hpi = tl.where(first, h0i[None, :], hpi)
-            dlr += tl.sum(tl.where(m, Gr * hpr + Gi * hpi, 0.0), axis=0)
-            dli += tl.sum(tl.where(m, Gi * hpr - Gr * hpi, 0.0), axis=0)
+            pr, pi = _dlam_tile(Gr, Gi, h_re, h_im, shb, sht, b, t, cols, nmask, m, h0r, h0i, HAS_H0)
+            dlr += pr
+            dli += pi
             # carry: G at the chunk's first time step (last row in reversed order, always valid)
-            sel = (rows == CHUNK - 1)[:, None]
-            gr = tl.sum(tl.where(sel, Gr, 0.0), axis=0)
-            gi = tl.sum(tl.where(sel, Gi, 0.0), axis=0)
+            gr, gi = _last_row(Gr, Gi, rows, CHUNK)
         tl.store(dlam_re + b * N + cols, dlr, mask=nmask)
         tl.store(dlam_im + b * N + cols, dli, mask=nmask)
-        tl.store(dh0_re + b * N + cols, lr * gr + li * gi, mask=nmask)
-        tl.store(dh0_im + b * N + cols, lr * gi - li * gr, mask=nmask)
+        tl.store(g0_re + b * N + cols, gr, mask=nmask)
+        tl.store(g0_im + b * N + cols, gi, mask=nmask)
 
+    # ------------------------------------------------------------------------------------------------------------
+    # chunk-parallel kernels: grid (N blocks, chunks, Bt), one program per time chunk. A scan is three launches:
+    # local chunk scans from a zero carry (their end values), a short scan over the chunk ends with the factor
+    # lam^CHUNK (the carries), and the local scans again with their carry in.
+    # ------------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _chunk_fwd_kernel(
+        x_re, x_im, sxb, sxt,  # (Bt, L, N), unit stride along N
+        lam_re, lam_im,  # (N,)
+        h0_re, h0_im,  # (Bt, N) (read by chunk 0 when HAS_START and HAS_H0)
+        hs_re, hs_im,  # (Bt, n_chunks, N) state at the end of every chunk (read when HAS_START)
+        h_re, h_im, shb, sht,  # (Bt, L, N) all states out (STORE_H)
+        e_re, e_im,  # (Bt, n_chunks, N) chunk-local end states out (STORE_END)
+        L, N, n_chunks,
+        HAS_H0: tl.constexpr, HAS_START: tl.constexpr, STORE_H: tl.constexpr, STORE_END: tl.constexpr,
+        CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, USE_ASSOC: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        c = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = cols < N
+        rows = tl.arange(0, CHUNK)
+        lr, li = _load_lam(lam_re, lam_im, cols, nmask, False)
+        t = c * CHUNK + rows
+        m = (t < L)[:, None] & nmask[None, :]
+        Ar, Ai, Sr, Si = _scan_tile(x_re, x_im, sxb, sxt, b, t, cols, m, lr, li, CHUNK, LOG2_CHUNK, USE_ASSOC)
+        if HAS_START:
+            cr, ci = _load_chunk_start(hs_re, hs_im, h0_re, h0_im, b, c, n_chunks, N, cols, nmask, HAS_H0)
+            hr, hi = _apply_carry(Ar, Ai, Sr, Si, cr, ci)
+        else:
+            hr, hi = Sr, Si
+        if STORE_H:
+            offh = b * shb + t[:, None] * sht + cols[None, :]
+            tl.store(h_re + offh, hr, mask=m)
+            tl.store(h_im + offh, hi, mask=m)
+        if STORE_END:
+            er, ei = _last_row(hr, hi, rows, CHUNK)
+            _store_chunk_row(e_re, e_im, er, ei, b, c, n_chunks, N, cols, nmask)
+
+    @triton.jit
+    def _chunk_bwd_kernel(
+        dh_re, dh_im, sdb, sdt,  # (Bt, L, N) dL/dh_t, unit stride along N
+        h_re, h_im, shb, sht,  # (Bt, L, N) forward states (read when HAS_CARRY)
+        lam_re, lam_im,  # (N,)
+        h0_re, h0_im,  # (Bt, N) (unused unless HAS_H0)
+        gs_re, gs_im,  # (Bt, n_chunks, N) G at the first step of every chunk (read when HAS_CARRY)
+        dx_re, dx_im, sgb, sgt,  # (Bt, L, N) dL/dx_t = G_t out (HAS_CARRY)
+        dlam_re, dlam_im,  # (Bt, n_chunks, N) per-chunk partial dL/dlam out (HAS_CARRY)
+        f_re, f_im,  # (Bt, n_chunks, N) chunk-local G at the chunk's first step out (not HAS_CARRY)
+        L, N, n_chunks,
+        HAS_H0: tl.constexpr, HAS_CARRY: tl.constexpr,
+        CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, USE_ASSOC: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        c = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = cols < N
+        rows = tl.arange(0, CHUNK)
+        lr, li = _load_lam(lam_re, lam_im, cols, nmask, True)  # conj(lam)
+        t = c * CHUNK + (CHUNK - 1) - rows  # reversed time inside the chunk
+        m = (t < L)[:, None] & nmask[None, :]
+        Ar, Ai, Sr, Si = _scan_tile(dh_re, dh_im, sdb, sdt, b, t, cols, m, lr, li, CHUNK, LOG2_CHUNK, USE_ASSOC)
+        if HAS_CARRY:
+            gr, gi = _load_chunk_row(gs_re, gs_im, b, c + 1, n_chunks, N, cols, nmask)  # zero after the last chunk
+            Gr, Gi = _apply_carry(Ar, Ai, Sr, Si, gr, gi)
+            offg = b * sgb + t[:, None] * sgt + cols[None, :]
+            tl.store(dx_re + offg, Gr, mask=m)
+            tl.store(dx_im + offg, Gi, mask=m)
+            h0r, h0i = _load_row(h0_re, h0_im, b, N, cols, nmask, HAS_H0)
+            dlr, dli = _dlam_tile(Gr, Gi, h_re, h_im, shb, sht, b, t, cols, nmask, m, h0r, h0i, HAS_H0)
+            _store_chunk_row(dlam_re, dlam_im, dlr, dli, b, c, n_chunks, N, cols, nmask)
+        else:
+            fr, fi = _last_row(Sr, Si, rows, CHUNK)  # the chunk's first time step (always valid)
+            _store_chunk_row(f_re, f_im, fr, fi, b, c, n_chunks, N, cols, nmask)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # fused output projection: grid (H blocks, chunks, Bt)
+    # ------------------------------------------------------------------------------------------------------------
     @triton.jit
     def _lru_out_kernel(
         x_re, x_im, sxb, sxt,  # (Bt, L, N) input projection, unit stride along N
         lam_re, lam_im,  # (N,)
         h0_re, h0_im,  # (Bt, N) (unused unless HAS_H0)
-        hs_re, hs_im,  # (Bt, n_chunks, N) chunk-end states from _scan_fwd_kernel
+        hs_re, hs_im,  # (Bt, n_chunks, N) state at the end of every chunk
         ct_re, ct_imn,  # (N, H) contiguous: C_re^T and -C_im^T
         D,  # (H,)
         u, sub, sut,  # (Bt, L, H), unit stride along H
@@ -278,31 +414,14 @@ if TRITON_AVAILABLE:
         t = c * CHUNK + rows
         tm = t < L
         acc = tl.zeros([CHUNK, BLOCK_H], dtype=tl.float32)
-        zero = tl.zeros([CHUNK, BLOCK_N], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             nmask = cols < N
-            lr = tl.load(lam_re + cols, mask=nmask, other=0.0).to(tl.float32)
-            li = tl.load(lam_im + cols, mask=nmask, other=0.0).to(tl.float32)
-            # chunk-start state: end state of chunk c-1, or h0 for the first chunk
-            cvec = tl.zeros([BLOCK_N], dtype=tl.int32) + c
-            pmask = nmask & (cvec > 0)
-            offs = (b * n_chunks + c - 1) * N + cols
-            cr = tl.load(hs_re + offs, mask=pmask, other=0.0)
-            ci = tl.load(hs_im + offs, mask=pmask, other=0.0)
-            if HAS_H0:
-                fmask = nmask & (cvec == 0)
-                cr += tl.load(h0_re + b * N + cols, mask=fmask, other=0.0).to(tl.float32)
-                ci += tl.load(h0_im + b * N + cols, mask=fmask, other=0.0).to(tl.float32)
+            lr, li = _load_lam(lam_re, lam_im, cols, nmask, False)
+            cr, ci = _load_chunk_start(hs_re, hs_im, h0_re, h0_im, b, c, n_chunks, N, cols, nmask, HAS_H0)
             m = tm[:, None] & nmask[None, :]
-            offx = b * sxb + t[:, None] * sxt + cols[None, :]
-            xr = tl.load(x_re + offx, mask=m, other=0.0).to(tl.float32)
-            xi = tl.load(x_im + offx, mask=m, other=0.0).to(tl.float32)
-            ar = tl.where(m, zero + lr[None, :], 1.0)
-            ai = tl.where(m, zero + li[None, :], 0.0)
-            Ar, Ai, Sr, Si = _chunk_scan(ar, ai, xr, xi, CHUNK, LOG2_CHUNK, USE_ASSOC)
-            hr = Sr + Ar * cr[None, :] - Ai * ci[None, :]
-            hi = Si + Ar * ci[None, :] + Ai * cr[None, :]
+            Ar, Ai, Sr, Si = _scan_tile(x_re, x_im, sxb, sxt, b, t, cols, m, lr, li, CHUNK, LOG2_CHUNK, USE_ASSOC)
+            hr, hi = _apply_carry(Ar, Ai, Sr, Si, cr, ci)
             cm = nmask[:, None] & hmask[None, :]
             offc = cols[:, None] * H + hcols[None, :]
             cre = tl.load(ct_re + offc, mask=cm, other=0.0)
@@ -342,7 +461,7 @@ def _use_assoc_scan() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# launch helpers
+# configuration and small helpers
 # ----------------------------------------------------------------------------------------------------------------
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -402,56 +521,241 @@ def _pair(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     return a, b
 
 
-def _launch_scan_fwd(x_re, x_im, lam_re, lam_im, h0_re, h0_im, *, store_h=None, store_chunks=None, chunk=None):
-    """Launch the forward scan. store_h: (h_re, h_im) (Bt, L, N) views to write all states into;
-    store_chunks: (hs_re, hs_im) (Bt, n_chunks, N) contiguous. Returns (hT_re, hT_im)."""
+def _new_pair(shape: Tuple[int, ...], device: torch.device) -> Tuple[Tensor, Tensor]:
+    """Two uninitialised fp32 tensors of `shape` (real and imaginary part)."""
+    re = torch.empty(shape, device=device, dtype=torch.float32)
+    return re, torch.empty_like(re)
+
+
+def _complex_power(lam_re: Tensor, lam_im: Tensor, k: int, conj: bool = False) -> Tuple[Tensor, Tensor]:
+    """lam^k (or conj(lam)^k) for a (N,) pair, computed in float64 and returned as contiguous fp32 (N,) tensors."""
+    power = torch.complex(lam_re.double(), lam_im.double()) ** int(k)
+    if conj:
+        power = power.conj()
+    return power.real.float().contiguous(), power.imag.float().contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scan strategy
+# ----------------------------------------------------------------------------------------------------------------
+#: The two ways to run a scan over all L steps (`_scan_strategy` picks one per call):
+#:   "sequential": grid (N blocks, Bt); each program walks all of time carrying the state in registers. Minimum
+#:                 traffic (x read once, h written once) but only cdiv(N, BLOCK_N) * Bt programs, fewer than the
+#:                 GPU has SMs at the small state sizes that truncation produces.
+#:   "chunked":    three launches -- local scans of every chunk from a zero carry (grid (N blocks, chunks, Bt)),
+#:                 a short sequential scan over the chunk ends with the factor lam^CHUNK, and the local scans
+#:                 again with their carry in. L / CHUNK times more programs, for one more read of the input.
+STRATEGIES = ("sequential", "chunked")
+
+#: None = automatic (`_scan_strategy`); "sequential" / "chunked" forces one (tests, benchmarks).
+_FORCE_STRATEGY: Optional[str] = None
+
+_SM_COUNTS = {}
+
+
+def _multiprocessor_count(device: torch.device) -> int:
+    """SMs of a CUDA device (cached); 1 elsewhere (the interpreter: the strategy only matters for speed)."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def _scan_strategy(N: int, Bt: int, device: torch.device) -> str:
+    """"sequential" or "chunked" for a scan over (Bt, L, N) (see STRATEGIES).
+
+    Automatic rule: chunked when the sequential grid would have fewer than two programs per SM, where a sequential
+    scan cannot keep the memory system busy. The factor is an initial choice, not yet tuned on a GPU:
+    ``benchmarks/bench_scan.py`` times both strategies so that it can be set from measurements.
+    """
+    if _FORCE_STRATEGY is not None:
+        if _FORCE_STRATEGY not in STRATEGIES:
+            raise ValueError(f"_FORCE_STRATEGY must be one of {STRATEGIES} or None, got {_FORCE_STRATEGY!r}")
+        return _FORCE_STRATEGY
+    _, block_n, _ = _scan_config(N)
+    programs = triton.cdiv(N, block_n) * Bt
+    return "chunked" if programs < 2 * _multiprocessor_count(device) else "sequential"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launch helpers
+# ----------------------------------------------------------------------------------------------------------------
+def _launch_sequential_fwd(x_re, x_im, lam_re, lam_im, h0_re, h0_im, h_out=None):
+    """h_t = lam h_{t-1} + x_t over (Bt, L, N) inputs, one program per (N block, batch) walking all of time.
+
+    h_out: optional (h_re, h_im) (Bt, L, N) views (unit stride along N) to write every state into.
+    Returns the final state (hT_re, hT_im), fp32 (Bt, N)."""
     Bt, L, N = x_re.shape
     CHUNK, BLOCK_N, warps = _scan_config(N)
-    if chunk is not None:
-        CHUNK = chunk
-    hT_re = torch.empty(Bt, N, device=x_re.device, dtype=torch.float32)
-    hT_im = torch.empty_like(hT_re)
+    hT_re, hT_im = _new_pair((Bt, N), x_re.device)
     has_h0 = h0_re is not None
-    h_re, h_im = store_h if store_h is not None else (hT_re, hT_im)
-    hs_re, hs_im = store_chunks if store_chunks is not None else (hT_re, hT_im)
-    grid = (triton.cdiv(N, BLOCK_N), Bt)
-    _scan_fwd_kernel[grid](
+    h_re, h_im = h_out if h_out is not None else (hT_re, hT_im)
+    _scan_fwd_kernel[(triton.cdiv(N, BLOCK_N), Bt)](
         x_re, x_im, x_re.stride(0), x_re.stride(1),
         lam_re, lam_im,
         h0_re if has_h0 else hT_re, h0_im if has_h0 else hT_im,
-        h_re, h_im, h_re.stride(0) if store_h is not None else 0, h_re.stride(1) if store_h is not None else 0,
-        hs_re, hs_im, hT_re, hT_im,
+        h_re, h_im, h_re.stride(0) if h_out is not None else 0, h_re.stride(1) if h_out is not None else 0,
+        hT_re, hT_im,
         L, N,
-        HAS_H0=has_h0, STORE_H=store_h is not None, STORE_CHUNKS=store_chunks is not None,
+        HAS_H0=has_h0, STORE_H=h_out is not None,
         CHUNK=CHUNK, LOG2_CHUNK=CHUNK.bit_length() - 1, BLOCK_N=BLOCK_N,
         USE_ASSOC=_use_assoc_scan(), num_warps=warps,
     )
     return hT_re, hT_im
 
 
-def _launch_scan_bwd(dh_re, dh_im, h_re, h_im, lam_re, lam_im, h0_re, h0_im, dx_re, dx_im):
-    """Reverse scan. Writes dL/dx into (dx_re, dx_im); returns (dlam_re, dlam_im, dh0_re, dh0_im), (N,) / (Bt, N)."""
+def _launch_chunk_fwd(x_re, x_im, lam_re, lam_im, chunk, *, h0=None, chunk_states=None, h_out=None, ends_out=None):
+    """One chunk-parallel pass over (Bt, L, N) inputs, grid (N blocks, cdiv(L, chunk), Bt).
+
+    chunk_states: (hs_re, hs_im) (Bt, n_chunks, N), the state at the end of every chunk; chunk c starts from entry
+    c - 1 (h0, or zeros, for c = 0). Without it every chunk starts from zero (the local scans of pass 1).
+    h_out: (Bt, L, N) views to store every state into. ends_out: (Bt, n_chunks, N) for each chunk's last state."""
+    Bt, L, N = x_re.shape
+    _, BLOCK_N, warps = _scan_config(N)
+    n_chunks = triton.cdiv(L, chunk)
+    has_h0 = h0 is not None and h0[0] is not None
+    dummy = x_re  # never dereferenced: the matching constexpr flag is off
+    h_re, h_im = h_out if h_out is not None else (dummy, dummy)
+    hs_re, hs_im = chunk_states if chunk_states is not None else (dummy, dummy)
+    e_re, e_im = ends_out if ends_out is not None else (dummy, dummy)
+    _chunk_fwd_kernel[(triton.cdiv(N, BLOCK_N), n_chunks, Bt)](
+        x_re, x_im, x_re.stride(0), x_re.stride(1),
+        lam_re, lam_im,
+        h0[0] if has_h0 else dummy, h0[1] if has_h0 else dummy,
+        hs_re, hs_im,
+        h_re, h_im, h_re.stride(0) if h_out is not None else 0, h_re.stride(1) if h_out is not None else 0,
+        e_re, e_im,
+        L, N, n_chunks,
+        HAS_H0=has_h0, HAS_START=chunk_states is not None, STORE_H=h_out is not None,
+        STORE_END=ends_out is not None,
+        CHUNK=chunk, LOG2_CHUNK=chunk.bit_length() - 1, BLOCK_N=BLOCK_N,
+        USE_ASSOC=_use_assoc_scan(), num_warps=warps,
+    )
+
+
+def _chunk_end_states(x_re, x_im, lam_re, lam_im, h0_re, h0_im, chunk):
+    """Passes 1 and 2 of the chunked forward scan.
+
+    Returns (e_re, e_im), each chunk's local end state from a zero carry, and (hs_re, hs_im), the true state at the
+    end of every chunk: hs[c] = lam^chunk hs[c-1] + e[c] with hs[-1] = h0 (or 0). All (Bt, n_chunks, N) fp32.
+    hs is exact for every full chunk; the entry of a partial last chunk is not (see `_chunked_final_state`)."""
+    Bt, L, N = x_re.shape
+    n_chunks = triton.cdiv(L, chunk)
+    ends = _new_pair((Bt, n_chunks, N), x_re.device)
+    _launch_chunk_fwd(x_re, x_im, lam_re, lam_im, chunk, ends_out=ends)
+    lam_chunk = _complex_power(lam_re, lam_im, chunk)
+    chunk_states = _new_pair((Bt, n_chunks, N), x_re.device)
+    _launch_sequential_fwd(*ends, *lam_chunk, h0_re, h0_im, h_out=chunk_states)
+    return ends, chunk_states
+
+
+def _chunked_final_state(ends, chunk_states, lam_re, lam_im, h0_re, h0_im, L, chunk):
+    """h_{L-1} from the chunk ends: the last chunk holds r = L - (n_chunks - 1) * chunk steps, so
+    hT = lam^r * (state before the last chunk) + e[last]. Returns fp32 (Bt, N) (re, im)."""
+    e_re, e_im = ends
+    n_chunks = e_re.shape[1]
+    steps = L - (n_chunks - 1) * chunk
+    pr, pi = _complex_power(lam_re, lam_im, steps)
+    if n_chunks > 1:
+        sr, si = chunk_states[0][:, -2], chunk_states[1][:, -2]
+    elif h0_re is not None:
+        sr, si = h0_re, h0_im
+    else:
+        return e_re[:, -1].contiguous(), e_im[:, -1].contiguous()
+    return e_re[:, -1] + pr * sr - pi * si, e_im[:, -1] + pr * si + pi * sr
+
+
+def _forward_states(x_re, x_im, lam_re, lam_im, h0_re, h0_im, h_out) -> None:
+    """Every state of h_t = lam h_{t-1} + x_t into h_out ((Bt, L, N) views), by the strategy for this shape."""
+    Bt, L, N = x_re.shape
+    if _scan_strategy(N, Bt, x_re.device) == "sequential":
+        _launch_sequential_fwd(x_re, x_im, lam_re, lam_im, h0_re, h0_im, h_out=h_out)
+        return
+    chunk = _scan_config(N)[0]
+    _, chunk_states = _chunk_end_states(x_re, x_im, lam_re, lam_im, h0_re, h0_im, chunk)
+    _launch_chunk_fwd(x_re, x_im, lam_re, lam_im, chunk, h0=(h0_re, h0_im), chunk_states=chunk_states, h_out=h_out)
+
+
+def _launch_chunk_bwd(dh, h, lam_re, lam_im, h0, chunk, *, carries=None, dx_out=None, dlam_out=None, firsts_out=None):
+    """One chunk-parallel pass of the reverse scan G_t = dh_t + conj(lam) G_{t+1}, grid (N blocks, chunks, Bt).
+
+    Without `carries`: each chunk's local G at its first step from a zero carry into `firsts_out`. With `carries`
+    ((Bt, n_chunks, N), G at every chunk's first step): chunk c continues from carries[c + 1] (zero for the last
+    chunk), writes G into dx_out and its partial sum of G_t conj(h_{t-1}) into dlam_out[:, c]."""
+    dh_re, dh_im = dh
     Bt, L, N = dh_re.shape
-    CHUNK, BLOCK_N, warps = _scan_config(N)
-    dev = dh_re.device
-    dlam_re = torch.empty(Bt, N, device=dev, dtype=torch.float32)
-    dlam_im = torch.empty_like(dlam_re)
-    dh0_re = torch.empty_like(dlam_re)
-    dh0_im = torch.empty_like(dlam_re)
-    has_h0 = h0_re is not None
-    grid = (triton.cdiv(N, BLOCK_N), Bt)
-    _scan_bwd_kernel[grid](
+    _, BLOCK_N, warps = _scan_config(N)
+    n_chunks = triton.cdiv(L, chunk)
+    has_h0 = h0 is not None and h0[0] is not None
+    dummy = dh_re
+    h_re, h_im = h if h is not None else (dummy, dummy)
+    gs_re, gs_im = carries if carries is not None else (dummy, dummy)
+    dx_re, dx_im = dx_out if dx_out is not None else (dummy, dummy)
+    dl_re, dl_im = dlam_out if dlam_out is not None else (dummy, dummy)
+    f_re, f_im = firsts_out if firsts_out is not None else (dummy, dummy)
+    _chunk_bwd_kernel[(triton.cdiv(N, BLOCK_N), n_chunks, Bt)](
         dh_re, dh_im, dh_re.stride(0), dh_re.stride(1),
         h_re, h_im, h_re.stride(0), h_re.stride(1),
         lam_re, lam_im,
-        h0_re if has_h0 else dlam_re, h0_im if has_h0 else dlam_im,
+        h0[0] if has_h0 else dummy, h0[1] if has_h0 else dummy,
+        gs_re, gs_im,
         dx_re, dx_im, dx_re.stride(0), dx_re.stride(1),
-        dlam_re, dlam_im, dh0_re, dh0_im,
-        L, N,
-        HAS_H0=has_h0, CHUNK=CHUNK, LOG2_CHUNK=CHUNK.bit_length() - 1, BLOCK_N=BLOCK_N,
+        dl_re, dl_im,
+        f_re, f_im,
+        L, N, n_chunks,
+        HAS_H0=has_h0, HAS_CARRY=carries is not None,
+        CHUNK=chunk, LOG2_CHUNK=chunk.bit_length() - 1, BLOCK_N=BLOCK_N,
         USE_ASSOC=_use_assoc_scan(), num_warps=warps,
     )
-    return dlam_re.sum(0), dlam_im.sum(0), dh0_re, dh0_im
+
+
+def _reverse_scan(dh_re, dh_im, h_re, h_im, lam_re, lam_im, h0_re, h0_im, dx_re, dx_im):
+    """Backward of the scan: G_t = dL/dh_t + conj(lam) G_{t+1} into (dx_re, dx_im) (dL/dx_t = G_t).
+
+    Returns (dlam_re, dlam_im), fp32 (N,) = sum_t G_t conj(h_{t-1}) over batch and time (h_{-1} = h0), and
+    (g0_re, g0_im), fp32 (Bt, N) = G_0 (so dL/dh0 = conj(lam) G_0)."""
+    Bt, L, N = dh_re.shape
+    dev = dh_re.device
+    CHUNK, BLOCK_N, warps = _scan_config(N)
+    has_h0 = h0_re is not None
+    if _scan_strategy(N, Bt, dev) == "sequential":
+        dlam_re, dlam_im = _new_pair((Bt, N), dev)
+        g0_re, g0_im = _new_pair((Bt, N), dev)
+        _scan_bwd_kernel[(triton.cdiv(N, BLOCK_N), Bt)](
+            dh_re, dh_im, dh_re.stride(0), dh_re.stride(1),
+            h_re, h_im, h_re.stride(0), h_re.stride(1),
+            lam_re, lam_im,
+            h0_re if has_h0 else dlam_re, h0_im if has_h0 else dlam_im,
+            dx_re, dx_im, dx_re.stride(0), dx_re.stride(1),
+            dlam_re, dlam_im, g0_re, g0_im,
+            L, N,
+            HAS_H0=has_h0, CHUNK=CHUNK, LOG2_CHUNK=CHUNK.bit_length() - 1, BLOCK_N=BLOCK_N,
+            USE_ASSOC=_use_assoc_scan(), num_warps=warps,
+        )
+        return dlam_re.sum(0), dlam_im.sum(0), g0_re, g0_im
+    n_chunks = triton.cdiv(L, CHUNK)
+    # pass 1: local G at every chunk's first step
+    firsts = _new_pair((Bt, n_chunks, N), dev)
+    _launch_chunk_bwd((dh_re, dh_im), None, lam_re, lam_im, None, CHUNK, firsts_out=firsts)
+    # pass 2: true G at every chunk's first step, gs[c] = firsts[c] + conj(lam)^CHUNK gs[c + 1] (every chunk but the
+    # last is full, and nothing follows the last): a forward scan over the chunks in reversed order
+    lam_chunk_conj = _complex_power(lam_re, lam_im, CHUNK, conj=True)
+    reversed_carries = _new_pair((Bt, n_chunks, N), dev)
+    _launch_sequential_fwd(firsts[0].flip(1).contiguous(), firsts[1].flip(1).contiguous(), *lam_chunk_conj, None, None,
+                           h_out=reversed_carries)
+    carries = (reversed_carries[0].flip(1).contiguous(), reversed_carries[1].flip(1).contiguous())
+    # pass 3: G everywhere, and the per-chunk dlam partial sums
+    dlam_parts = _new_pair((Bt, n_chunks, N), dev)
+    _launch_chunk_bwd((dh_re, dh_im), (h_re, h_im), lam_re, lam_im, (h0_re, h0_im), CHUNK, carries=carries,
+                      dx_out=(dx_re, dx_im), dlam_out=dlam_parts)
+    return dlam_parts[0].sum((0, 1)), dlam_parts[1].sum((0, 1)), carries[0][:, 0], carries[1][:, 0]
+
+
+def _initial_state_grad(g0_re, g0_im, lam_re, lam_im):
+    """dL/dh0 = conj(lam) G_0 as fp32 (Bt, N) (re, im)."""
+    return lam_re * g0_re + lam_im * g0_im, lam_re * g0_im - lam_im * g0_re
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -464,23 +768,22 @@ def _opt(t: Optional[Tensor]) -> Optional[Tensor]:
 def _scan_fwd_impl(x_re, x_im, lam_re, lam_im, h0_re, h0_im):
     Bt, L, N = x_re.shape
     xr, xi = _pair(x_re, x_im)
-    h_re = torch.empty(Bt, L, N, device=x_re.device, dtype=torch.float32)
-    h_im = torch.empty_like(h_re)
-    _launch_scan_fwd(xr, xi, _f32c(lam_re), _f32c(lam_im), _opt(h0_re), _opt(h0_im), store_h=(h_re, h_im))
-    return h_re, h_im
+    h = _new_pair((Bt, L, N), x_re.device)
+    _forward_states(xr, xi, _f32c(lam_re), _f32c(lam_im), _opt(h0_re), _opt(h0_im), h)
+    return h
 
 
 def _scan_bwd_impl(dh_re, dh_im, h_re, h_im, lam_re, lam_im, h0_re, h0_im):
     Bt, L, N = h_re.shape
-    dx_re = torch.empty(Bt, L, N, device=h_re.device, dtype=torch.float32)
-    dx_im = torch.empty_like(dx_re)
-    dlr, dli, dh0r, dh0i = _launch_scan_bwd(
-        *_pair(dh_re, dh_im), *_pair(h_re, h_im), _f32c(lam_re), _f32c(lam_im),
-        _opt(h0_re), _opt(h0_im), dx_re, dx_im,
+    lr, li = _f32c(lam_re), _f32c(lam_im)
+    dx_re, dx_im = _new_pair((Bt, L, N), h_re.device)
+    dlr, dli, g0r, g0i = _reverse_scan(
+        *_pair(dh_re, dh_im), *_pair(h_re, h_im), lr, li, _opt(h0_re), _opt(h0_im), dx_re, dx_im
     )
     if h0_re is None:
-        dh0r = dh0r.new_empty(0)
-        dh0i = dh0i.new_empty(0)
+        dh0r, dh0i = dlr.new_empty(0), dli.new_empty(0)
+    else:
+        dh0r, dh0i = _initial_state_grad(g0r, g0i, lr, li)
     return dx_re, dx_im, dlr, dli, dh0r, dh0i
 
 
@@ -497,9 +800,8 @@ def _lru_fwd_impl(u, lam_re, lam_im, B_re, B_im, C_re, C_im, D, h0_re, h0_im):
 
     CHUNK, BLOCK_N, BLOCK_H, warps = _out_config(N, H)
     n_chunks = triton.cdiv(L, CHUNK)
-    hs_re = torch.empty(Bt, n_chunks, N, device=dev, dtype=torch.float32)
-    hs_im = torch.empty_like(hs_re)
-    hT_re, hT_im = _launch_scan_fwd(x_re, x_im, lr, li, h0r, h0i, store_chunks=(hs_re, hs_im), chunk=CHUNK)
+    ends, (hs_re, hs_im) = _chunk_end_states(x_re, x_im, lr, li, h0r, h0i, CHUNK)
+    hT_re, hT_im = _chunked_final_state(ends, (hs_re, hs_im), lr, li, h0r, h0i, L, CHUNK)
 
     ct_re = C_re.to(torch.float32).t().contiguous()  # (N, H)
     ct_imn = (-C_im.to(torch.float32)).t().contiguous()
@@ -533,7 +835,7 @@ def _lru_bwd_impl(dy, dhT_re, dhT_im, u, lam_re, lam_im, B_re, B_im, C_re, C_im,
     # recompute the states (checkpoint style)
     x = uf @ Bcat.t()  # (Bt, L, 2N)
     hbuf = torch.empty(Bt, L, 2 * N, device=dev, dtype=torch.float32)
-    _launch_scan_fwd(x[..., :N], x[..., N:], lr, li, h0r, h0i, store_h=(hbuf[..., :N], hbuf[..., N:]))
+    _forward_states(x[..., :N], x[..., N:], lr, li, h0r, h0i, (hbuf[..., :N], hbuf[..., N:]))
     del x
     # dL/dh_t: h_re gets C_re^T dy, h_im gets -C_im^T dy
     Ccat = torch.cat([C_re, -C_im], 1).to(torch.float32)  # (H, 2N)
@@ -543,7 +845,7 @@ def _lru_bwd_impl(dy, dhT_re, dhT_im, u, lam_re, lam_im, B_re, B_im, C_re, C_im,
     if dhT_im is not None:
         dh[:, -1, N:] += dhT_im.to(torch.float32)
     gbuf = torch.empty_like(hbuf)
-    dlr, dli, dh0r, dh0i = _launch_scan_bwd(
+    dlr, dli, g0r, g0i = _reverse_scan(
         dh[..., :N], dh[..., N:], hbuf[..., :N], hbuf[..., N:], lr, li, h0r, h0i, gbuf[..., :N], gbuf[..., N:]
     )
     del dh
@@ -553,8 +855,9 @@ def _lru_bwd_impl(dy, dhT_re, dhT_im, u, lam_re, lam_im, B_re, B_im, C_re, C_im,
     du = gbuf @ Bcat + dyf * D.to(torch.float32)
     dD = (dyf * uf).sum(dim=(0, 1))
     if h0_re is None:
-        dh0r = dh0r.new_empty(0)
-        dh0i = dh0i.new_empty(0)
+        dh0r, dh0i = dlr.new_empty(0), dli.new_empty(0)
+    else:
+        dh0r, dh0i = _initial_state_grad(g0r, g0i, lr, li)
     return (
         du.to(u.dtype), dlr, dli,
         dBcat[:N].clone(), dBcat[N:].clone(),

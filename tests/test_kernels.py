@@ -85,13 +85,20 @@ def _grads(outs, inputs, seed=1):
 SHAPES = [(3, 1, 37, 7), (3, 63, 37, 7), (2, 1000, 5, 7)]
 
 
+@pytest.fixture(params=lru_scan.STRATEGIES)
+def strategy(request, monkeypatch):
+    """Run the test once with each scan strategy (sequential in time, chunk-parallel) forced."""
+    monkeypatch.setattr(lru_scan, "_FORCE_STRATEGY", request.param)
+    return request.param
+
+
 # ------------------------------------------------------------------------------------------------------------
 # plain diagonal scan
 # ------------------------------------------------------------------------------------------------------------
 @needs_runtime
 @pytest.mark.parametrize("h0", [False, True], ids=["zero-h0", "h0"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "Bt{}-L{}-N{}".format(*s[:3]))
-def test_diagonal_scan_values_and_grads(shape, h0):
+def test_diagonal_scan_values_and_grads(shape, h0, strategy):
     Bt, L, N, _ = shape
     gen = torch.Generator().manual_seed(3)
     lr, li = _lam(N, gen)
@@ -158,26 +165,43 @@ def _check_fused(p, rtol=1e-5):
 @needs_runtime
 @pytest.mark.parametrize("h0", [False, True], ids=["zero-h0", "h0"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "Bt{}-L{}-N{}-H{}".format(*s))
-def test_fused_lru_values_and_grads(shape, h0):
+def test_fused_lru_values_and_grads(shape, h0, strategy):
     _check_fused(_params(*shape, h0=h0))
 
 
 @needs_runtime
-def test_fused_lru_wide_and_small_chunks(monkeypatch):
-    """H > BLOCK_H and N > BLOCK_N (several blocks each), and a small chunk so L=45 spans 3 partial chunks."""
+def test_fused_lru_wide_and_small_chunks(monkeypatch, strategy):
+    """H > BLOCK_H and N > BLOCK_N (several blocks each), and a small chunk so L=45 spans 3 chunks, the last partial."""
     monkeypatch.setattr(lru_scan, "_scan_config", lambda N: (16, 16, 4))
     monkeypatch.setattr(lru_scan, "_out_config", lambda N, H: (16, 16, 16, 4))
     _check_fused(_params(2, 45, 37, 19, seed=5, h0=True))
 
 
 @needs_runtime
-def test_associative_scan_path(monkeypatch):
+def test_associative_scan_path(monkeypatch, strategy):
     """The compiled-GPU chunk scan (tl.associative_scan) on a tiny problem; the interpreter defaults to the
     doubling scan because its associative_scan is elementwise-slow."""
     monkeypatch.setattr(lru_scan, "_FORCE_ASSOC_SCAN", True)
     monkeypatch.setattr(lru_scan, "_scan_config", lambda N: (16, 16, 4))
     monkeypatch.setattr(lru_scan, "_out_config", lambda N, H: (16, 16, 16, 4))
     _check_fused(_params(1, 21, 3, 5, seed=7, h0=True))
+
+
+def test_automatic_strategy_goes_chunked_when_the_sequential_grid_cannot_fill_the_gpu(monkeypatch):
+    """Sequential grid = cdiv(N, BLOCK_N) * Bt programs; chunked below two per SM, sequential from there on."""
+    monkeypatch.setattr(lru_scan, "_multiprocessor_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    block_n = lru_scan._scan_config(256)[1]
+    assert lru_scan._scan_strategy(16, 50, cuda) == "chunked"  # 50 programs: a truncated layer
+    assert lru_scan._scan_strategy(256, 50, cuda) == "sequential"  # 400 programs
+    batch_at_threshold = 2 * 132 // (256 // block_n)
+    assert lru_scan._scan_strategy(256, batch_at_threshold, cuda) == "sequential"
+    assert lru_scan._scan_strategy(256, batch_at_threshold - 1, cuda) == "chunked"
+    monkeypatch.setattr(lru_scan, "_FORCE_STRATEGY", "chunked")
+    assert lru_scan._scan_strategy(256, 50, cuda) == "chunked"
+    monkeypatch.setattr(lru_scan, "_FORCE_STRATEGY", "parallel")
+    with pytest.raises(ValueError, match="_FORCE_STRATEGY must be one of"):
+        lru_scan._scan_strategy(256, 50, cuda)
 
 
 @needs_runtime

@@ -2,9 +2,9 @@
 
 The interpreter tests (test_kernels.py) check the math but never run Triton's GPU compiler, so a kernel that only
 fails in lowering (layouts, ``tl.associative_scan``, TF32 ``tl.dot``, register allocation) would pass them. These
-tests compile, ahead of time and without a GPU, every kernel launch of a training step of both ops -- with and
-without an initial state, at a shape that is not a multiple of any block size -- exactly as the launch helpers
-would on the GPU (``compressm_kernels.aot.compile_only``). The compiler must run in a process without
+tests compile, ahead of time and without a GPU, every kernel launch of a training step of both ops -- with both
+scan strategies, with and without an initial state, at a shape that is not a multiple of any block size --
+exactly as the launch helpers would on the GPU (``compressm_kernels.aot.compile_only``). The compiler must run in a process without
 ``TRITON_INTERPRET``, so the work happens in a subprocess.
 """
 
@@ -21,14 +21,16 @@ _COMPILE_SCRIPT = r"""
 import json, sys
 import torch
 import compressm_kernels as K
+from compressm_kernels import lru_scan
 from compressm_kernels.aot import compile_only
 
 arch = int(sys.argv[1])
-Bt, L, N, H = 3, 45, 37, 19
+Bt, L, N, H = 3, 145, 37, 19
 gen = torch.Generator().manual_seed(0)
 leaf = lambda *shape: torch.randn(*shape, generator=gen).requires_grad_()
 found = []
-for with_h0 in (False, True):
+for strategy, with_h0 in ((s, h) for s in lru_scan.STRATEGIES for h in (False, True)):
+    lru_scan._FORCE_STRATEGY = strategy
     h0 = (leaf(Bt, N), leaf(Bt, N)) if with_h0 else (None, None)
     lam = (0.5 * torch.rand(N, generator=gen)).requires_grad_(), (0.5 * torch.rand(N, generator=gen)).requires_grad_()
     with compile_only(arch) as reports:
@@ -57,8 +59,8 @@ def _compile(arch, tmp_path):
 def test_every_kernel_launch_compiles_for_the_gpu(arch, precision, tmp_path):
     reports = _compile(arch, tmp_path)
     launched = {(r["kernel"], r["constexprs"].get("HAS_H0")) for r in reports}
-    expected = {(k, h0) for k in ("_scan_fwd_kernel", "_scan_bwd_kernel", "_lru_out_kernel") for h0 in (False, True)}
-    assert launched == expected
+    kernels = ("_scan_fwd_kernel", "_scan_bwd_kernel", "_chunk_fwd_kernel", "_chunk_bwd_kernel", "_lru_out_kernel")
+    assert launched == {(k, h0) for k in kernels for h0 in (False, True)}
     for r in reports:
         assert r["arch"] == arch
         assert r["constexprs"]["USE_ASSOC"] is True, "the GPU build must use tl.associative_scan"
@@ -66,10 +68,11 @@ def test_every_kernel_launch_compiles_for_the_gpu(arch, precision, tmp_path):
             assert r["constexprs"]["PRECISION"] == precision  # torch's default fp32 matmul policy: no plain TF32
         if r["registers"] is not None:  # cuobjdump ships with triton; None only if it could not run
             assert 0 < r["registers"] <= 255
-    # the fused forward stores chunk-end states only, the scans used in backward store every state
-    fwd_modes = {(r["constexprs"]["STORE_H"], r["constexprs"]["STORE_CHUNKS"])
-                 for r in reports if r["kernel"] == "_scan_fwd_kernel"}
-    assert fwd_modes == {(False, True), (True, False)}
+    # chunked passes: local ends (pass 1) and states from the carries (pass 3), forward and reverse
+    chunk_fwd_modes = {(r["constexprs"]["HAS_START"], r["constexprs"]["STORE_H"], r["constexprs"]["STORE_END"])
+                       for r in reports if r["kernel"] == "_chunk_fwd_kernel"}
+    assert chunk_fwd_modes == {(False, False, True), (True, True, False)}
+    assert {r["constexprs"]["HAS_CARRY"] for r in reports if r["kernel"] == "_chunk_bwd_kernel"} == {False, True}
 
 
 def test_compile_only_refuses_the_interpreter():
