@@ -103,7 +103,7 @@ def test_training_shrinks_logs_and_keeps_learning(tmp_path):
     model = make_model()
     recorder = Recorder()
     callback = CompreSSMCallback(tau=0.05, start_step=10, end_step=30, interval=10)
-    trainer = Trainer(
+    trainer = CompreSSMTrainer(
         model=model, args=make_args(tmp_path, max_steps=80), train_dataset=SignTask(512),
         callbacks=[recorder, callback],
     )
@@ -121,7 +121,7 @@ def test_training_shrinks_logs_and_keeps_learning(tmp_path):
     assert model.config.state_dims == events[-1]["dims_after"]
     assert [layer.state_dim for layer in model.lru_layers()] == model.config.state_dims
     assert model.reduction_history == events
-    json.dumps(events)  # JSON-serialisable
+    json.dumps([event.to_dict() for event in events])  # JSON-serialisable
 
     # Metrics went through Trainer.log: into log_history and to callbacks that run before ours (integrations).
     logged = {step: logs for step, logs in recorder.logs if "compressm/total_state_dim" in logs}
@@ -283,7 +283,7 @@ def _rollback_run(tmp_path, greater_is_better):
         rollback_tolerance=0.0, greater_is_better=greater_is_better,
     )
     args = make_args(tmp_path, max_steps=30, eval_strategy="steps", eval_steps=10, per_device_eval_batch_size=64)
-    trainer = Trainer(
+    trainer = CompreSSMTrainer(
         model=model, args=args, train_dataset=SignTask(256), eval_dataset=SignTask(64, seed=2),
         compute_metrics=StateSizeMetric(model), callbacks=[Before(), callback, After()],
     )
@@ -295,7 +295,7 @@ def test_rollback_restores_exactly_and_stops(tmp_path):
     # greater_is_better=True: the smaller state after the reduction is a "degradation" -> rolled back at step 10
     model, callback, snapshots = _rollback_run(tmp_path, greater_is_better=True)
     assert callback.stopped
-    assert [event.get("type") for event in callback.history] == [None, "rollback"]
+    assert [event.kind for event in callback.history] == ["reduction", "rollback"]
     event, rollback = callback.history
     assert event["rolled_back"] and event["metric_before"] == 32.0 and event["metric_after"] < 32.0
     assert rollback["dims_after"] == [16, 16] and rollback["dims_before"] == event["dims_after"]
@@ -313,7 +313,7 @@ def test_rollback_restores_exactly_and_stops(tmp_path):
 def test_rollback_policy_keeps_an_improving_reduction(tmp_path):
     model, callback, _ = _rollback_run(tmp_path, greater_is_better=False)
     assert not callback.stopped
-    reductions = [event for event in callback.history if event.get("type") != "rollback"]
+    reductions = [event for event in callback.history if event.kind != "rollback"]
     assert len(reductions) >= 2 and all(event.get("verified") for event in reductions[:-1])
     assert not any(event["rolled_back"] for event in reductions)
     assert sum(model.config.state_dims) < 32
@@ -329,18 +329,18 @@ def test_rollback_requires_evaluation(tmp_path):
 
 # ------------------------------------------------------------------------------------------- failure paths
 def test_failing_layer_is_skipped_with_warning(tmp_path, monkeypatch, caplog):
-    original = modeling.balanced_truncation
+    original = modeling.truncate
 
-    def flaky(lam, B, C, rank):
-        if lam.shape[0] == 12:  # layer 1
+    def flaky(balancing, rank):
+        if balancing.lam.shape[0] == 12:  # layer 1
             raise ReductionError("injected failure")
-        return original(lam, B, C, rank)
+        return original(balancing, rank)
 
-    monkeypatch.setattr(modeling, "balanced_truncation", flaky)
+    monkeypatch.setattr(modeling, "truncate", flaky)
     model = make_model(state_dims=[16, 12])
     recorder = Recorder()
     callback = CompreSSMCallback(tau=0.05, start_step=5, end_step=5, interval=5, gate=1.0)
-    trainer = Trainer(model=model, args=make_args(tmp_path, max_steps=10), train_dataset=SignTask(128),
+    trainer = CompreSSMTrainer(model=model, args=make_args(tmp_path, max_steps=10), train_dataset=SignTask(128),
                       callbacks=[recorder, callback])
     with caplog.at_level(logging.WARNING):
         trainer.train()
