@@ -133,8 +133,6 @@ class CompreSSMReducer:
         self.schedule = ReductionSchedule(start_step, end_step, interval)
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
             raise ValueError(f"max_steps must be None or a positive int, got {max_steps!r}")
-        if self.schedule.needs_max_steps and max_steps is None:
-            raise ValueError("start_step / end_step / interval given as fractions need max_steps (the run's length)")
         optimizer_state_repair(optimizer_state)
         if not isinstance(log_hsv, bool):
             raise ValueError(f"log_hsv must be a bool, got {log_hsv!r}")
@@ -187,7 +185,14 @@ class CompreSSMReducer:
 
     # ------------------------------------------------------------------------------------------------- events
     def is_due(self, step: int) -> bool:
-        """Whether the schedule asks for an event after optimizer step `step` (ignores a pending check / stop)."""
+        """Whether the schedule asks for an event after optimizer step `step` (ignores a pending check / stop).
+        Raises ValueError when the schedule uses fractions of max_steps and the reducer was built without it."""
+        if self.schedule.needs_max_steps and self.max_steps is None:
+            raise ValueError(
+                f"the schedule (start_step={self.schedule.start_step!r}, end_step={self.schedule.end_step!r}, "
+                f"interval={self.schedule.interval!r}) uses fractions of the run's length: pass "
+                "CompreSSMReducer(..., max_steps=...) or give absolute steps as ints"
+            )
         return self.schedule.is_due(int(step), self.max_steps)
 
     def step(self, step: int) -> ReductionEvent | None:

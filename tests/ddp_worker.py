@@ -1,6 +1,6 @@
 """Worker for tests/test_distributed.py, launched by `torchrun --nproc_per_node 2` (gloo, CPU).
 
-Trains a tiny CompreSSM classifier with a plain `Trainer` + `CompreSSMCallback` under DistributedDataParallel; the
+Trains a tiny CompreSSM classifier with `CompreSSMTrainer` + `CompreSSMCallback` under DistributedDataParallel; the
 ranks see different batches, so their parameters stay equal only if gradients are still averaged after the
 reductions. Rank 0 writes a JSON report: {"world_size", "dims_per_rank", "max_param_diff", "changed_after_last",
 "events", "wrapped_type", "losses"}.
@@ -14,11 +14,11 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 from tasks import SignTask  # tests/ is sys.path[0] when this script runs
 
-from modeling_compressm import CompreSSMCallback, CompreSSMConfig, CompreSSMForSequenceClassification
+from modeling_compressm import CompreSSMCallback, CompreSSMConfig, CompreSSMForSequenceClassification, CompreSSMTrainer
 
 
 def flat_parameters(model) -> torch.Tensor:
@@ -36,7 +36,7 @@ def main(output_dir: str, report_path: str) -> None:
         report_to="none", disable_tqdm=True, save_strategy="no", use_cpu=True, ddp_backend="gloo", seed=0,
         max_grad_norm=1.0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=SignTask(256), callbacks=[callback])
+    trainer = CompreSSMTrainer(model=model, args=args, train_dataset=SignTask(256), callbacks=[callback])
 
     snapshots = {}
 
@@ -71,7 +71,7 @@ def main(output_dir: str, report_path: str) -> None:
             "dims_per_rank": [d.tolist() for d in gathered_dims],
             "max_param_diff": max_diff,
             "changed_after_last": changed,
-            "events": [{k: v for k, v in event.items() if k != "hsv"} for event in callback.history],
+            "events": [{k: v for k, v in event.to_dict().items() if k != "hsv"} for event in callback.history],
             "model_history_len": len(model.reduction_history),
             "wrapped_type": type(trainer.model_wrapped).__name__,
             "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
