@@ -323,7 +323,9 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
     @reduction_history.setter
     def reduction_history(self, events) -> None:
         """Replace the history by a list of ReductionEvents or event dicts (validated: HistoryError names the entry)."""
-        self.__dict__["_reduction_history"] = coerce_events(list(events), source="reduction_history")
+        if not isinstance(events, (dict, str, bytes)):
+            events = list(events)
+        self.__dict__["_reduction_history"] = coerce_events(events, source="reduction_history")
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the reduction history and a model card for reduced models.

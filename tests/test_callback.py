@@ -3,7 +3,6 @@ resume, rollback, failing layers, gradient accumulation with clipping and bf16."
 
 import json
 import logging
-import os
 
 import pytest
 import torch
@@ -130,6 +129,8 @@ def test_training_shrinks_logs_and_keeps_learning(tmp_path):
     assert logged[30]["compressm/state_dim_layer1"] == model.config.state_dims[1]
     assert logged[30]["compressm/reductions"] == 3
     assert logged[10]["compressm/kept_energy_layer0"] == pytest.approx(events[0]["kept_energy"][0])
+    assert logged[10]["compressm/hinf_bound_rel_layer1"] == pytest.approx(events[0].hinf_bound_relative[1])
+    assert all(0 < value for value in events[0].hinf_bound_relative)
     assert any("compressm/total_state_dim" in entry for entry in trainer.state.log_history)
     # ...without swallowing the Trainer's own loss logs at the reduction steps
     steps_with_loss = [step for step, _ in losses(trainer)]
@@ -397,7 +398,9 @@ def test_unbound_callback_logs_to_state(tmp_path):
     assert len(callback.history) == 1 and model.reduction_history == callback.history
     assert state.log_history[-1]["step"] == 2
     assert state.log_history[-1]["compressm/total_state_dim"] == sum(model.config.state_dims) < 32
-    saved = callback.state()
+    saved = json.loads(json.dumps(callback.state()))  # goes into trainer_state.json: must survive JSON
+    assert [event["step"] for event in saved["attributes"]["reducer_state"]["history"]] == [2]
+    assert saved["attributes"]["reducer_state"]["state_dims"] == model.config.state_dims
     restored = CompreSSMCallback(**saved["args"])
     assert restored.state()["args"] == saved["args"]
-    assert os.fspath(tmp_path)  # tmp_path unused beyond args
+    assert restored.rank_policy == callback.rank_policy and restored.schedule == callback.schedule
