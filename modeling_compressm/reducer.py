@@ -54,7 +54,7 @@ STATE_VERSION = 1
 
 def compressm_model_of(model):
     """The CompreSSM model inside DDP / accelerate / torch.compile wrappers (TypeError if there is none)."""
-    for module in _wrapper_chain(model):
+    for module in reversed(_wrapper_chain(model)):  # innermost first: torch.compile forwards attribute lookups
         if hasattr(module, "lru_layers") and hasattr(module, "reduce") and hasattr(module, "set_state_dims"):
             return module
     raise TypeError(

@@ -305,6 +305,7 @@ def test_compiled_model_is_accepted():
     compiled = torch.compile(model, backend="eager")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     reducer = CompreSSMReducer(compiled, optimizer, policy="fixed", fraction=0.5)
+    assert reducer.model is model
     inputs = batch()
     compiled(**inputs).loss.backward()
     optimizer.step()
