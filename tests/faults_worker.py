@@ -16,16 +16,14 @@ import time
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from tasks import SignTask  # tests/ is sys.path[0] when this script runs
+from tasks import SignTask, tiny_classifier  # tests/ is sys.path[0] when this script runs
 
-from modeling_compressm import CompreSSMCallback, CompreSSMConfig, CompreSSMForSequenceClassification, CompreSSMTrainer
+from modeling_compressm import CompreSSMCallback, CompreSSMTrainer
 from modeling_compressm import modeling_compressm as modeling
 
 
 def make_model():
-    torch.manual_seed(0)
-    config = CompreSSMConfig(input_dim=1, hidden_size=16, num_hidden_layers=2, state_dims=16, num_labels=2)
-    return CompreSSMForSequenceClassification(config)
+    return tiny_classifier()
 
 
 def kill_run_arguments(output_dir, **overrides):

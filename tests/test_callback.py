@@ -9,30 +9,17 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 import modeling_compressm.modeling_compressm as modeling
-from tasks import SignTask
+from tasks import SignTask, one_thread, tiny_classifier  # noqa: F401 (fixture)
 from modeling_compressm import (
     CompreSSMCallback,
-    CompreSSMConfig,
-    CompreSSMForSequenceClassification,
     CompreSSMTrainer,
     ReductionError,
     prepare_model_for_resume,
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: thread start-up dominates, and 2 threads on a busy 2-core machine are ~100x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def make_model(state_dims=16, seed=0):
-    torch.manual_seed(seed)
-    config = CompreSSMConfig(input_dim=1, hidden_size=16, num_hidden_layers=2, state_dims=state_dims, num_labels=2)
-    return CompreSSMForSequenceClassification(config)
+pytestmark = pytest.mark.usefixtures("one_thread")
+make_model = tiny_classifier
 
 
 def make_args(tmp_path, name="run", **overrides):

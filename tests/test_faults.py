@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_compressm import (
@@ -24,26 +24,14 @@ from modeling_compressm import (
     CompreSSMModel,
     CompreSSMTrainer,
 )
-from tasks import SignTask
+from tasks import SignTask, one_thread, tiny_classifier  # noqa: F401 (fixture)
 
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "faults_worker.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def make_model(state_dims=16, seed=0, hidden_size=16):
-    torch.manual_seed(seed)
-    config = CompreSSMConfig(
-        input_dim=1, hidden_size=hidden_size, num_hidden_layers=2, state_dims=state_dims, num_labels=2
-    )
-    return CompreSSMForSequenceClassification(config)
+pytestmark = pytest.mark.usefixtures("one_thread")
+make_model = tiny_classifier
 
 
 def make_args(tmp_path, name="run", **overrides):

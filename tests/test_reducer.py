@@ -14,8 +14,6 @@ from transformers import TrainingArguments, get_linear_schedule_with_warmup
 import modeling_compressm.reducer as reducer_module
 from modeling_compressm import (
     CompreSSMCallback,
-    CompreSSMConfig,
-    CompreSSMForSequenceClassification,
     CompreSSMReducer,
     CompreSSMTrainer,
     StaleOptimizerStateError,
@@ -23,7 +21,7 @@ from modeling_compressm import (
 from modeling_compressm import distributed as distributed_module
 from modeling_compressm import optimizer_state as optimizer_state_module
 from modeling_compressm.schedule import DEFAULTS
-from tasks import SignTask
+from tasks import SignTask, one_thread, tiny_classifier  # noqa: F401 (fixture)
 
 MAX_STEPS = 24
 # transformers >= 5 can keep the dataset order; older releases shuffle within the (single) batch, which only permutes
@@ -36,18 +34,11 @@ SCHEDULE = dict(policy="tolerance", tau=0.05, start_step=4, end_step=0.5, interv
 LEARNING_RATE = 3e-3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(seed=0, state_dims=16):
-    torch.manual_seed(seed)
-    config = CompreSSMConfig(input_dim=1, hidden_size=16, num_hidden_layers=2, state_dims=state_dims, num_labels=2)
-    return CompreSSMForSequenceClassification(config)
+    return tiny_classifier(state_dims=state_dims, seed=seed)
 
 
 def batch(size=16, seed=0):
