@@ -10,6 +10,9 @@ GLU(z) = W1 z * sigmoid(W2 z).
 
 Fast/slow path: `scan.lru_sequence` sends CUDA tensors to the fused Triton kernel when the `compressm_kernels` package
 is installed, everything else to the torch scan. Reduction math lives in `reduction.py` (no nn code there).
+
+Longer than 500 lines on purpose: one readable modeling file per model is the Hugging Face convention, and
+`save_pretrained` copies it (with its flat sibling imports) for `trust_remote_code` loading.
 """
 
 from __future__ import annotations
