@@ -278,8 +278,6 @@ def truncate(balancing: Balancing, rank: int) -> ReducedSystem:
     inverse_transform = inv_sqrt[:, None] * (balancing.U[:, :rank].conj().T @ balancing.observability_factor.conj().T)
 
     A_r = inverse_transform @ (lam[:, None] * transform)
-    B_r = inverse_transform @ B
-    C_r = C @ transform
 
     lam_r, eigenvectors = torch.linalg.eig(A_r)
     condition = torch.linalg.cond(eigenvectors).real.item()

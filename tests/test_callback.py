@@ -178,20 +178,27 @@ def _final_parameters(model):
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("trainer_cls", ["CompreSSMTrainer", "Trainer+prepare_model_for_resume"])
+@pytest.mark.parametrize(
+    "trainer_cls", ["CompreSSMTrainer", "CompreSSMTrainer+restored_callback_state", "Trainer+prepare_model_for_resume"]
+)
 def test_checkpoint_after_reduction_and_exact_resume(tmp_path, trainer_cls):
     def run(output, resume=None):
         model = make_model()
         callback = CompreSSMCallback(tau=0.05, start_step=10, end_step=20, interval=10)
-        args = make_args(tmp_path, output, max_steps=30, save_strategy="steps", save_steps=15)
-        if trainer_cls == "CompreSSMTrainer":
+        restore = trainer_cls.endswith("restored_callback_state")
+        args = make_args(tmp_path, output, max_steps=30, save_strategy="steps", save_steps=15,
+                         restore_callback_states_from_checkpoint=restore)
+        if trainer_cls.startswith("CompreSSMTrainer"):
             trainer = CompreSSMTrainer(model=model, args=args, train_dataset=SignTask(256), callbacks=[callback])
         else:
             if resume is not None:
                 prepare_model_for_resume(model, resume)
             trainer = Trainer(model=model, args=args, train_dataset=SignTask(256), callbacks=[callback])
         trainer.train(resume_from_checkpoint=resume)
-        return model, callback, trainer
+        # with restore_callback_states_from_checkpoint the Trainer runs a new callback built from the saved state
+        (running,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CompreSSMCallback)]
+        assert (running is callback) == (not restore or resume is None)
+        return model, running, trainer
 
     full_model, full_callback, _ = run("full")
     assert [event["step"] for event in full_callback.history] == [10, 20]
