@@ -392,16 +392,22 @@ class StateSizeMetric:
         return {"state_total": float(sum(self.model.config.state_dims))}
 
 
-def test_pending_rollback_check_is_stored_in_checkpoints_and_runs_after_resume(tmp_path):
+@pytest.mark.parametrize("trainer_cls", [CompreSSMTrainer, Trainer])
+def test_pending_rollback_check_is_stored_in_checkpoints_and_runs_after_resume(tmp_path, trainer_cls):
+    from modeling_compressm import prepare_model_for_resume
+
     def run(name, resume=None):
         model = make_model()
         callback = CompreSSMCallback(policy="rollback", tau=0.05, start_step=4, end_step=4, interval=4,
                                      rollback_metric="state_total", rollback_tolerance=0.0, greater_is_better=True)
         args = make_args(tmp_path, name, max_steps=8, eval_strategy="steps", eval_steps=6, save_strategy="steps",
                          save_steps=5, per_device_eval_batch_size=64)
-        trainer = CompreSSMTrainer(model=model, args=args, train_dataset=SignTask(128),
-                                   eval_dataset=SignTask(32, seed=2), compute_metrics=StateSizeMetric(model),
-                                   callbacks=[callback])
+        if resume is not None and trainer_cls is Trainer:
+            prepare_model_for_resume(model, resume)
+        trainer = trainer_cls(model=model, args=args, train_dataset=SignTask(128),
+                              eval_dataset=SignTask(32, seed=2), compute_metrics=StateSizeMetric(model),
+                              callbacks=[callback])
+        callback.bind(trainer)  # a plain Trainer: bound for the fresh baseline evaluation before each event
         trainer.train(resume_from_checkpoint=resume)
         return model, callback
 
