@@ -37,7 +37,8 @@ from .checkpoints import (
 from .distributed import distributed_world_size, rebuild_ddp_reducer
 from .events import coerce_events, event_metrics
 from .model_card import refresh_card_spectrum
-from .reducer import CompreSSMReducer, PendingCheck, compressm_model_of
+from .optimizer_state import optimizer_state_repair
+from .reducer import CompreSSMReducer, compressm_model_of
 from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, RollbackRule
 
 logger = logging.getLogger(__name__)
@@ -105,8 +106,6 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self.rollback_rule = RollbackRule(rollback_metric, rollback_tolerance, greater_is_better)
         if not isinstance(log_hsv, bool):
             raise ValueError(f"log_hsv must be a bool, got {log_hsv!r}")
-        from .optimizer_state import optimizer_state_repair
-
         optimizer_state_repair(optimizer_state)
         self.log_hsv = log_hsv
         self.optimizer_state = optimizer_state
@@ -182,7 +181,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         """ExportableState: constructor arguments and progress, saved in trainer_state.json of every checkpoint."""
         rule = self.rollback_rule
         arguments = {
-            **{key: value for key, value in self._reducer_kwargs().items()},
+            **self._reducer_kwargs(),
             "rollback_metric": rule.metric, "rollback_tolerance": rule.tolerance,
             "greater_is_better": rule.greater_is_better,
         }
@@ -246,7 +245,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             return  # a fresh run continues the history of the model it starts from
         if resume is not None:
             reducer.stopped = resume.stopped
-            self._restore_pending(resume.pending, f"checkpoint {resume.path}")
+            reducer.restore_pending(resume.pending, f"checkpoint {resume.path}")
             return
         # No prepared checkpoint: callback state restored by the Trainer (restore_callback_states_from_checkpoint).
         state_events, stopped = None, False
@@ -269,23 +268,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         model.reduction_history = events
         reducer.stopped = stopped
         if restored is not None and restored.get("pending") is not None:
-            self._restore_pending(dict(restored["pending"], snapshot=None), "the restored callback state")
-
-    def _restore_pending(self, pending, source: str) -> None:
-        reducer = self.reducer
-        if pending is None:
-            return
-        index = pending.get("event_index")
-        if pending.get("snapshot") is None or index is None or not 0 <= index < len(reducer.history):
-            logger.warning(
-                "CompreSSMCallback: %s has a rollback check pending but not the state before that event: the event "
-                "can no longer be undone, so it is accepted and reductions stop", source,
-            )
-            reducer.stopped = True
-            return
-        reducer.pending = PendingCheck(
-            reducer.history[index], pending["snapshot"], pending.get("metric_name"), pending.get("metric_before")
-        )
+            reducer.restore_pending(dict(restored["pending"], snapshot=None), "the restored callback state")
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         reducer = self.reducer

@@ -21,8 +21,12 @@ import shutil
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+from .distributed import find_wrapper, rebuild_ddp_reducer
 from .events import HISTORY_FILE, HistoryError, ReductionEvent, coerce_events, history_problems, read_history
+from .optimizer_state import repair_optimizer_state
+from .reducer import compressm_model_of
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +168,6 @@ def prepare_model_for_resume(model, checkpoint_dir) -> list[int]:
     Returns:
         the state sizes the model now has (list of ints).
     """
-    from .reducer import compressm_model_of
-
     info = read_checkpoint(checkpoint_dir)
     for message in info.warnings:
         logger.warning("CompreSSM resume: %s", message)
@@ -182,12 +184,6 @@ def restore_checkpoint_sizes(model, checkpoint_dir, step, optimizer=None, wrappe
 
     The optimizer state of re-sized parameters is deleted; a DDP wrapper is rebuilt. Does nothing (returns False)
     when the model already is in that state."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    from .distributed import find_wrapper, rebuild_ddp_reducer
-    from .optimizer_state import repair_optimizer_state
-    from .reducer import compressm_model_of
-
     checkpoint_dir = os.fspath(checkpoint_dir)
     info = read_checkpoint(checkpoint_dir)
     model = compressm_model_of(model)

@@ -42,6 +42,7 @@ __all__ = [
     "register_strategy",
     "strategy_for",
     "find_wrapper",
+    "wrapper_chain",
     "rebuild_ddp_reducer",
     "distributed_world_size",
 ]
@@ -57,7 +58,7 @@ def distributed_world_size() -> int:
     return 1
 
 
-def _wrapper_chain(model):
+def wrapper_chain(model):
     """model, model.module, model._orig_mod, ... (DDP / accelerate / torch.compile wrappers), outermost first."""
     chain, seen = [model], 0
     while seen < 8:
@@ -71,7 +72,7 @@ def _wrapper_chain(model):
 
 def find_wrapper(model, wrapper_type):
     """The first module of `wrapper_type` in the wrapper chain of `model`, or None."""
-    for module in _wrapper_chain(model):
+    for module in wrapper_chain(model):
         if isinstance(module, wrapper_type):
             return module
     return None
@@ -215,7 +216,7 @@ def _uses_fsdp2(model) -> bool:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - older torch
         return False
-    return any(isinstance(module, FSDPModule) for module in _wrapper_chain(model)[-1].modules())
+    return any(isinstance(module, FSDPModule) for module in wrapper_chain(model)[-1].modules())
 
 
 def strategy_for(model, timeout: float = DEFAULTS.collective_timeout) -> ReductionStrategy:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .distributed import _wrapper_chain, strategy_for
+from .distributed import strategy_for, wrapper_chain
 from .events import ReductionEvent, coerce_events
 from .optimizer_state import (
     LayerChange,
@@ -54,7 +54,7 @@ STATE_VERSION = 1
 
 def compressm_model_of(model):
     """The CompreSSM model inside DDP / accelerate / torch.compile wrappers (TypeError if there is none)."""
-    for module in reversed(_wrapper_chain(model)):  # innermost first: torch.compile forwards attribute lookups
+    for module in reversed(wrapper_chain(model)):  # innermost first: torch.compile forwards attribute lookups
         if hasattr(module, "lru_layers") and hasattr(module, "reduce") and hasattr(module, "set_state_dims"):
             return module
     raise TypeError(
@@ -270,11 +270,15 @@ class CompreSSMReducer:
             if reduced:
                 strategy.share_parameters(model, reduced, step)
         if reduced:
-            mapping = strategy.after_change(model)
-            if mapping and self.optimizer is not None:
-                replace_parameters_in_optimizer(self.optimizer, mapping)
-            repair_optimizer_state(self.optimizer, changes, self.optimizer_state)
+            self._after_change(changes, self.optimizer_state)
         return outcome, changes
+
+    def _after_change(self, changes: list[LayerChange], mode: str) -> None:
+        """Every rank, after parameters changed shape: re-register with the wrapper, then repair the optimizer."""
+        mapping = self.strategy.after_change(self.model)
+        if mapping and self.optimizer is not None:
+            replace_parameters_in_optimizer(self.optimizer, mapping)
+        repair_optimizer_state(self.optimizer, changes, mode)
 
     def _decide_and_apply(self, step) -> tuple[_Outcome, list[LayerChange]]:
         """Deciding rank: balance each layer once, pick sizes, truncate with the same factors."""
@@ -383,25 +387,21 @@ class CompreSSMReducer:
                 tensor.copy_(snapshot["model"][name].to(tensor.device))
         for parameter in model.parameters():
             parameter.grad = None
-        mapping = self.strategy.after_change(model)
-        if self.optimizer is not None:
-            if mapping:
-                replace_parameters_in_optimizer(self.optimizer, mapping)
-            repair_optimizer_state(self.optimizer, changes, "reset")
-            if snapshot.get("optimizer") is not None:
-                inner = unwrap_optimizer(self.optimizer)
-                devices = snapshot.get("optimizer_devices") or {}
-                parameters = [p for group in inner.param_groups for p in group["params"]]
-                for position, parameter in enumerate(parameters):
-                    inner.state.pop(parameter, None)
-                    entry = snapshot["optimizer"].get(position)
-                    if entry:
-                        where = devices.get(position, {})
-                        inner.state[parameter] = {
-                            key: value.to(where.get(key, parameter.device), copy=True)
-                            if isinstance(value, torch.Tensor) else value
-                            for key, value in entry.items()
-                        }
+        self._after_change(changes, "reset")
+        if self.optimizer is not None and snapshot.get("optimizer") is not None:
+            inner = unwrap_optimizer(self.optimizer)
+            devices = snapshot.get("optimizer_devices") or {}
+            parameters = [p for group in inner.param_groups for p in group["params"]]
+            for position, parameter in enumerate(parameters):
+                inner.state.pop(parameter, None)
+                entry = snapshot["optimizer"].get(position)
+                if entry:
+                    where = devices.get(position, {})
+                    inner.state[parameter] = {
+                        key: value.to(where.get(key, parameter.device), copy=True)
+                        if isinstance(value, torch.Tensor) else value
+                        for key, value in entry.items()
+                    }
         return dims_before
 
     def resolve_pending(self, keep: bool, step: int | None = None, *, metric_after: float | None = None,
@@ -476,23 +476,26 @@ class CompreSSMReducer:
         dims = state.get("state_dims")
         changes = self.model.set_state_dims(list(dims)) if dims != self.state_dims else []
         if changes:
-            mapping = self.strategy.after_change(self.model)
-            if mapping and self.optimizer is not None:
-                replace_parameters_in_optimizer(self.optimizer, mapping)
-            repair_optimizer_state(self.optimizer, changes, "reset")
+            self._after_change(changes, "reset")
         self.model.reduction_history = events
         self.stopped = bool(state.get("stopped", False))
         self.pending = None
-        pending = state.get("pending")
-        if pending is not None:
-            index = pending.get("event_index")
-            if pending.get("snapshot") is None or index is None or not 0 <= index < len(events):
-                logger.warning(
-                    "CompreSSMReducer: the saved state has a rollback check pending without the state before the "
-                    "event; that event can no longer be undone, so it is accepted and reductions stop"
-                )
-                self.stopped = True
-            else:
-                self.pending = PendingCheck(
-                    self.history[index], pending["snapshot"], pending.get("metric_name"), pending.get("metric_before")
-                )
+        self.restore_pending(state.get("pending"))
+
+    def restore_pending(self, pending: dict | None, source: str = "the saved reducer state") -> None:
+        """Re-arm a rollback check saved by `state_dict()` ({"event_index", "metric_name", "metric_before",
+        "snapshot"}). Without its snapshot the event can no longer be undone: it is accepted and reductions stop,
+        with a warning naming `source`."""
+        if pending is None:
+            return
+        index = pending.get("event_index")
+        if pending.get("snapshot") is None or index is None or not 0 <= index < len(self.history):
+            logger.warning(
+                "CompreSSMReducer: %s has a rollback check pending but not the state before that event: the event "
+                "can no longer be undone, so it is accepted and reductions stop", source,
+            )
+            self.stopped = True
+            return
+        self.pending = PendingCheck(
+            self.history[index], pending["snapshot"], pending.get("metric_name"), pending.get("metric_before")
+        )
