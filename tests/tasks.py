@@ -36,3 +36,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def training_arguments(output_dir, **overrides):
+    """TrainingArguments of the tiny CPU Trainer runs in the tests (quiet, no saving, one seed), with overrides."""
+    from transformers import TrainingArguments
+
+    values = dict(
+        output_dir=str(output_dir), max_steps=10, per_device_train_batch_size=16, learning_rate=3e-3,
+        logging_steps=100, report_to="none", disable_tqdm=True, save_strategy="no", use_cpu=True, seed=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)

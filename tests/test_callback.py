@@ -6,10 +6,10 @@ import logging
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 
 import modeling_compressm.modeling_compressm as modeling
-from tasks import SignTask, one_thread, tiny_classifier  # noqa: F401 (fixture)
+from tasks import SignTask, one_thread, tiny_classifier, training_arguments  # noqa: F401 (fixture)
 from modeling_compressm import (
     CompreSSMCallback,
     CompreSSMTrainer,
@@ -23,13 +23,8 @@ make_model = tiny_classifier
 
 
 def make_args(tmp_path, name="run", **overrides):
-    values = dict(
-        output_dir=str(tmp_path / name), max_steps=40, per_device_train_batch_size=16, learning_rate=3e-3,
-        logging_steps=5, report_to="none", disable_tqdm=True, save_strategy="no", use_cpu=True, seed=0,
-        lr_scheduler_type="linear",
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
+    return training_arguments(tmp_path / name, **{"max_steps": 40, "logging_steps": 5, "lr_scheduler_type": "linear",
+                                                  **overrides})
 
 
 class Recorder(TrainerCallback):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_compressm import (
@@ -24,7 +24,7 @@ from modeling_compressm import (
     CompreSSMModel,
     CompreSSMTrainer,
 )
-from tasks import SignTask, one_thread, tiny_classifier  # noqa: F401 (fixture)
+from tasks import SignTask, one_thread, tiny_classifier, training_arguments  # noqa: F401 (fixture)
 
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "faults_worker.py"
@@ -35,12 +35,7 @@ make_model = tiny_classifier
 
 
 def make_args(tmp_path, name="run", **overrides):
-    values = dict(
-        output_dir=str(tmp_path / name), max_steps=10, per_device_train_batch_size=16, learning_rate=3e-3,
-        logging_steps=100, report_to="none", disable_tqdm=True, save_strategy="no", use_cpu=True, seed=0,
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
+    return training_arguments(tmp_path / name, **overrides)
 
 
 def subprocess_env():
