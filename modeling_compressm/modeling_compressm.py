@@ -128,9 +128,10 @@ class CompreSSMLRU(nn.Module):
         Each parameter gets a fresh tensor under the same object (`torch.utils.swap_tensors`), so optimizers and
         module references stay valid, and an autograd graph of an earlier step that is still alive (a training loop
         that still holds `loss`) cannot hand the next backward its gradient accumulator, which remembers the old
-        shape. Where other holders of the tensor forbid the swap (a DDP reducer that is about to be rebuilt), the
-        value is set through `.data`, passing through another dtype first: `set_data` drops the cached gradient
-        accumulator only when the dtype changes. Gradients of the assigned parameters are dropped.
+        shape; hooks registered on the parameter (`register_hook`, `register_post_accumulate_grad_hook`) keep firing.
+        Where other holders of the tensor forbid the swap (a DDP reducer that is about to be rebuilt), the value is
+        set through `.data`, passing through another dtype first: `set_data` drops the cached gradient accumulator
+        only when the dtype changes. Gradients of the assigned parameters are dropped.
 
         Args:
             values: name (in SSM_PARAMETER_NAMES) -> tensor of the new shape (converted to the parameter's
@@ -149,6 +150,10 @@ class CompreSSMLRU(nn.Module):
             replacement.__dict__.update(parameter.__dict__)  # attributes set on the parameter survive the swap
             try:
                 torch.utils.swap_tensors(parameter, replacement)
+                for hooks in ("_backward_hooks", "_post_accumulate_grad_hooks"):
+                    registered = getattr(parameter, hooks, None)
+                    if registered:  # tensor hooks stay with the object: register them with its new autograd identity
+                        setattr(parameter, hooks, registered)
             except RuntimeError:
                 other = torch.float64 if parameter.dtype != torch.float64 else torch.float32
                 parameter.data = new_value.to(other)

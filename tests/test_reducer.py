@@ -322,3 +322,17 @@ def test_schedule_fractions_need_max_steps_and_resolve():
     assert model.config.state_dims == [16, 16]
     reducer = CompreSSMReducer(model, None, start_step=0.1, end_step=0.5, interval=0.1, max_steps=100)
     assert [step for step in range(1, 101) if reducer.is_due(step)] == [10, 20, 30, 40, 50]
+
+
+def test_tensor_hooks_on_reduced_parameters_keep_firing():
+    model = make_model()
+    parameter = model.lru_layers()[0].B_re
+    gradients, accumulated = [], []
+    parameter.register_hook(lambda grad: gradients.append(tuple(grad.shape)))
+    parameter.register_post_accumulate_grad_hook(lambda tensor: accumulated.append(tuple(tensor.grad.shape)))
+    inputs = batch()
+    model(**inputs).loss.backward()
+    model.reduce([8, None])
+    model.zero_grad()
+    model(**inputs).loss.backward()
+    assert gradients == [(16, 16), (8, 16)] and accumulated == [(16, 16), (8, 16)]
