@@ -21,7 +21,8 @@ import logging
 import os
 import sys
 
-from .recipe import (
+from .recipe import train_on_dataset, train_preset
+from .run_settings import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BLOCK_SIZE,
     DEFAULT_END_STEP,
@@ -35,8 +36,6 @@ from .recipe import (
     ReductionPlan,
     TrainingOptions,
     configure_threads,
-    train_on_dataset,
-    train_preset,
 )
 
 __all__ = ["main", "build_parser", "train_preset", "format_summary"]
@@ -246,7 +245,8 @@ def _train(args) -> int:
         if args.dataset is None and args.task == "classification":
             raise ValueError("--task classification needs --dataset with a label column")
         summary = train_on_dataset(
-            args.dataset if args.dataset is not None else "synthetic", preset=preset, tokenizer=args.tokenizer or "bytes",
+            args.dataset if args.dataset is not None else "synthetic", preset=preset,
+            tokenizer=args.tokenizer or "bytes",
             task=args.task, dataset_config=args.dataset_config, split=args.split, eval_split=args.eval_split,
             validation_fraction=args.validation_fraction, text_column=args.text_column,
             label_column=args.label_column, block_size=args.block_size or DEFAULT_BLOCK_SIZE,

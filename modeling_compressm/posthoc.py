@@ -88,7 +88,7 @@ def reduce_checkpoint(path: str, tau: float, *, output_dir: str | None = None, m
     Returns:
         {"report" (text), "ranks", "dims_before", "dims_after", "changed" (bool), "output_dir"}
     """
-    from .recipe import SUMMARY_FILE, training_info, write_output_folder
+    from .output_folder import SUMMARY_FILE, training_info, write_output_folder
 
     model = load_checkpoint(path)
     ranks, report = hsv_report(model, tau, min_dim)

@@ -5,23 +5,40 @@ an output folder with model, tokenizer, model card and metrics (written whole or
 
     summary = train_preset("digits", tau=0.05, max_steps=600)                 # offline digits classifier
     summary = train_on_dataset("corpus.txt", preset="tiny", tokenizer="bytes", block_size=128,
-                               training=TrainingOptions(max_steps=200), output_dir="my-model")
+                               options=TrainingOptions(max_steps=200), output_dir="my-model")
 
 Both return a summary dict (the trained model under "model"; metrics; state sizes before/after; reduction events).
-The pieces are public too: `ReductionPlan` (what the callback is asked to do, steps as ints or fractions of the run),
-`TrainingOptions`, `build_optimizer` (the one place the optimizer is made), `run_training`, `write_output_folder`.
+The pieces are public too: `ReductionPlan` and `TrainingOptions` (`run_settings.py`: what the callback is asked to do,
+steps as ints or fractions of the run; Trainer settings), `build_optimizer` (the one place the optimizer is made),
+`run_training`, and the all-or-nothing output folder (`output_folder.py`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from .output_folder import check_output_dir, save_run
+from .run_settings import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_END_STEP,
+    DEFAULT_EPOCHS,
+    DEFAULT_LEARNING_RATE,
+    DEFAULT_NUM_INTERVALS,
+    DEFAULT_PRESET,
+    DEFAULT_START_STEP,
+    DEFAULT_TAU,
+    DEFAULT_TEXT_EPOCHS,
+    DEFAULT_TEXT_PRESET,
+    ReductionPlan,
+    TrainingOptions,
+    _is_int,
+)
 
 __all__ = [
     "ReductionPlan",
@@ -31,233 +48,11 @@ __all__ = [
     "digits_datasets",
     "train_preset",
     "train_on_dataset",
-    "check_output_dir",
-    "write_output_folder",
-    "default_num_threads",
-    "configure_threads",
-    "SUMMARY_FILE",
 ]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PRESET = "digits"  # `compressm train` without --dataset
-DEFAULT_TEXT_PRESET = "lm-small"  # `compressm train --dataset ...`
-DEFAULT_TAU = 0.05
-DEFAULT_EPOCHS = 50.0  # digits
-DEFAULT_TEXT_EPOCHS = 1.0
-DEFAULT_BATCH_SIZE = 64
-DEFAULT_LEARNING_RATE = 3e-3
-DEFAULT_BLOCK_SIZE = 128
-DEFAULT_START_STEP = 0.02
-DEFAULT_END_STEP = 0.3
-DEFAULT_NUM_INTERVALS = 6
-SUMMARY_FILE = "train_summary.json"
 SYNTHETIC_CORPUS = "synthetic"  # name of the generated toy corpus the causal-LM presets train on without --dataset
-
-
-# ------------------------------------------------------------------------------------------------ settings
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _resolve_step(value, max_steps: int, name: str) -> int:
-    """An absolute step (int >= 0) or a fraction of the run (float in [0, 1]) as an int step."""
-    if _is_int(value):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-        return value
-    if isinstance(value, float) and 0.0 <= value <= 1.0:
-        return int(value * max_steps)
-    raise ValueError(f"{name} must be an int step or a float fraction of the run in [0, 1], got {value!r}")
-
-
-@dataclass
-class ReductionPlan:
-    """What CompreSSMCallback is asked to do in a run. Steps are ints (optimizer steps) or floats (fractions of the
-    run's steps), resolved to ints by `resolve` once the run length is known.
-
-    Reductions are scheduled at steps start, start + interval, ... up to end inclusive (never at step 0). Without
-    an `interval`, it is (end - start) // num_intervals, which schedules num_intervals + 1 events when start > 0
-    (7 for the defaults: 2% to 30% of the run). `fraction`, `gate`, `min_dim`, `total_budget` left at None take the
-    callback's own defaults.
-    """
-
-    compress: bool = True
-    policy: str = "tolerance"
-    tau: float = DEFAULT_TAU
-    fraction: float | None = None
-    start_step: int | float = DEFAULT_START_STEP
-    end_step: int | float = DEFAULT_END_STEP
-    interval: int | float | None = None
-    num_intervals: int = DEFAULT_NUM_INTERVALS
-    gate: float | None = None
-    min_dim: int | None = None
-    total_budget: int | None = None
-
-    def resolve(self, max_steps: int) -> dict[str, int]:
-        """{"start_step", "end_step", "interval"} as ints for a run of `max_steps` steps."""
-        start = _resolve_step(self.start_step, max_steps, "start step")
-        end = _resolve_step(self.end_step, max_steps, "end step")
-        if isinstance(self.end_step, float):
-            end = max(start + 1, end)
-        if end < start:
-            raise ValueError(f"the end step ({end}) comes before the start step ({start})")
-        if self.interval is None:
-            if not _is_int(self.num_intervals) or self.num_intervals < 1:
-                raise ValueError(f"num_intervals must be a positive int, got {self.num_intervals!r}")
-            interval = max(1, (end - start) // self.num_intervals)
-        elif _is_int(self.interval) and self.interval >= 1:
-            interval = self.interval
-        elif isinstance(self.interval, float) and 0.0 < self.interval <= 1.0:
-            interval = max(1, int(round(self.interval * max_steps)))
-        else:
-            raise ValueError(
-                f"interval must be an int >= 1 or a float fraction of the run in (0, 1], got {self.interval!r}"
-            )
-        return {"start_step": start, "end_step": end, "interval": interval}
-
-    def make_callback(self, max_steps: int):
-        """A CompreSSMCallback for a run of `max_steps` steps, or None without compression. Its constructor checks
-        the values (ValueError)."""
-        if not self.compress:
-            return None
-        from .callback import CompreSSMCallback
-
-        optional = {name: getattr(self, name) for name in ("fraction", "gate", "min_dim", "total_budget")}
-        return CompreSSMCallback(
-            policy=self.policy, tau=self.tau, **self.resolve(max_steps),
-            **{name: value for name, value in optional.items() if value is not None},
-        )
-
-    def describe(self, max_steps: int) -> dict:
-        if not self.compress:
-            return {"compression": "none (baseline)"}
-        steps = self.resolve(max_steps)
-        out = {"policy": self.policy}
-        if self.policy in ("tolerance", "rollback"):
-            out["tau"] = self.tau
-        if self.policy == "fixed" and self.fraction is not None:
-            out["fraction"] = self.fraction
-        out["reduction steps"] = f"every {steps['interval']} from {steps['start_step']} to {steps['end_step']}"
-        for name in ("gate", "min_dim", "total_budget"):
-            if getattr(self, name) is not None:
-                out[name.replace("_", " ")] = getattr(self, name)
-        return out
-
-
-@dataclass
-class TrainingOptions:
-    """Trainer settings of a run. `epochs` and `max_steps` are alternatives (max_steps wins); without either the
-    recipe's default number of epochs is used."""
-
-    epochs: float | None = None
-    max_steps: int | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
-    eval_batch_size: int | None = None
-    learning_rate: float = DEFAULT_LEARNING_RATE
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    seed: int = 0
-    bf16: bool = False
-    report_to: str | list[str] = "none"
-    save_steps: int | None = None
-    checkpoint_dir: str | None = None
-    resume_from_checkpoint: str | None = None
-    show_progress: bool = True
-    callbacks: list = field(default_factory=list)
-
-    def validate(self) -> None:
-        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
-            raise ValueError(f"max_steps must be a positive int, got {self.max_steps!r}")
-        if self.epochs is not None and (not isinstance(self.epochs, (int, float)) or self.epochs <= 0):
-            raise ValueError(f"epochs must be positive, got {self.epochs!r}")
-        for name in ("batch_size",) + (("eval_batch_size",) if self.eval_batch_size is not None else ()):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
-        if self.save_steps is not None and (not _is_int(self.save_steps) or self.save_steps < 1):
-            raise ValueError(f"save_steps must be a positive int, got {self.save_steps!r}")
-        self._check_report_to()
-
-    def _check_report_to(self) -> None:
-        """ValueError for a --report-to integration that is unknown or not installed (the Trainer would fail only
-        when it is built)."""
-        from transformers.integrations import get_available_reporting_integrations
-        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-        requested = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
-        installed = set(get_available_reporting_integrations())
-        for name in requested:
-            if name in ("none", "all"):
-                continue
-            if name not in INTEGRATION_TO_CALLBACK:
-                raise ValueError(f"unknown --report-to {name!r}; choose from none, all, "
-                                 f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
-            if name not in installed:
-                raise ValueError(f"--report-to {name}: the {name} package is not installed (pip install {name})")
-
-    def total_steps(self, num_examples: int, default_epochs: float) -> int:
-        if self.max_steps is not None:
-            return self.max_steps
-        epochs = self.epochs if self.epochs is not None else default_epochs
-        return max(1, int(round(epochs * math.ceil(num_examples / self.batch_size))))
-
-    def checkpoint_folder(self, output_dir: str | None) -> str | None:
-        """Where Trainer checkpoints go: `checkpoint_dir`, else `<output_dir>-checkpoints` when checkpoints are saved
-        or resumed from, else None (a temporary folder)."""
-        if self.checkpoint_dir is not None:
-            return self.checkpoint_dir
-        if (self.save_steps is not None or self.resume_from_checkpoint is not None) and output_dir is not None:
-            return os.path.normpath(output_dir) + "-checkpoints"
-        return None
-
-    def resolve_resume(self, output_dir: str | None) -> str | None:
-        """The checkpoint folder to resume from ("last": the newest one in the checkpoint folder); ValueError when
-        it does not exist."""
-        if self.resume_from_checkpoint is None:
-            return None
-        if self.resume_from_checkpoint == "last":
-            from transformers.trainer_utils import get_last_checkpoint
-
-            folder = self.checkpoint_folder(output_dir)
-            last = get_last_checkpoint(folder) if folder and os.path.isdir(folder) else None
-            if last is None:
-                raise ValueError(f"--resume-from-checkpoint last: no checkpoint-* folder in {folder!r}")
-            return last
-        if not os.path.isfile(os.path.join(self.resume_from_checkpoint, "trainer_state.json")):
-            raise ValueError(
-                f"--resume-from-checkpoint {self.resume_from_checkpoint!r} is not a Trainer checkpoint folder "
-                "(no trainer_state.json); give a checkpoint-N folder or 'last'"
-            )
-        return self.resume_from_checkpoint
-
-
-def default_num_threads() -> int:
-    """torch threads `compressm` uses when neither --threads nor OMP_NUM_THREADS is set: half the CPUs this process
-    may run on, at most 4, at least 1. torch's own default (one per core) made a 20 s run take 616 s on a loaded
-    2-core machine (47 s with one thread); small LRU models gain little from more threads."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(4, cpus // 2))
-
-
-def configure_threads(threads: int | None) -> tuple[int, str]:
-    """Set torch's intra-op threads: `threads` when given, else keep OMP_NUM_THREADS when set, else
-    `default_num_threads()`. Returns (threads in use, where the number came from)."""
-    import torch
-
-    if threads is not None:
-        if not _is_int(threads) or threads < 1:
-            raise ValueError(f"threads must be a positive int, got {threads!r}")
-        torch.set_num_threads(threads)
-        return threads, "--threads"
-    if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads(), "OMP_NUM_THREADS"
-    torch.set_num_threads(default_num_threads())
-    return torch.get_num_threads(), "default"
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -356,107 +151,6 @@ def run_training(model, train_dataset, eval_dataset, *, options: TrainingOptions
         train_seconds = time.perf_counter() - started
     tokens = int(trainer.state.num_input_tokens_seen) if count_tokens != "no" else None
     return TrainingRun(trainer=trainer, train_seconds=train_seconds, max_steps=max_steps, tokens_seen=tokens)
-
-
-# ------------------------------------------------------------------------------------------------ output folder
-def _looks_like_compressm_output(path: str) -> bool:
-    if os.path.isfile(os.path.join(path, SUMMARY_FILE)):
-        return True
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
-            return json.load(handle).get("model_type") == "compressm"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def check_output_dir(path: str, overwrite: bool = False) -> None:
-    """ValueError when `path` is a file, or a non-empty folder that is not an earlier CompreSSM output (and
-    `overwrite` is False): `write_output_folder` would replace it as a whole."""
-    if os.path.isfile(path):
-        raise ValueError(f"output dir {path!r} is a file; choose another --output-dir")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite and not _looks_like_compressm_output(path):
-        raise ValueError(
-            f"output dir {path!r} already holds files that are not a CompreSSM model; choose another --output-dir "
-            "or pass --overwrite-output-dir"
-        )
-
-
-def write_output_folder(path: str, write) -> str:
-    """Call `write(folder)` on a fresh hidden folder next to `path`, then put it in place of `path` (an earlier
-    folder there is removed only after the new one is complete). On any error nothing changes at `path`.
-
-    Returns:
-        the absolute path.
-    """
-    path = os.path.abspath(path)
-    parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
-    try:
-        write(staging)
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rmdir(old)
-            os.replace(path, old)
-        os.replace(staging, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return path
-
-
-def _write_summary(folder: str, summary: dict) -> None:
-    serialisable = {key: value for key, value in summary.items() if key not in ("model", "tokenizer", "log_history")}
-    with open(os.path.join(folder, SUMMARY_FILE), "w", encoding="utf-8") as handle:
-        json.dump(serialisable, handle, indent=1)
-        handle.write("\n")
-
-
-def _save(summary: dict, output_dir: str, overwrite: bool) -> None:
-    """Write model (+ card with the run's training info), tokenizer and summary into `output_dir` as a whole."""
-    from .tokenization import save_tokenizer
-
-    model, tokenizer = summary["model"], summary.get("tokenizer")
-    model.compressm_training_info = training_info(summary)
-    summary["output_dir"] = os.path.abspath(output_dir)
-    check_output_dir(output_dir, overwrite)
-
-    def write(folder):
-        model.save_pretrained(folder)
-        if tokenizer is not None:
-            save_tokenizer(tokenizer, folder)
-        _write_summary(folder, summary)
-
-    write_output_folder(output_dir, write)
-
-
-def training_info(summary: dict) -> dict:
-    """The model card's "Training" section for a run summary (data, settings, metrics)."""
-    data = {label: summary[key]
-            for key, label in (("dataset", "dataset"), ("dataset_config", "dataset config"), ("split", "split"),
-                               ("validation", "evaluated on"), ("task", "task"), ("text_column", "text column"),
-                               ("label_column", "label column"), ("tokenizer_name", "tokenizer"),
-                               ("block_size", "block size"), ("train_examples", "training examples"),
-                               ("eval_examples", "evaluation examples"))
-            if summary.get(key) is not None}
-    settings = dict(summary.get("reduction") or {})
-    settings.update({key.replace("_", " "): summary[key] for key in ("max_steps", "batch_size", "learning_rate", "seed")
-                     if summary.get(key) is not None})
-    metrics = {}
-    for key, label in (("test_accuracy", "test accuracy"), ("test_loss", "test loss"),
-                       ("test_perplexity", "test perplexity"), ("eval_accuracy", "eval accuracy"),
-                       ("eval_loss", "eval loss"), ("eval_perplexity", "eval perplexity"),
-                       ("bits_per_byte", "eval bits per byte"), ("train_seconds", "training wall-clock (s)"),
-                       ("tokens_per_second", "training tokens / s"), ("threads", "torch threads"),
-                       ("device", "device")):
-        if summary.get(key) is not None:
-            value = summary[key]
-            metrics[label] = round(value, 4) if isinstance(value, float) else value
-    metrics["state dims"] = f"{summary['dims_before']} -> {summary['dims_after']}"
-    return {"Data": data, "Settings": settings, "Metrics": metrics}
 
 
 # ------------------------------------------------------------------------------------------------ digits presets
@@ -639,7 +333,7 @@ def _finish(summary: dict, started: float, output_dir, overwrite: bool, push_to_
     """Save the output folder and push it (when asked); set the summary's total wall-clock."""
     if output_dir is not None:
         summary["total_seconds"] = time.perf_counter() - started
-        _save(summary, output_dir, overwrite)
+        save_run(summary, output_dir, overwrite)
         if push_to_hub:
             from .publish import push_folder_to_hub
 
@@ -783,7 +477,7 @@ def train_on_dataset(
     summary = {
         "preset": str(preset), "task": task, "dataset": dataset_name,
         "dataset_config": dataset_config, "split": split if isinstance(dataset, str) else None,
-        "validation": _validation_description(splits, split, validation_fraction),
+        "validation": _validation_description(splits, split, eval_split),
         "text_column": text_column, "label_column": label_column if task == "classification" else None,
         "tokenizer_name": tokenizer_name, "vocab_size": len(tokenizer), "block_size": block_size,
         "train_examples": len(train_data), "eval_examples": len(eval_data),
@@ -803,9 +497,14 @@ def train_on_dataset(
     return summary
 
 
-def _validation_description(splits, train_split: str, validation_fraction: float | None) -> str:
+def _validation_description(splits, train_split: str, eval_split: str | None) -> str:
+    """Where the evaluation rows came from, for the summary and the model card."""
     train, validation = splits["train"], splits["validation"]
-    if validation.split is not None and str(validation.split) != str(train.split):
+    if eval_split is not None:
+        return f"split {eval_split!r}"
+    if validation.split is None:
+        return "the given 'validation' split"
+    if str(validation.split) != str(train.split):
         return f"split {str(validation.split)!r}"
     fraction = len(validation) / (len(validation) + len(train))
     return f"{len(validation)} rows ({fraction:.0%}) held out of split {train_split!r}"

@@ -142,7 +142,9 @@ def load_text_dataset(
     train = loaded[split]
     if eval_split is not None:
         if eval_split not in loaded:
-            raise ValueError(f"dataset {spec!r} has no split {eval_split!r} (splits: {names}); choose one with --eval-split")
+            raise ValueError(
+                f"dataset {spec!r} has no split {eval_split!r} (splits: {names}); choose one with --eval-split"
+            )
         validation = loaded[eval_split]
     elif validation_fraction is None and "validation" in loaded and split != "validation":
         validation = loaded["validation"]

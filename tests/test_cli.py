@@ -20,6 +20,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from fake_hub import install_fake_hub
+from without_package import BLOCK_PACKAGE
 from modeling_compressm.cli import build_parser, main
 from modeling_compressm.data import DigitsSequenceDataset, digits_collator, load_digits_sequences
 
@@ -70,42 +72,13 @@ def text_data(tmp_path_factory):
             "reviews": str(root / "reviews.jsonl"), "cache": str(root / "datasets-cache")}
 
 
-class _FakeHub:
-    """Stands in for transformers' HfApi: records create_repo and the files of create_commit (read at commit time,
-    while push_to_hub's temporary folder still exists)."""
-
-    def __init__(self):
-        self.repos, self.commits = [], []
-
-    def create_repo(self, repo_id, private=None, **kwargs):
-        self.repos.append((repo_id, private))
-        return type("RepoUrl", (), {"repo_id": repo_id})()
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
-        self.commits.append({"repo_id": repo_id, "files": files, **kwargs})
-        return f"https://huggingface.co/{repo_id}/commit/0"
-
-
 @pytest.fixture(scope="module")
 def trained_lm(text_data, tmp_path_factory):
     """ONE `compressm train` command (the README's own-data example): local text file + tokenizer trained here,
     reduced while training, then pushed to an intercepted Hub."""
-    import huggingface_hub
-    import transformers.utils.hub
-    from huggingface_hub.errors import EntryNotFoundError
-
     output_dir = tmp_path_factory.mktemp("lm") / "tiny-lm"
-    hub = _FakeHub()
-
-    def no_card_on_hub(cls, repo_id, *args, **kwargs):
-        raise EntryNotFoundError(f"{repo_id} has no README.md")
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(transformers.utils.hub, "hf_api", lambda: hub)
-        patch.setattr(huggingface_hub.ModelCard, "load", classmethod(no_card_on_hub))
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        patch.setenv("HF_TOKEN", "hf_fake_token_for_the_test")
+        hub = install_fake_hub(patch)
         stdout, stderr = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             status = main(["train", "--dataset", text_data["corpus"], "--tokenizer", text_data["tokenizer"], *TINY_LM,
@@ -156,19 +129,9 @@ def test_push_uploads_the_output_folder_in_one_commit(trained_lm):
     assert "pushed to     : someone/tiny-lm" in trained_lm["out"]
 
 
-REMOTE_SCRIPT = textwrap.dedent(
+REMOTE_SCRIPT = BLOCK_PACKAGE + textwrap.dedent(
     r"""
-    import importlib.abc, json, os, sys
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling_compressm", "compressm_kernels"):
-                raise ImportError(f"{name} is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, Block())
-    repo_root = os.path.realpath(sys.argv[1])
-    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.realpath(p) != repo_root]
+    import json
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
@@ -413,7 +376,8 @@ def test_short_training_run_prints_table_and_saves(tmp_path, capsys):
 
 
 def test_no_compress_keeps_sizes(tmp_path, capsys):
-    status = main(["train", "--max-steps", "5", "--no-compress", "--output-dir", str(tmp_path / "base"), "--no-progress"])
+    status = main(["train", "--max-steps", "5", "--no-compress", "--output-dir", str(tmp_path / "base"),
+                   "--no-progress"])
     out = capsys.readouterr().out
     assert status == 0
     assert "no compression" in out and "reductions    : 0" in out
@@ -503,7 +467,7 @@ def test_digits_data():
 def test_console_script_default_run(tmp_path):
     """`compressm train` (the README's first command) in a fresh directory, shortened to 30 steps: the default
     preset, output folder, progress bar and thread setting (OMP_NUM_THREADS unset)."""
-    from modeling_compressm.recipe import default_num_threads
+    from modeling_compressm.run_settings import default_num_threads
 
     script = shutil.which("compressm", path=os.path.dirname(sys.executable)) or shutil.which("compressm")
     if script is None:

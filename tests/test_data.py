@@ -115,7 +115,8 @@ def test_hub_dataset_id_loads_from_the_local_cache_while_offline(tmp_path, monke
     source = _write(tmp_path, "jsonl")
     cache = tmp_path / "cache"
     files = DataFilesDict.from_patterns({"train": [source], "validation": [source]}, base_path=str(tmp_path))
-    Json(cache_dir=str(cache), dataset_name="toy", data_files=files, hash="0", config_id="default").download_and_prepare()
+    builder = Json(cache_dir=str(cache), dataset_name="toy", data_files=files, hash="0", config_id="default")
+    builder.download_and_prepare()
     os.rename(cache / "toy", cache / "someone___toy")  # how datasets stores the Hub dataset "someone/toy"
     splits = load_text_dataset("someone/toy", cache_dir=str(cache))
     assert len(splits["train"]) == len(splits["validation"]) == len(DOCUMENTS)  # its own validation split is used
@@ -173,6 +174,12 @@ def test_packing_is_cached_so_a_second_run_does_not_tokenize(tmp_path, monkeypat
     other_tokenizer.add_special_tokens({"additional_special_tokens": ["<sep>"]})
     pack_dataset(load_text_dataset(spec, cache_dir=cache), other_tokenizer, block_size=16)
     assert _CallCounter.calls == 4  # another tokenizer is another cache entry
+
+    in_two_processes = pack_dataset(load_text_dataset(spec, cache_dir=cache), byte_level_tokenizer(), block_size=16,
+                                    num_proc=2, map_batch_size=20)
+    in_one = pack_dataset(load_text_dataset(spec, cache_dir=cache), byte_level_tokenizer(), block_size=16,
+                          map_batch_size=20)
+    assert in_two_processes["train"]["input_ids"] == in_one["train"]["input_ids"]
 
 
 def test_tokenizer_trained_with_the_tokenizers_library_packs(tmp_path):
@@ -250,7 +257,8 @@ def test_tokenize_for_classification(tmp_path):
 @pytest.mark.parametrize(
     "make, call, message",
     [
-        (lambda tmp: _write(tmp, "jsonl"), lambda spec, cache: load_text_dataset(spec, columns=("body",), cache_dir=cache),
+        (lambda tmp: _write(tmp, "jsonl"),
+         lambda spec, cache: load_text_dataset(spec, columns=("body",), cache_dir=cache),
          r"has no column 'body' in its training split \(columns: text, label\); name the right one with --text-column"),
         (lambda tmp: str(tmp / "missing.txt"), lambda spec, cache: load_text_dataset(spec, cache_dir=cache),
          r"dataset file or folder '.*missing.txt' does not exist"),
@@ -284,13 +292,13 @@ def test_hub_ids_while_offline_name_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match=r"dataset 'someone/not-cached' is not a local file or folder and is not in the "
-                                         r"datasets cache, and the Hugging Face Hub cannot be reached"):
+    with pytest.raises(ValueError, match=r"dataset 'someone/not-cached' is not a local file or folder and is not in "
+                                         r"the datasets cache, and the Hugging Face Hub cannot be reached"):
         load_text_dataset("someone/not-cached", cache_dir=str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(ValueError, match=r"tokenizer 'someone/not-cached' is not a local folder and could not be loaded "
-                                         r"from the Hugging Face Hub or its local cache \(offline mode is on"):
+    with pytest.raises(ValueError, match=r"tokenizer 'someone/not-cached' is not a local folder and could not be "
+                                         r"loaded from the Hugging Face Hub or its local cache \(offline mode is on"):
         load_tokenizer("someone/not-cached")
     with pytest.raises(ValueError, match="tokenizer folder './nope' does not exist"):
         load_tokenizer("./nope")
