@@ -8,14 +8,9 @@ import torch
 
 from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM
 from modeling_compressm.model_card import render_model_card
-from modeling_compressm.recipe import (
-    ReductionPlan,
-    TrainingOptions,
-    build_optimizer,
-    configure_threads,
-    default_num_threads,
-    write_output_folder,
-)
+from modeling_compressm.output_folder import write_output_folder
+from modeling_compressm.recipe import build_optimizer
+from modeling_compressm.run_settings import ReductionPlan, TrainingOptions, configure_threads, default_num_threads
 
 
 def test_reduction_plan_resolves_steps_and_fractions():
@@ -65,8 +60,9 @@ def test_build_optimizer_decays_weights_but_not_norms():
     model = CompreSSMForCausalLM(CompreSSMConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, state_dims=4))
     optimizer = build_optimizer(model, learning_rate=0.01, weight_decay=0.1)
     names = {id(parameter): name for name, parameter in model.named_parameters()}
-    decayed = {names[id(p)] for group in optimizer.param_groups if group["weight_decay"] == 0.1 for p in group["params"]}
-    plain = {names[id(p)] for group in optimizer.param_groups if group["weight_decay"] == 0.0 for p in group["params"]}
+    groups = optimizer.param_groups
+    decayed = {names[id(p)] for group in groups if group["weight_decay"] == 0.1 for p in group["params"]}
+    plain = {names[id(p)] for group in groups if group["weight_decay"] == 0.0 for p in group["params"]}
     assert decayed | plain == set(names.values()) and not decayed & plain
     assert all("norm" in name or name.endswith("bias") for name in plain) and plain
     assert any("B_re" in name for name in decayed) and all(g["lr"] == 0.01 for g in optimizer.param_groups)
@@ -128,3 +124,23 @@ def test_model_card_training_section_and_post_hoc_wording():
     model.reduction_history.insert(0, {"step": 10, "policy": "tolerance", "dims_before": [8, 8],
                                        "dims_after": [6, 6], "kept_energy": [1.0, 1.0]})
     assert "during training and afterwards (post hoc" in render_model_card(model)
+
+
+def test_declared_dependencies_are_used():
+    """Every install_requires entry earns its place (imported by the package, or needed by the Trainer at run time);
+    `evaluate` is not declared: it would fetch metric modules from the Hub."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    block = re.search(r"install_requires=\[(.*?)\]", (root / "setup.py").read_text(), re.S).group(1)
+    names = {re.match(r"[A-Za-z0-9_.-]+", item).group(0).lower()
+             for item in re.findall(r'"([^"]+)"', block)}
+    assert "evaluate" not in names and "tqdm" not in names
+    sources = "\n".join(path.read_text() for folder in ("modeling_compressm", "kernels")
+                        for path in (root / folder).glob("*.py"))
+    imported_as = {"scikit-learn": "sklearn"}
+    needed_by_the_trainer_or_format = {"accelerate", "safetensors"}
+    for name in names - needed_by_the_trainer_or_format:
+        module = imported_as.get(name, name).replace("-", "_")
+        assert re.search(rf"^\s*(import|from) {module}\b", sources, re.M), f"{name} is declared but never imported"
