@@ -15,6 +15,7 @@ steps as ints or fractions of the run; Trainer settings), `build_optimizer` (the
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -84,6 +85,8 @@ class TrainingRun:
     train_seconds: float
     max_steps: int
     tokens_seen: int | None
+    resumed_from: str | None = None  # the checkpoint the run continued from
+    resumed_at_step: int | None = None  # its global step: this process trained max_steps - resumed_at_step steps
 
 
 def run_training(model, train_dataset, eval_dataset, *, options: TrainingOptions, plan: ReductionPlan,
@@ -150,7 +153,12 @@ def run_training(model, train_dataset, eval_dataset, *, options: TrainingOptions
         trainer.train(resume_from_checkpoint=resume)
         train_seconds = time.perf_counter() - started
     tokens = int(trainer.state.num_input_tokens_seen) if count_tokens != "no" else None
-    return TrainingRun(trainer=trainer, train_seconds=train_seconds, max_steps=max_steps, tokens_seen=tokens)
+    resumed_at = None
+    if resume is not None:
+        with open(os.path.join(resume, "trainer_state.json"), encoding="utf-8") as handle:
+            resumed_at = int(json.load(handle)["global_step"])
+    return TrainingRun(trainer=trainer, train_seconds=train_seconds, max_steps=max_steps, tokens_seen=tokens,
+                       resumed_from=os.path.abspath(resume) if resume else None, resumed_at_step=resumed_at)
 
 
 # ------------------------------------------------------------------------------------------------ digits presets
@@ -198,6 +206,8 @@ def _common_summary(model, run: TrainingRun, plan: ReductionPlan, dims_before, p
         "params_before": params_before,
         "params_after": sum(parameter.numel() for parameter in model.parameters()),
         "train_seconds": run.train_seconds,
+        "resumed_from": run.resumed_from,
+        "resumed_at_step": run.resumed_at_step,
         "threads": torch.get_num_threads(),
         "device": str(run.trainer.args.device),
         "events": [
