@@ -23,6 +23,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from transformers import TrainerCallback
+
 from .output_folder import check_output_dir, save_run
 from .run_settings import (
     DEFAULT_BATCH_SIZE,
@@ -85,6 +87,8 @@ class TrainingRun:
     train_seconds: float
     max_steps: int
     tokens_seen: int | None
+    steps_run: int = 0  # optimizer steps taken in this process (fewer than max_steps after a resume)
+    tokens_run: int | None = None  # input tokens fed in this process
     resumed_from: str | None = None  # the checkpoint the run continued from
     resumed_at_step: int | None = None  # its global step: this process trained max_steps - resumed_at_step steps
 
@@ -149,16 +153,30 @@ def run_training(model, train_dataset, eval_dataset, *, options: TrainingOptions
 
             trainer.remove_callback(PrinterCallback)
             trainer.remove_callback(ProgressCallback)
+        counter = _StepCounter()
+        trainer.add_callback(counter)
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=resume)
         train_seconds = time.perf_counter() - started
     tokens = int(trainer.state.num_input_tokens_seen) if count_tokens != "no" else None
-    resumed_at = None
+    resumed_at, tokens_before = None, 0
     if resume is not None:
         with open(os.path.join(resume, "trainer_state.json"), encoding="utf-8") as handle:
-            resumed_at = int(json.load(handle)["global_step"])
+            state = json.load(handle)
+        resumed_at, tokens_before = int(state["global_step"]), int(state.get("num_input_tokens_seen") or 0)
     return TrainingRun(trainer=trainer, train_seconds=train_seconds, max_steps=max_steps, tokens_seen=tokens,
+                       steps_run=counter.steps, tokens_run=None if tokens is None else tokens - tokens_before,
                        resumed_from=os.path.abspath(resume) if resume else None, resumed_at_step=resumed_at)
+
+
+class _StepCounter(TrainerCallback):
+    """Counts the optimizer steps taken in this process (after a resume: fewer than max_steps)."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
 
 
 # ------------------------------------------------------------------------------------------------ digits presets
@@ -206,6 +224,7 @@ def _common_summary(model, run: TrainingRun, plan: ReductionPlan, dims_before, p
         "params_before": params_before,
         "params_after": sum(parameter.numel() for parameter in model.parameters()),
         "train_seconds": run.train_seconds,
+        "steps_run": run.steps_run,
         "resumed_from": run.resumed_from,
         "resumed_at_step": run.resumed_at_step,
         "threads": torch.get_num_threads(),
@@ -317,8 +336,9 @@ def train_preset(
                **_common_summary(model, run, plan, dims_before, params_before, options)}
     summary["test_loss"] = float(metrics["eval_loss"])
     summary["test_accuracy"] = float(metrics["eval_accuracy"])
-    summary["tokens_per_second"] = _digits_steps_seen(len(train_dataset), options.batch_size, steps) / max(
-        run.train_seconds, 1e-9)
+    pixels = _digits_steps_seen(len(train_dataset), options.batch_size, steps) - _digits_steps_seen(
+        len(train_dataset), options.batch_size, run.resumed_at_step or 0)
+    summary["tokens_per_second"] = pixels / max(run.train_seconds, 1e-9)
     _finish(summary, started, output_dir, overwrite_output_dir, push_to_hub, hub_model_id, hub_private)
     return summary
 
@@ -502,7 +522,7 @@ def train_on_dataset(
         summary["eval_accuracy"] = float(metrics["eval_accuracy"])
         summary["labels"] = list(labels)
     summary["tokens_seen"] = run.tokens_seen
-    summary["tokens_per_second"] = (run.tokens_seen or 0) / max(run.train_seconds, 1e-9)
+    summary["tokens_per_second"] = (run.tokens_run or 0) / max(run.train_seconds, 1e-9)  # this process only
     _finish(summary, started, output_dir, overwrite_output_dir, push_to_hub, hub_model_id, hub_private)
     return summary
 

@@ -244,7 +244,7 @@ def test_bytes_tokenizer_on_jsonl_and_resume_from_checkpoint(text_data, tmp_path
     resumed = json.loads((tmp_path / "part" / "train_summary.json").read_text())
     out = capsys.readouterr().out
     assert resumed["resumed_from"] == str(checkpoints / "checkpoint-4") and resumed["resumed_at_step"] == 4
-    assert full["resumed_from"] is None
+    assert full["resumed_from"] is None and (full["steps_run"], resumed["steps_run"]) == (8, 4)
     assert resumed["dims_after"] == full["dims_after"] and resumed["events"] == full["events"]
     assert resumed["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-5), out
     assert resumed["vocab_size"] == 258 and resumed["tokenizer_name"].startswith("bytes")

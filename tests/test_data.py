@@ -56,7 +56,7 @@ def _write(tmp_path, kind: str) -> str:
                 "".join(json.dumps(row) + "\n" for row in DOCUMENTS[part * 20:(part + 1) * 20]), encoding="utf-8")
     elif kind == "save_to_disk":
         path = tmp_path / "saved"
-        datasets.DatasetDict({"train": datasets.Dataset.from_list(DOCUMENTS)}).save_to_disk(str(path))
+        datasets.Dataset.from_list(DOCUMENTS).save_to_disk(str(path))  # load_dataset refuses it: load_from_disk
     return str(path)
 
 
