@@ -18,6 +18,7 @@ Rank 0 writes a JSON report (see `main`). Usage:
 """
 
 import copy
+import faulthandler
 import json
 import os
 import sys
@@ -118,6 +119,7 @@ def optimizer_facts(model, optimizer):
 
 
 def main(output_dir, report_path):
+    faulthandler.dump_traceback_later(200, exit=True)  # a hang shows its stack before the test's guard kills it
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
