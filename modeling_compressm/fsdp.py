@@ -223,7 +223,9 @@ def _collect_slots(model: nn.Module) -> list[_Slot]:
                 raise DistributedReductionError(
                     f"LRU layer {layer_index} parameter {name!r} is replicated, not sharded ({type(mesh_info).__name__})"
                 )
-            slots.append(_Slot(layer_index, name, layer, group, position, fsdp_param, layer._parameters[name]))
+            # FSDP's sharded DTensor, not whatever is registered now (an unsharded group registers its all-gathered
+            # parameters, whose storage the reshard before the gather frees)
+            slots.append(_Slot(layer_index, name, layer, group, position, fsdp_param, fsdp_param.sharded_param))
     return slots
 
 
@@ -313,6 +315,12 @@ def _check_groups_idle(slots: list[_Slot]) -> None:
             )
         if not group.is_sharded:  # e.g. the root after an evaluation forward (reshard_after_forward=False)
             group.reshard()
+    for slot in slots:
+        if slot.module._parameters[slot.name] is not slot.sharded:
+            raise DistributedReductionError(
+                f"LRU layer {slot.layer} parameter {slot.name!r} is not FSDP's sharded parameter after resharding "
+                "(was it replaced outside FSDP?)"
+            )
 
 
 def _check_same_layout(slots: list[_Slot], group, device, timeout: timedelta) -> None:

@@ -104,7 +104,8 @@ def reduce_ddp(accelerator, model, optimizer):
 
 
 def main(mode, output_dir, report_path):
-    faulthandler.dump_traceback_later(200, exit=True)  # a hang shows its stack before the test's guard kills it
+    faulthandler.enable()  # a crash or a hang shows its stack (the latter before the test's guard kills it)
+    faulthandler.dump_traceback_later(200, exit=True)
     torch.set_num_threads(1)
     if mode == "fsdp2":
         plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")

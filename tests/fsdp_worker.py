@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from modeling_compressm import CompreSSMConfig, CompreSSMForSequenceClassification
 from modeling_compressm.fsdp import (
@@ -119,7 +119,8 @@ def optimizer_facts(model, optimizer):
 
 
 def main(output_dir, report_path):
-    faulthandler.dump_traceback_later(200, exit=True)  # a hang shows its stack before the test's guard kills it
+    faulthandler.enable()  # a crash or a hang shows its stack (the latter before the test's guard kills it)
+    faulthandler.dump_traceback_later(200, exit=True)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -229,6 +230,37 @@ def main(output_dir, report_path):
     all_losses = [None] * world
     dist.all_gather_object(all_losses, report["losses"])
     report["losses_per_rank"] = all_losses
+
+    # ---- other sharding layouts, reduced right after an evaluation forward (which leaves unsharded groups behind)
+    report["variants"] = {}
+    for variant in ("root_only", "bf16_keep_unsharded"):
+        other = make_model([16, 15])
+        if variant == "root_only":  # every parameter in the root's group, which stays unsharded after forward
+            fully_shard(other)
+        else:  # bf16 all-gathers: the full values must still come from the fp32 shards
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            for block in other.model.layers:
+                fully_shard(block, mp_policy=policy, reshard_after_forward=False)
+            fully_shard(other, mp_policy=policy)
+        other_optimizer, other_scheduler = make_optimizer(other)
+        train(other, other_optimizer, other_scheduler, range(1), rank)
+        before_variant = full_state(other)  # (a state dict reshards every group: take it before the forward)
+        probe_logits(other)
+        with full_lru_parameters(other, other_optimizer) as session:
+            if rank == 0:
+                other.reduce(FIRST_RANKS)
+        after_variant = full_state(other)
+        plain = make_model([16, 15])
+        plain.load_state_dict(before_variant)
+        plain.reduce(FIRST_RANKS)
+        losses = train(other, other_optimizer, other_scheduler, range(1, 3), rank)
+        report["variants"][variant] = {
+            "changed_layers": session.changed_layers,
+            "diff_vs_plain_reduce": max_diff(after_variant, plain.state_dict()),
+            "dtypes": sorted({str(tensor.dtype) for tensor in after_variant.values()}),
+            "losses_finite": all(loss == loss for loss in losses),
+            "holds_exactly_model_params": optimizer_facts(other, other_optimizer)["holds_exactly_model_params"],
+        }
 
     # ---- fault 1: rank 1 raises inside the block -> every rank raises, nothing changes, training goes on
     before = full_state(model)

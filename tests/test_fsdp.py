@@ -90,3 +90,13 @@ def test_missing_rank_times_out_with_clear_error(report):
     assert "every rank must run the reduction at the same step" in fault["error"]
     assert fault["seconds"] < 5.5  # the other rank only returns after 6 s: the error came from the timeout
     assert fault["dims"] == [6, 7]
+
+
+@pytest.mark.parametrize("variant", ["root_only", "bf16_keep_unsharded"])
+def test_other_sharding_layouts(report, variant):
+    result = report["variants"][variant]
+    assert result["changed_layers"] == [0, 1]
+    # gathered from the fp32 shards even though forward all-gathers bf16; bit-identical to a plain reduction
+    assert result["dtypes"] == ["torch.float32"]
+    assert result["diff_vs_plain_reduce"] == 0.0
+    assert result["losses_finite"] and result["holds_exactly_model_params"]
