@@ -200,7 +200,6 @@ def _fsdp_param_slots(model: nn.Module) -> dict[tuple[int, str], tuple[object, i
 
 
 def _collect_slots(model: nn.Module) -> list[_Slot]:
-    _, FSDPParam, _ = _fsdp_classes()
     managed = _fsdp_param_slots(model)
     slots = []
     for layer_index, layer in enumerate(model.lru_layers()):
@@ -246,6 +245,22 @@ def _register(module: nn.Module, name: str, parameter: nn.Parameter) -> None:
     module._parameters[name] = parameter
 
 
+_FSDP_PARAM_ARGUMENTS = ("param", "module_info", "mesh_info", "post_forward_mesh_info", "device", "shard_placement_fn",
+                         "mp_policy", "offload_policy")
+
+
+def _check_fsdp_param_api() -> None:
+    """Fail before any collective if this torch's FSDPParam constructor is not the one `_new_fsdp_param` calls."""
+    _, FSDPParam, _ = _fsdp_classes()
+    accepted = inspect.signature(FSDPParam.__init__).parameters
+    required = {name for name, p in accepted.items() if name != "self" and p.default is inspect.Parameter.empty}
+    if not set(_FSDP_PARAM_ARGUMENTS) <= set(accepted) or not required <= set(_FSDP_PARAM_ARGUMENTS):
+        raise DistributedReductionError(
+            f"this torch ({torch.__version__}) changed FSDP2's FSDPParam constructor ({list(accepted)[1:]}); "
+            "re-sharding a resized parameter is tested with torch 2.13"
+        )
+
+
 def _new_fsdp_param(slot: _Slot, full: torch.Tensor):
     """A fresh FSDPParam for `full` in the slot's group, with the old one's placement, meshes and policies.
 
@@ -264,7 +279,7 @@ def _new_fsdp_param(slot: _Slot, full: torch.Tensor):
         def shard_placement_fn(_param):
             return ShardPlacementResult(placement=placement, mesh_info=mesh_info)
 
-    arguments = {
+    arguments = {  # keep in step with _FSDP_PARAM_ARGUMENTS
         "param": parameter,
         "module_info": old._module_info,
         "mesh_info": group.mesh_info,
@@ -274,15 +289,6 @@ def _new_fsdp_param(slot: _Slot, full: torch.Tensor):
         "mp_policy": old.mp_policy,
         "offload_policy": group.offload_policy,
     }
-    accepted = inspect.signature(FSDPParam.__init__).parameters
-    missing = [name for name in arguments if name not in accepted]
-    if missing or any(
-        p.default is inspect.Parameter.empty and name not in arguments and name != "self" for name, p in accepted.items()
-    ):
-        raise DistributedReductionError(
-            f"this torch ({torch.__version__}) changed FSDP2's FSDPParam constructor ({list(accepted)}); re-sharding "
-            "a resized parameter is tested with torch 2.13"
-        )
     new = FSDPParam(**arguments)
     new._param_fqn = old._param_fqn
     return new
@@ -323,17 +329,17 @@ def _check_groups_idle(slots: list[_Slot]) -> None:
             )
 
 
-def _check_same_layout(slots: list[_Slot], group, device, timeout: timedelta) -> None:
+def _check_same_layout(slots: list[_Slot], process_group, device, timeout: timedelta) -> None:
     """Every rank must hold the same LRU parameter shapes, or the gathers would mix different models."""
     layout = [len(slots)] + [size for slot in slots for size in (slot.layer, *slot.fsdp_param._orig_size)]
     count = torch.tensor([len(layout)], dtype=torch.int64, device=device)
-    counts = _all_gather(count, group, "start of the reduction (layout check)", timeout)
+    counts = _all_gather(count, process_group, "start of the reduction (layout check)", timeout)
     if any(int(other.item()) != len(layout) for other in counts):
         raise DistributedReductionError(
             f"ranks hold different LRU layouts (parameter shape lists of lengths {[int(c.item()) for c in counts]})"
         )
     mine = torch.tensor(layout, dtype=torch.int64, device=device)
-    layouts = _all_gather(mine, group, "start of the reduction (layout check)", timeout)
+    layouts = _all_gather(mine, process_group, "start of the reduction (layout check)", timeout)
     if any(not torch.equal(other, mine) for other in layouts):
         raise DistributedReductionError(
             f"ranks hold differently shaped LRU parameters (rank {dist.get_rank()}: "
@@ -382,6 +388,7 @@ def full_lru_parameters(
     if not (dist.is_available() and dist.is_initialized()):
         raise DistributedReductionError("full_lru_parameters needs an initialised torch.distributed process group")
     model = _unwrap_model(model)
+    _check_fsdp_param_api()
     session = FullParameterSession(src=src)
     slots = _collect_slots(model)
     if not slots:

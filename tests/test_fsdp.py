@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed
+
+from modeling_compressm import CompreSSMConfig, CompreSSMForSequenceClassification
+from modeling_compressm.fsdp import DistributedReductionError, full_lru_parameters, is_fsdp2, replace_optimizer_parameters
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
@@ -17,6 +21,44 @@ pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="needs torch.distributed with the gloo backend",
 )
+
+
+class _Wrapper:
+    """Stands for accelerate's AcceleratedOptimizer: the torch optimizer is `.optimizer`."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+
+def test_replace_optimizer_parameters_in_place():
+    kept, same_shape, reshaped = (torch.nn.Parameter(torch.randn(shape)) for shape in ((3,), (4, 2), (5, 2)))
+    optimizer = torch.optim.AdamW([{"params": [kept, same_shape], "lr": 0.1}, {"params": [reshaped], "weight_decay": 0.5}])
+    for parameter in (kept, same_shape, reshaped):
+        parameter.grad = torch.ones_like(parameter)
+    optimizer.step()
+    groups, kept_state, moved_state = optimizer.param_groups, optimizer.state[kept], optimizer.state[same_shape]
+    new_same, new_reshaped = torch.nn.Parameter(torch.randn(4, 2)), torch.nn.Parameter(torch.randn(3, 2))
+    replace_optimizer_parameters(_Wrapper(optimizer), {same_shape: new_same, reshaped: new_reshaped})
+    assert optimizer.param_groups is groups
+    assert [group["params"] for group in optimizer.param_groups] == [[kept, new_same], [new_reshaped]]
+    assert [(group["lr"], group["weight_decay"]) for group in optimizer.param_groups] == [(0.1, 0.01), (1e-3, 0.5)]
+    assert optimizer.state[kept] is kept_state and optimizer.state[new_same] is moved_state
+    assert new_reshaped not in optimizer.state and same_shape not in optimizer.state and reshaped not in optimizer.state
+    new_reshaped.grad = torch.ones_like(new_reshaped)
+    optimizer.step()  # the reshaped parameter starts afresh
+    assert optimizer.state[new_reshaped]["exp_avg"].shape == (3, 2)
+
+
+def test_full_lru_parameters_needs_a_process_group():
+    model = CompreSSMForSequenceClassification(
+        CompreSSMConfig(input_dim=1, hidden_size=8, num_hidden_layers=1, state_dims=4, num_labels=2)
+    )
+    assert not is_fsdp2(model)
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(DistributedReductionError, match="initialised torch.distributed process group"):
+        with full_lru_parameters(model):
+            pass
 
 
 @pytest.fixture(scope="module")
