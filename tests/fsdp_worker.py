@@ -155,7 +155,8 @@ def main(output_dir, report_path):
             p not in optimizer.state for n, p in model.named_parameters() if ".lru." in n and not n.endswith(".D")
         ),
         "unreduced_state_kept": all(
-            torch.equal(optimizer.state[p]["exp_avg"].to_local(), moments_before[n]) for n, p in unreduced.items()
+            "exp_avg" in optimizer.state.get(p, {}) and torch.equal(optimizer.state[p]["exp_avg"].to_local(), moments_before[n])
+            for n, p in unreduced.items()
         ),
         "unreduced_same_objects": all(p is dict(model.named_parameters())[n] for n, p in unreduced.items()),
         "scheduler_attached": scheduler.optimizer is optimizer,
