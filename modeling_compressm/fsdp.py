@@ -20,8 +20,8 @@ DTensor spec) and the all-gather buffers of an `FSDPParam` are sized once. `full
    scheduler and accelerate's `AcceleratedOptimizer` stay attached; hyper-parameters kept); the state of a
    parameter whose shape changed is dropped, the state of every other parameter is kept.
 
-Every collective here waits with a timeout and raises `DistributedReductionError` naming the step that did not
-complete, so a stopped or crashed rank gives a clear error instead of a hang.
+Every collective here waits with a timeout (`collectives.py`) and raises `DistributedReductionError` naming the step
+that did not complete, so a stopped or crashed rank gives a clear error instead of a hang.
 
 Functions:
     is_fsdp2(model)                                   -> bool
@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import io
-import pickle
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Iterator, Sequence
@@ -47,6 +45,14 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .collectives import (
+    DEFAULT_TIMEOUT,
+    DistributedReductionError,
+    timed_all_gather,
+    timed_broadcast,
+    timed_broadcast_object,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -58,15 +64,6 @@ __all__ = [
     "apply_reduced_systems",
     "replace_optimizer_parameters",
 ]
-
-# How long one collective of a reduction may wait for the other ranks. Rank `src` computes the reduction while the
-# others wait in the first collective after it, so this bounds the reduction time of the slowest layer too.
-DEFAULT_TIMEOUT = timedelta(minutes=5)
-
-
-class DistributedReductionError(RuntimeError):
-    """A distributed step of a reduction failed or timed out, or the sharded model cannot be reduced."""
-
 
 # --------------------------------------------------------------------------------------------- torch internals
 def _fsdp_classes():
@@ -111,59 +108,6 @@ def _torch_optimizer(optimizer):
             break
         optimizer = inner
     return optimizer
-
-
-# --------------------------------------------------------------------------------------- timed collectives
-def _describe_failure(what: str, timeout: timedelta, error: Exception) -> DistributedReductionError:
-    rank = dist.get_rank()
-    return DistributedReductionError(
-        f"CompreSSM FSDP2 reduction: {what} did not complete on rank {rank} within {timeout.total_seconds():g} s: "
-        "another rank stopped, crashed, or is not running this reduction (every rank must run the reduction at the "
-        f"same step). Underlying error: {type(error).__name__}: {error}"
-    )
-
-
-def _wait(work, what: str, timeout: timedelta) -> None:
-    try:
-        work.wait(timeout=timeout)
-    except Exception as error:  # gloo: "Operation timed out!" / "Connection closed by peer"
-        raise _describe_failure(what, timeout, error) from error
-
-
-def _all_gather(tensor: torch.Tensor, group, what: str, timeout: timedelta) -> list[torch.Tensor]:
-    outputs = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    try:
-        work = dist.all_gather(outputs, tensor, group=group, async_op=True)
-    except Exception as error:
-        raise _describe_failure(what, timeout, error) from error
-    _wait(work, what, timeout)
-    return outputs
-
-
-def _broadcast(tensor: torch.Tensor, src: int, group, what: str, timeout: timedelta) -> None:
-    try:
-        work = dist.broadcast(tensor, src=src, group=group, async_op=True)
-    except Exception as error:
-        raise _describe_failure(what, timeout, error) from error
-    _wait(work, what, timeout)
-
-
-def _broadcast_object(value, src: int, group, device, what: str, timeout: timedelta):
-    """Pickled `value` of rank `src` on every rank (two timed broadcasts: length, then bytes)."""
-    if dist.get_rank() == src:
-        buffer = io.BytesIO()
-        pickle.dump(value, buffer)
-        payload = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8).to(device)
-        length = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
-    else:
-        length = torch.zeros(1, dtype=torch.int64, device=device)
-    _broadcast(length, src, group, what, timeout)
-    if dist.get_rank() != src:
-        payload = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
-    _broadcast(payload, src, group, what, timeout)
-    if dist.get_rank() == src:
-        return value
-    return pickle.loads(payload.cpu().numpy().tobytes())
 
 
 # ------------------------------------------------------------------------------------------------- the slots
@@ -213,14 +157,17 @@ def _collect_slots(model: nn.Module) -> list[_Slot]:
             group, position, fsdp_param = managed[key]
             if fsdp_param._module_info.shared_modules:
                 raise DistributedReductionError(f"LRU layer {layer_index} parameter {name!r} is shared between modules")
-            if getattr(fsdp_param, "_unsharded_dtensor_spec", None) is not None or getattr(fsdp_param, "is_dtensor", False):
+            tensor_parallel = getattr(fsdp_param, "_unsharded_dtensor_spec", None) is not None
+            if tensor_parallel or getattr(fsdp_param, "is_dtensor", False):
                 raise DistributedReductionError(
-                    f"LRU layer {layer_index} parameter {name!r} is a DTensor before FSDP (tensor parallel): not supported"
+                    f"LRU layer {layer_index} parameter {name!r} is a DTensor before FSDP (tensor parallel): "
+                    "not supported"
                 )
             mesh_info = fsdp_param.mesh_info
             if not hasattr(mesh_info, "shard_process_group"):
                 raise DistributedReductionError(
-                    f"LRU layer {layer_index} parameter {name!r} is replicated, not sharded ({type(mesh_info).__name__})"
+                    f"LRU layer {layer_index} parameter {name!r} is replicated, not sharded "
+                    f"({type(mesh_info).__name__})"
                 )
             # FSDP's sharded DTensor, not whatever is registered now (an unsharded group registers its all-gathered
             # parameters, whose storage the reshard before the gather frees)
@@ -233,7 +180,7 @@ def _gather_full(slot: _Slot, timeout: timedelta) -> torch.Tensor:
     fsdp_param = slot.fsdp_param
     shard_dim = fsdp_param.fsdp_placement.dim
     local = fsdp_param._sharded_param_data.view(fsdp_param.padded_sharded_param_size).to(fsdp_param.device)
-    pieces = _all_gather(
+    pieces = timed_all_gather(
         local, fsdp_param.mesh_info.shard_process_group,
         f"all-gather of LRU layer {slot.layer} parameter {slot.name!r}", timeout,
     )
@@ -333,13 +280,13 @@ def _check_same_layout(slots: list[_Slot], process_group, device, timeout: timed
     """Every rank must hold the same LRU parameter shapes, or the gathers would mix different models."""
     layout = [len(slots)] + [size for slot in slots for size in (slot.layer, *slot.fsdp_param._orig_size)]
     count = torch.tensor([len(layout)], dtype=torch.int64, device=device)
-    counts = _all_gather(count, process_group, "start of the reduction (layout check)", timeout)
+    counts = timed_all_gather(count, process_group, "start of the reduction (layout check)", timeout)
     if any(int(other.item()) != len(layout) for other in counts):
         raise DistributedReductionError(
             f"ranks hold different LRU layouts (parameter shape lists of lengths {[int(c.item()) for c in counts]})"
         )
     mine = torch.tensor(layout, dtype=torch.int64, device=device)
-    layouts = _all_gather(mine, process_group, "start of the reduction (layout check)", timeout)
+    layouts = timed_all_gather(mine, process_group, "start of the reduction (layout check)", timeout)
     if any(not torch.equal(other, mine) for other in layouts):
         raise DistributedReductionError(
             f"ranks hold differently shaped LRU parameters (rank {dist.get_rank()}: "
@@ -349,7 +296,9 @@ def _check_same_layout(slots: list[_Slot], process_group, device, timeout: timed
 
 
 def _changed(slot: _Slot, current: torch.Tensor) -> bool:
-    return current.shape != slot.full.shape or current.dtype != slot.full.dtype or not torch.equal(current.detach(), slot.full)
+    if current.shape != slot.full.shape or current.dtype != slot.full.dtype:
+        return True
+    return not torch.equal(current.detach(), slot.full)
 
 
 @contextlib.contextmanager
@@ -422,7 +371,7 @@ def full_lru_parameters(
 
     # 1. did every rank get through the block?
     try:
-        flags = _all_gather(
+        flags = timed_all_gather(
             torch.tensor([0 if failure is None else 1], dtype=torch.int64, device=device), process_group,
             "end of the reduction (agreement)", timeout,
         )
@@ -449,7 +398,9 @@ def full_lru_parameters(
                 current = slot.module._parameters[slot.name]
                 if _changed(slot, current):
                     changes.append((index, tuple(current.shape), str(current.dtype).removeprefix("torch.")))
-        changes = _broadcast_object(changes, src, process_group, device, "broadcast of the reduced layout", timeout)
+        changes = timed_broadcast_object(
+            changes, src, process_group, device, "broadcast of the reduced layout", timeout
+        )
         # 3. their new values, from rank `src`
         new_values = {}
         for index, shape, dtype in changes:
@@ -458,7 +409,8 @@ def full_lru_parameters(
                 value = slot.module._parameters[slot.name].detach().to(device).contiguous()
             else:
                 value = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
-            _broadcast(value, src, process_group, f"broadcast of LRU layer {slot.layer} parameter {slot.name!r}", timeout)
+            what = f"broadcast of LRU layer {slot.layer} parameter {slot.name!r}"
+            timed_broadcast(value, src, process_group, what, timeout)
             new_values[index] = value
     except BaseException:
         restore_sharded()
@@ -525,7 +477,8 @@ def gather_lru_systems(
     """
     with full_lru_parameters(model, timeout=timeout, process_group=process_group):
         with torch.no_grad():
-            systems = [tuple(t.detach().clone() for t in layer.to_lti()[:3]) for layer in _unwrap_model(model).lru_layers()]
+            layers = _unwrap_model(model).lru_layers()
+            systems = [tuple(tensor.detach().clone() for tensor in layer.to_lti()[:3]) for layer in layers]
     return systems
 
 

@@ -73,7 +73,8 @@ def full_parameters(accelerator, model) -> dict:
     if is_fsdp2(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return {k: v.detach().clone() for k, v in get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).items()}
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        return {k: v.detach().clone() for k, v in state.items()}
     return {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
 
 
@@ -170,7 +171,9 @@ def main(mode, output_dir, report_path):
     report["reloaded_dims"] = list(reloaded.config.state_dims)
     report["reloaded_diff"] = max(float((reloaded.state_dict()[k] - trained[k]).abs().max()) for k in trained)
     reloaded_optimizer, reloaded_scheduler = make_optimizer(reloaded)
-    reloaded, reloaded_optimizer, reloaded_scheduler = accelerator.prepare(reloaded, reloaded_optimizer, reloaded_scheduler)
+    reloaded, reloaded_optimizer, reloaded_scheduler = accelerator.prepare(
+        reloaded, reloaded_optimizer, reloaded_scheduler
+    )
     report["reloaded_losses"] = train(accelerator, reloaded, reloaded_optimizer, reloaded_scheduler, range(6, 8))
     report["reloaded_rank_diff"] = max_rank_diff(full_parameters(accelerator, reloaded))
 
@@ -178,7 +181,12 @@ def main(mode, output_dir, report_path):
         with open(report_path, "w", encoding="utf-8") as handle:
             json.dump(report, handle)
     accelerator.wait_for_everyone()
-    dist.destroy_process_group()
+    # Leave without interpreter teardown: gloo's threads racing the exit sometimes abort a finished worker
+    # ("terminate called without an active exception").
+    faulthandler.cancel_dump_traceback_later()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

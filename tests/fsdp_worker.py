@@ -113,7 +113,8 @@ def probe_logits(model):
 def optimizer_facts(model, optimizer):
     held = [id(p) for group in optimizer.param_groups for p in group["params"]]
     return {
-        "holds_exactly_model_params": sorted(held) == sorted(id(p) for p in model.parameters()) and len(set(held)) == len(held),
+        "holds_exactly_model_params": sorted(held) == sorted(id(p) for p in model.parameters())
+        and len(set(held)) == len(held),
         "hyper": [(group["lr"], group["weight_decay"], len(group["params"])) for group in optimizer.param_groups],
     }
 
@@ -155,7 +156,8 @@ def main(output_dir, report_path):
             p not in optimizer.state for n, p in model.named_parameters() if ".lru." in n and not n.endswith(".D")
         ),
         "unreduced_state_kept": all(
-            "exp_avg" in optimizer.state.get(p, {}) and torch.equal(optimizer.state[p]["exp_avg"].to_local(), moments_before[n])
+            "exp_avg" in optimizer.state.get(p, {})
+            and torch.equal(optimizer.state[p]["exp_avg"].to_local(), moments_before[n])
             for n, p in unreduced.items()
         ),
         "unreduced_same_objects": all(p is dict(model.named_parameters())[n] for n, p in unreduced.items()),
@@ -174,8 +176,11 @@ def main(output_dir, report_path):
     if rank == 0:
         reduced = [None if r is None else balanced_truncation(*system, r) for system, r in zip(systems, SECOND_RANKS)]
     session = apply_reduced_systems(model, reduced, optimizer)
-    report["reduction2"] = {"changed_layers": session.changed_layers, "state_dims": session.state_dims,
-                            "holds_exactly_model_params": optimizer_facts(model, optimizer)["holds_exactly_model_params"]}
+    report["reduction2"] = {
+        "changed_layers": session.changed_layers,
+        "state_dims": session.state_dims,
+        "holds_exactly_model_params": optimizer_facts(model, optimizer)["holds_exactly_model_params"],
+    }
     report["losses"] += train(model, optimizer, scheduler, range(6, 9), rank)
 
     # ---- checkpoint (rank 0 writes), train on, resume a fresh model from it and train the same steps again
@@ -197,7 +202,10 @@ def main(output_dir, report_path):
     set_optimizer_state_dict(resumed, resumed_optimizer, saved["optimizer"], options=FULL)
     resumed_scheduler.load_state_dict(saved["scheduler"])
     train(resumed, resumed_optimizer, resumed_scheduler, range(9, 12), rank)
-    report["resume"] = {"state_dims": saved["state_dims"], "diff_resumed_vs_continued": max_diff(continued, full_state(resumed))}
+    report["resume"] = {
+        "state_dims": saved["state_dims"],
+        "diff_resumed_vs_continued": max_diff(continued, full_state(resumed)),
+    }
 
     # ---- identical on every rank
     flat = torch.cat([t.reshape(-1).float() for t in continued.values()])
@@ -277,7 +285,8 @@ def main(output_dir, report_path):
     dist.all_gather_object(gathered_errors, errors)
     report["fault_raise"] = {
         "errors": gathered_errors,
-        "unchanged": max_diff(before, full_state(model)) == 0.0 and list(model.config.state_dims) == saved["state_dims"],
+        "unchanged": max_diff(before, full_state(model)) == 0.0
+        and list(model.config.state_dims) == saved["state_dims"],
         "holds_exactly_model_params": optimizer_facts(model, optimizer)["holds_exactly_model_params"],
         "trains_after": all(loss == loss for loss in train(model, optimizer, scheduler, range(12, 13), rank)),
     }
@@ -286,6 +295,8 @@ def main(output_dir, report_path):
     dist.barrier()
     if rank == 1:
         time.sleep(6.0)
+        sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(0)  # the process group is unusable after the other rank's timeout
     started = time.monotonic()
     try:
@@ -297,7 +308,9 @@ def main(output_dir, report_path):
                                    "dims": list(model.config.state_dims)}
     with open(report_path, "w", encoding="utf-8") as handle:
         json.dump(report, handle)
-    os._exit(0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown: the process group is unusable after the timeout above
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ def run_worker(mode, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(WORKER), mode, str(tmp_path / "out"), str(report_path)]
     # the timeout is a hang guard only
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=str(WORKER.parent.parent))
+    completed = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=300, cwd=str(WORKER.parent.parent)
+    )
     assert completed.returncode == 0 and report_path.exists(), completed.stdout[-4000:] + completed.stderr[-6000:]
     return json.loads(report_path.read_text())
 

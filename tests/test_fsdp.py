@@ -13,7 +13,12 @@ import torch
 import torch.distributed
 
 from modeling_compressm import CompreSSMConfig, CompreSSMForSequenceClassification
-from modeling_compressm.fsdp import DistributedReductionError, full_lru_parameters, is_fsdp2, replace_optimizer_parameters
+from modeling_compressm.fsdp import (
+    DistributedReductionError,
+    full_lru_parameters,
+    is_fsdp2,
+    replace_optimizer_parameters,
+)
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
@@ -32,7 +37,9 @@ class _Wrapper:
 
 def test_replace_optimizer_parameters_in_place():
     kept, same_shape, reshaped = (torch.nn.Parameter(torch.randn(shape)) for shape in ((3,), (4, 2), (5, 2)))
-    optimizer = torch.optim.AdamW([{"params": [kept, same_shape], "lr": 0.1}, {"params": [reshaped], "weight_decay": 0.5}])
+    optimizer = torch.optim.AdamW(
+        [{"params": [kept, same_shape], "lr": 0.1}, {"params": [reshaped], "weight_decay": 0.5}]
+    )
     for parameter in (kept, same_shape, reshaped):
         parameter.grad = torch.ones_like(parameter)
     optimizer.step()
@@ -70,7 +77,9 @@ def report(tmp_path_factory):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(WORKER), str(tmp_path / "out"), str(report_path)]
     # the timeout is a hang guard only
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=str(WORKER.parent.parent))
+    completed = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=300, cwd=str(WORKER.parent.parent)
+    )
     assert completed.returncode == 0 and report_path.exists(), completed.stdout[-4000:] + completed.stderr[-6000:]
     return json.loads(report_path.read_text())
 
@@ -81,7 +90,8 @@ def test_reduction_reshards_and_matches_plain_reduce(report):
     assert first["changed_layers"] == [0, 1]
     assert first["state_dims"] == first["config_dims"] == [9, 7]
     assert first["replaced"] == 14  # 7 SSM parameters per layer; D keeps its sharded parameter
-    assert first["shapes"]["model.layers.0.lru.B_re"] == [9, 16] and first["shapes"]["model.layers.1.lru.C_im"] == [16, 7]
+    assert first["shapes"]["model.layers.0.lru.B_re"] == [9, 16]
+    assert first["shapes"]["model.layers.1.lru.C_im"] == [16, 7]
     assert first["shapes"]["model.layers.1.lru.D"] == [16]
     # rank 0 reduced alone; what every rank holds afterwards is bit-identical to model.reduce on a plain model
     assert first["diff_vs_plain_reduce"] == 0.0
