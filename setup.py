@@ -24,7 +24,8 @@ setup(
     package_data={"modeling_compressm.hub_configs": ["*.json"]},
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.56",
+        # Tested at both ends in CI (.ci/run): the lower bound here, and the newest release.
+        "transformers>=4.56.2,<6",
         "accelerate>=1.0",
         "datasets>=3.0",
         "evaluate>=0.4",
@@ -34,7 +35,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7"],
+        # parameterized: imported by transformers' own model test mixins (tests/test_modeling_common.py)
+        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7", "parameterized"],
     },
     entry_points={"console_scripts": ["compressm=modeling_compressm.cli:main"]},
 )
