@@ -56,7 +56,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain = CompreSSMForCausalLM(config).train()
     checkpointed = CompreSSMForCausalLM(config).train()
     checkpointed.load_state_dict(plain.state_dict())
-    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(checkpointed, "activation_checkpointing_enable"):  # transformers >= 5 (the older name is deprecated)
+        checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert all(block.gradient_checkpointing for block in checkpointed.model.layers)
     ids = torch.randint(0, 40, (2, 11))
     for model in (plain, checkpointed):
