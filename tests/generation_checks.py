@@ -88,7 +88,7 @@ def assert_cached_beam_search_matches_uncached(model, input_ids, num_beams=3, ne
     return cached.sequences
 
 
-def assert_left_padded_batch_matches_rows(model, prompts: list[torch.Tensor], pad_token_id: int, new_tokens=8):
+def assert_padded_batch_matches_rows(model, prompts: list[torch.Tensor], pad_token_id: int, new_tokens=8):
     """A left-padded batch generates, row by row, what each prompt generates alone (tokens and logits)."""
     width = max(len(prompt) for prompt in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
@@ -104,17 +104,18 @@ def assert_left_padded_batch_matches_rows(model, prompts: list[torch.Tensor], pa
         torch.testing.assert_close(batch_logits[row], torch.stack(alone.logits, dim=1)[0], **LOGITS_TOLERANCE)
 
 
-def assert_generation_continues_from_returned_cache(model, input_ids, first_tokens=3, new_tokens=8):
-    """generate() continued from the cache an earlier generate() returned equals one uninterrupted generate()."""
-    uninterrupted = generate(model, input_ids, new_tokens)
+def assert_generation_continues_from_returned_cache(model, input_ids, first_tokens=3, new_tokens=5):
+    """generate() continued from the cache an earlier generate() returned, after appending more prompt tokens (a
+    second turn), equals generate() on the whole sequence without a cache."""
     first = generate(model, input_ids, first_tokens)
     cache = cache_of(first)
     assert cache is not None and cache.get_seq_length() == first.sequences.shape[1] - 1
-    continued = generate(model, first.sequences, new_tokens - first_tokens, cache=cache)
-    assert torch.equal(continued.sequences, uninterrupted.sequences)
-    torch.testing.assert_close(
-        torch.stack(continued.logits, 1), torch.stack(uninterrupted.logits, 1)[:, first_tokens:], **LOGITS_TOLERANCE
-    )
+    second_turn = torch.cat([first.sequences, input_ids[:, :2]], dim=1)
+    continued = generate(model, second_turn, new_tokens, cache=cache)
+    from_scratch = generate(model, second_turn, new_tokens, use_cache=False)
+    assert torch.equal(continued.sequences, from_scratch.sequences)
+    torch.testing.assert_close(torch.stack(continued.logits, 1), torch.stack(from_scratch.logits, 1),
+                               **LOGITS_TOLERANCE)
 
 
 def assert_generation_from_inputs_embeds_matches_ids(model, input_ids, new_tokens=6):

@@ -173,7 +173,7 @@ class CompreSSMModelTest(suite.ModelTesterMixin, suite.GenerationTesterMixin, su
         for model, inputs in self._generative_models():
             # rows 1.. of the tester's batch are left-padded by their row index (row 0 has a hole instead)
             prompts = [inputs["input_ids"][row, row:] for row in range(1, self.model_tester.batch_size)]
-            checks.assert_left_padded_batch_matches_rows(model, prompts, pad_token_id=self.model_tester.pad_token_id)
+            checks.assert_padded_batch_matches_rows(model, prompts, pad_token_id=self.model_tester.pad_token_id)
 
     def test_generate_from_inputs_embeds(self):
         for model, inputs in self._generative_models():

@@ -105,7 +105,20 @@ def test_cached_beam_search_equals_uncached_beam_search(reduced_lm, seed):
 def test_left_padded_batch_equals_each_row_alone(reduced_lm, seed):
     generator = torch.Generator().manual_seed(2000 + seed)
     prompts = [torch.randint(1, VOCAB, (int(n),), generator=generator) for n in torch.randint(2, 10, (3,))]
-    checks.assert_left_padded_batch_matches_rows(reduced_lm, prompts, pad_token_id=0)
+    checks.assert_padded_batch_matches_rows(reduced_lm, prompts, pad_token_id=0)
+
+
+def test_padded_steps_inside_a_sequence_leave_the_state_untouched(reduced_lm):
+    """A hole in the mask: the steps after it see the state the steps before it left, as if the hole were cut out."""
+    ids = _prompt(4, batch=1)[:, :6].repeat(1, 2)[:, :9]
+    mask = torch.ones_like(ids)
+    mask[0, 3:5] = 0
+    with torch.no_grad():
+        with_hole = reduced_lm(ids, attention_mask=mask, use_cache=True)
+        cut_out = reduced_lm(ids[:, mask[0].bool()], use_cache=True)
+    torch.testing.assert_close(with_hole.logits[:, mask[0].bool()], cut_out.logits, **checks.LOGITS_TOLERANCE)
+    for layer in range(2):
+        torch.testing.assert_close(checks.cache_of(with_hole).get_state(layer), checks.cache_of(cut_out).get_state(layer))
 
 
 @pytest.mark.parametrize("seed", range(5))
