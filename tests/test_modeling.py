@@ -255,3 +255,25 @@ def test_cache_is_rejected_after_a_reduction(lm):
     lm.reduce([3, 3])
     with pytest.raises(ValueError, match="reduction"):
         lm(torch.randint(0, 40, (1, 1)), cache=cache, use_cache=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists only with a CUDA device")
+def test_cuda_forward_and_decoding_step_do_not_synchronise_with_the_host():
+    """On CUDA no input check or dispatch decision may read device memory: torch raises on any synchronising call."""
+    model = CompreSSMForCausalLM(lm_config(pad_token_id=0)).cuda().eval()
+    classifier = CompreSSMForSequenceClassification(lm_config(pad_token_id=0, num_labels=2)).cuda().eval()
+    ids = torch.randint(1, 40, (2, 9), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, 5] = 0
+    next_ids = torch.randint(1, 40, (2, 1), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            cache = cache_of(model(ids, attention_mask=mask, use_cache=True))
+            model(next_ids, attention_mask=torch.cat([mask, torch.ones_like(next_ids)], 1), cache=cache)
+            classifier(ids)
+            classifier(ids, attention_mask=mask)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
