@@ -3,10 +3,12 @@
 `CompreSSMModelTest` mixes transformers' ModelTesterMixin, GenerationTesterMixin and PipelineTesterMixin, imported from
 the transformers source distribution that matches the installed version (see transformers_suite.py; fetched from
 PyPI on first use and cached outside the repository). The tiny config gives its layers different state sizes, as a
-reduced model has. Tests that do not apply to an attention-free recurrent model are skipped below, each with its
-reason. The sdist lacks transformers' generation and export test modules: the tests at the end of this module check
-what those would have checked (cached vs uncached decoding, sampling, beam search, inputs_embeds, continuing from a
-returned cache, torch.export with and without padding, torch.compile).
+reduced model has. No test is skipped here: `has_attentions = False` declares the model attention-free, and the mixin
+tests that do not apply (attention outputs and implementations, RoPE, sliding windows, mixture-of-experts, multi-GPU,
+DeepSpeed, ...) skip themselves with transformers' reason strings. The sdist lacks transformers' generation and export
+test modules: the tests at the end of this module check what those would have checked (cached vs uncached decoding,
+sampling, beam search, inputs_embeds, continuing from a returned cache, torch.export with and without padding,
+torch.compile). If the sdist cannot be fetched (no network and nothing cached), the module skips with the reason.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from modeling_compressm import (
-    CompreSSMCache,
     CompreSSMConfig,
     CompreSSMForCausalLM,
     CompreSSMForSequenceClassification,
