@@ -10,6 +10,11 @@ GLU(z) = W1 z * sigmoid(W2 z).
 
 Fast/slow path: `scan.lru_sequence` sends CUDA tensors to the fused Triton kernel when the `compressm_kernels` package
 is installed, everything else to the torch scan. Reduction math lives in `reduction.py` (no nn code there).
+
+Generation keeps one recurrent state per layer in a `CompreSSMCache`; `forward` takes it as `cache` (transformers >=
+5.24) or `past_key_values` (earlier releases). Padded steps (attention_mask 0) feed nothing into the recurrence and
+hold the state. The forward never reads tensor data on accelerators or while torch.compile / torch.export trace:
+value checks of inputs (mask entries, token ids, empty classifier rows) run on CPU tensors in eager mode only.
 """
 
 from __future__ import annotations
@@ -626,6 +631,8 @@ def _step_mask(
 
 class CompreSSMModel(CompreSSMPreTrainedModel):
     """Backbone: token embedding (or Linear encoder when `config.input_dim` is set), LRU blocks, final norm."""
+
+    accepts_loss_kwargs = False  # computes no loss: the Trainer must not pass num_items_in_batch here
 
     def __init__(self, config: CompreSSMConfig):
         super().__init__(config)
