@@ -13,12 +13,12 @@ from transformers import Trainer, TrainingArguments
 
 from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM, CompreSSMForSequenceClassification, CompreSSMModel
 
-# --- inputs and loss contract (conformance) ---------------------------------------------------------------------------
+import loss_contract  # tests/ helpers
+from generation_checks import cache_of
+
+# --- inputs and loss contract (conformance) ---
 # Inputs: shapes are always checked; values (mask entries, token ids, empty rows) where the check reads no device
 # memory (CPU tensors in eager mode). Loss: every head divides its summed loss by the Trainer's `num_items_in_batch`.
-
-import loss_contract  # noqa: E402  (tests/ helpers)
-from generation_checks import cache_of  # noqa: E402
 
 
 def _lm() -> CompreSSMForCausalLM:
