@@ -28,7 +28,8 @@ setup(
     # modules from the Hub at run time.
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.56",
+        # Tested at both ends in CI (.ci/run): the lower bound here, and the newest release.
+        "transformers>=4.56.2,<6",
         "accelerate>=1.0",
         "datasets>=3.0",
         "tokenizers>=0.19",
@@ -37,7 +38,8 @@ setup(
         "scikit-learn>=1.3",
     ],
     extras_require={
-        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7"],
+        # parameterized: imported by transformers' own model test mixins (tests/test_modeling_common.py)
+        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7", "parameterized"],
     },
     entry_points={"console_scripts": ["compressm=modeling_compressm.cli:main"]},
 )
