@@ -24,7 +24,7 @@ from .modeling_compressm import (
     CompreSSMPreTrainedModel,
 )
 from .optimizer_state import StaleOptimizerStateError
-from .presets import build_model_from_preset, list_presets, load_preset
+from .presets import build_model_for_tokenizer, build_model_from_preset, list_presets, load_preset
 from .reducer import CompreSSMReducer
 from .reduction import (
     ReductionError,
@@ -33,6 +33,8 @@ from .reduction import (
     hankel_singular_values,
     rank_for_energy,
 )
+from .text_data import load_text_dataset, pack_dataset, tokenize_for_classification
+from .tokenization import byte_level_tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -56,6 +58,12 @@ __all__ = [
     "load_preset",
     "list_presets",
     "build_model_from_preset",
+    "build_model_for_tokenizer",
+    "byte_level_tokenizer",
+    "load_tokenizer",
+    "load_text_dataset",
+    "pack_dataset",
+    "tokenize_for_classification",
     "CompreSSMConfig",
     "CompreSSMPreTrainedModel",
     "CompreSSMModel",

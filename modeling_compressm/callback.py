@@ -117,9 +117,19 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self._last_metric: float | None = None
 
     # ------------------------------------------------------------------------------------------ configuration
-    @property
-    def policy(self) -> str:
-        return self.rank_policy.policy
+    # The constructor arguments, readable under their names (settings live in rank_policy / schedule / rollback_rule).
+    policy = property(lambda self: self.rank_policy.policy)
+    tau = property(lambda self: self.rank_policy.tau)
+    fraction = property(lambda self: self.rank_policy.fraction)
+    gate = property(lambda self: self.rank_policy.gate)
+    min_dim = property(lambda self: self.rank_policy.min_dim)
+    total_budget = property(lambda self: self.rank_policy.total_budget)
+    start_step = property(lambda self: self.schedule.start_step)
+    end_step = property(lambda self: self.schedule.end_step)
+    interval = property(lambda self: self.schedule.interval)
+    rollback_metric = property(lambda self: self.rollback_rule.metric)
+    rollback_tolerance = property(lambda self: self.rollback_rule.tolerance)
+    greater_is_better = property(lambda self: self.rollback_rule.greater_is_better)
 
     @property
     def metric_name(self) -> str:
