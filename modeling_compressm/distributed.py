@@ -18,8 +18,8 @@ Strategies:
                     buckets rebuilt in place after the change.
 More (FSDP2's `fully_shard`) plug in with `register_strategy(matches, factory)`.
 
-A collective that does not complete within the timeout raises `DistributedReductionError` naming the rank, the step
-and what it waited for, instead of hanging.
+Collectives go through `collectives.py` (shared with the FSDP2 helpers): one that does not complete within the
+timeout raises `DistributedReductionError` naming the rank, the step and what it waited for, instead of hanging.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
-import pickle
 
 import torch
 import torch.distributed as dist
 
+from .collectives import DistributedReductionError, timed_broadcast, timed_broadcast_object
 from .schedule import DEFAULTS
 
 __all__ = [
@@ -46,10 +46,6 @@ __all__ = [
     "rebuild_ddp_reducer",
     "distributed_world_size",
 ]
-
-
-class DistributedReductionError(RuntimeError):
-    """A collective of a distributed reduction failed or timed out."""
 
 
 def distributed_world_size() -> int:
@@ -151,39 +147,17 @@ class DDPStrategy(ReductionStrategy):
         if not dist.is_initialized():
             raise RuntimeError("DDPStrategy needs an initialised torch.distributed process group")
         self.ddp_model = ddp_model
-        self.timeout = float(timeout)
-        self.rank = dist.get_rank()
-        self.is_decider = self.rank == 0
+        self.timeout = datetime.timedelta(seconds=float(timeout))
+        self.is_decider = dist.get_rank() == 0
         # A group of its own: CPU collectives with a timeout, whatever backend the gradients use (NCCL, gloo).
-        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout))
-
-    def _fail(self, what: str, step, error: Exception):
-        raise DistributedReductionError(
-            f"rank {self.rank}: the CompreSSM reduction at step {step} did not receive {what} from the other ranks "
-            f"within {self.timeout:g} s ({type(error).__name__}: {error}). A rank may be stopped, hung or dead; "
-            "the run cannot continue safely. Raise collective_timeout (the Trainer's ddp_timeout) if the decision "
-            "legitimately takes longer."
-        ) from error
-
-    def _broadcast(self, tensor: torch.Tensor, what: str, step) -> None:
-        try:
-            work = dist.broadcast(tensor, src=0, group=self.group, async_op=True)
-            work.wait(timeout=datetime.timedelta(seconds=self.timeout))
-        except RuntimeError as error:  # DistBackendError and gloo timeouts are RuntimeErrors
-            self._fail(what, step, error)
+        self.group = dist.new_group(backend="gloo", timeout=self.timeout)
 
     def before_change(self, model) -> None:
         _release_ddp_reducer(self.ddp_model)
 
     def share(self, value, what: str, step):
-        payload = pickle.dumps(value) if self.is_decider else b""
-        size = torch.tensor([len(payload)], dtype=torch.int64)
-        self._broadcast(size, f"the size of {what}", step)
-        buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if self.is_decider else torch.empty(
-            int(size.item()), dtype=torch.uint8
-        )
-        self._broadcast(buffer, what, step)
-        return value if self.is_decider else pickle.loads(buffer.numpy().tobytes())
+        return timed_broadcast_object(value, 0, self.group, "cpu", f"{what} of the reduction at step {step}",
+                                      self.timeout)
 
     def share_parameters(self, model, layers: list[int], step) -> None:
         lru = model.lru_layers()
@@ -191,7 +165,8 @@ class DDPStrategy(ReductionStrategy):
             for name in lru[index].SSM_PARAMETER_NAMES:
                 parameter = getattr(lru[index], name)
                 host = parameter.detach().to("cpu", copy=True).contiguous()
-                self._broadcast(host, f"layer {index} {name}", step)
+                timed_broadcast(host, 0, self.group, f"layer {index} {name} of the reduction at step {step}",
+                                self.timeout)
                 if not self.is_decider:
                     with torch.no_grad():
                         parameter.copy_(host.to(parameter.device))
@@ -206,8 +181,10 @@ _STRATEGIES: list = []
 
 
 def register_strategy(matches, factory) -> None:
-    """Use `factory(wrapped_model, timeout) -> ReductionStrategy` for models where `matches(wrapped_model)` is true
-    (checked before the built-in DDP and single-process strategies, most recent registration first)."""
+    """Use `factory(wrapped_model, optimizer, timeout_seconds) -> ReductionStrategy` for models where
+    `matches(wrapped_model)` is true (checked before the built-in DDP and single-process strategies, most recent
+    registration first). The optimizer (torch or accelerate's wrapper, or None) is the reducer's, for strategies whose
+    parameter gathering must repair it themselves (FSDP2's `fsdp.full_lru_parameters`)."""
     _STRATEGIES.insert(0, (matches, factory))
 
 
@@ -219,20 +196,21 @@ def _uses_fsdp2(model) -> bool:
     return any(isinstance(module, FSDPModule) for module in wrapper_chain(model)[-1].modules())
 
 
-def strategy_for(model, timeout: float = DEFAULTS.collective_timeout) -> ReductionStrategy:
+def strategy_for(model, optimizer=None, timeout: float = DEFAULTS.collective_timeout) -> ReductionStrategy:
     """The strategy for a (possibly wrapped) model; raises with what to do where none fits."""
     from torch.nn.parallel import DistributedDataParallel
 
     for matches, factory in _STRATEGIES:
         if matches(model):
-            return factory(model, timeout)
+            return factory(model, optimizer, timeout)
     ddp = find_wrapper(model, DistributedDataParallel)
     if ddp is not None:
         return DDPStrategy(ddp, timeout)
     if _uses_fsdp2(model):
         raise NotImplementedError(
-            "this model is sharded with FSDP2 (fully_shard), which the reducer does not support yet; train it with "
-            "DistributedDataParallel, or register a strategy with modeling_compressm.distributed.register_strategy"
+            "this model is sharded with FSDP2 (fully_shard), which CompreSSMReducer does not drive yet: reduce it with "
+            "modeling_compressm.fsdp.full_lru_parameters (docs/fsdp.md), or register a strategy with "
+            "modeling_compressm.distributed.register_strategy"
         )
     world = distributed_world_size()
     if world > 1:

@@ -151,7 +151,7 @@ class CompreSSMReducer:
         self.optimizer = optimizer
         if optimizer is not None:
             self._check_optimizer(optimizer)
-        self.strategy = strategy_for(model, self.collective_timeout)
+        self.strategy = strategy_for(model, optimizer, self.collective_timeout)
         self.stopped = False  # after a rollback: no further reductions
         self.pending: PendingCheck | None = None
         if max_steps is not None and not self.schedule.steps(max_steps):

@@ -261,8 +261,8 @@ def test_distributed_strategy_seam_call_order(monkeypatch):
     calls = []
 
     class Recording(distributed_module.ReductionStrategy):
-        def __init__(self, model, timeout):
-            calls.append(("created", timeout))
+        def __init__(self, model, optimizer, timeout):
+            calls.append(("created", optimizer is not None, timeout))
 
         def gathered(self, model):
             calls.append("gathered")
@@ -285,9 +285,10 @@ def test_distributed_strategy_seam_call_order(monkeypatch):
     monkeypatch.setattr(distributed_module, "_STRATEGIES", [])
     distributed_module.register_strategy(lambda model: True, Recording)
     model = make_model()
-    reducer = CompreSSMReducer(model, None, policy="fixed", fraction=0.5, collective_timeout=7.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reducer = CompreSSMReducer(model, optimizer, policy="fixed", fraction=0.5, collective_timeout=7.0)
     reducer.reduce_now(1)
-    assert calls == [("created", 7.0), "gathered", "before_change", ("share", "the reduction decision"),
+    assert calls == [("created", True, 7.0), "gathered", "before_change", ("share", "the reduction decision"),
                      ("share_parameters", (0, 1)), "after_change"]
 
 
