@@ -73,7 +73,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import compressm_kernels as K  # noqa: E402
-from compressm_kernels import lru_scan  # noqa: E402
+from compressm_kernels import config as kernel_config  # noqa: E402
 
 try:  # the lead's torch paths (complex tensors)
     from modeling_compressm.scan import lru_sequence_torch as _lru_sequence_torch
@@ -222,7 +222,7 @@ def _layer_fns(p, compile_ok):
 
     fns = {}
     if K.TRITON_AVAILABLE:
-        for strategy in lru_scan.STRATEGIES:
+        for strategy in K.STRATEGIES:
             fns[f"triton_fused[{strategy}]"] = triton_fused(strategy)
         fns["triton_scan+proj"] = triton_scan_proj
     fns["torch_sequential"] = torch_sequential
@@ -235,14 +235,10 @@ def _layer_fns(p, compile_ok):
 
 @contextlib.contextmanager
 def _forced_strategy(strategy):
-    """Force the scan strategy of compressm_kernels (sequential / chunked) inside the block, forward and backward:
-    the backward runs inside the block because the timed closures call backward() there."""
-    previous = lru_scan._FORCE_STRATEGY
-    lru_scan._FORCE_STRATEGY = strategy
-    try:
+    """Force the scan strategy of compressm_kernels (sequential / chunked) inside the block, forward and backward
+    (a backward runs with the settings of its forward)."""
+    with K.kernel_settings(strategy=strategy):
         yield
-    finally:
-        lru_scan._FORCE_STRATEGY = previous
 
 
 def _selected(name, paths):
@@ -250,7 +246,7 @@ def _selected(name, paths):
 
 
 def _triton_ok(device):
-    return K.TRITON_AVAILABLE and (device.type == "cuda" or lru_scan._INTERPRET)
+    return K.TRITON_AVAILABLE and (device.type == "cuda" or kernel_config.INTERPRET)
 
 
 def bench_shape(Bt, L, N, H, device, dtype, args, paths=None):
@@ -279,7 +275,8 @@ def bench_shape(Bt, L, N, H, device, dtype, args, paths=None):
 
     # plain scan kernel alone (the bandwidth target), with each strategy
     if triton_ok and _selected("triton_scan", paths):
-        print(f"  (automatic strategy at this shape: {lru_scan._scan_strategy(N, Bt, device)})")
+        strategy = kernel_config.scan_strategy(N, Bt, device, K.current_settings())
+        print(f"  (automatic strategy at this shape: {strategy})")
         g = torch.Generator(device="cpu").manual_seed(1)
         x_re = torch.randn(Bt, L, N, generator=g).to(device).requires_grad_()
         x_im = torch.randn(Bt, L, N, generator=g).to(device).requires_grad_()
@@ -294,7 +291,7 @@ def bench_shape(Bt, L, N, H, device, dtype, args, paths=None):
             h_re, h_im = K.diagonal_scan(x_re, x_im, lr, li)
             torch.autograd.backward([h_re, h_im], [dh, dh])
 
-        for strategy in lru_scan.STRATEGIES:
+        for strategy in K.STRATEGIES:
             with _forced_strategy(strategy):
                 record(f"triton_scan[{strategy}]", _time(scan_fwd, device, args.warmup, args.repeats, args.budget),
                        _time(scan_fb, device, args.warmup, args.repeats, args.budget))
