@@ -156,24 +156,26 @@ def test_bfloat16_inputs_return_bfloat16_outputs():
 @pytest.mark.skipif(not scan.triton_available(), reason="triton is not installed")
 @pytest.mark.parametrize("with_state, with_padding", [(False, False), (True, False), (False, True)])
 def test_kernel_dispatch_matches_the_torch_path_in_values_and_gradients(with_state, with_padding):
-    """The one dispatch point: the Triton kernel (CPU interpreter here) and the torch path agree through autograd."""
-    if __import__("os").environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs TRITON_INTERPRET=1 before triton is imported (set by conftest)")
+    """The one dispatch point: the Triton kernel (compiled on CUDA, the CPU interpreter otherwise) and the torch path
+    agree through autograd."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA, or TRITON_INTERPRET=1 before triton is imported (set by conftest without CUDA)")
     results = []
     for use_kernel in (False, True):
         torch.manual_seed(1)
-        lam = random_lam(5).to(torch.complex64).requires_grad_()
-        B = (complex_randn(5, 3, dtype=torch.complex64) * 0.3).requires_grad_()
-        C = (complex_randn(3, 5, dtype=torch.complex64) * 0.3).requires_grad_()
-        D = torch.randn(3, requires_grad=True)
-        u = torch.randn(2, 19, 3, requires_grad=True)
-        h0 = complex_randn(2, 5, dtype=torch.complex64) if with_state else None
+        lam = random_lam(5).to(torch.complex64).to(device).requires_grad_()
+        B = (complex_randn(5, 3, dtype=torch.complex64) * 0.3).to(device).requires_grad_()
+        C = (complex_randn(3, 5, dtype=torch.complex64) * 0.3).to(device).requires_grad_()
+        D = torch.randn(3).to(device).requires_grad_()
+        u = torch.randn(2, 19, 3).to(device).requires_grad_()
+        h0 = complex_randn(2, 5, dtype=torch.complex64).to(device) if with_state else None
         mask = None
         if with_padding:
-            mask = torch.ones(2, 19)
+            mask = torch.ones(2, 19, device=device)
             mask[0, :4] = 0
         y, final = lru_sequence(u, lam, B, C, D, initial_state=h0, step_mask=mask, use_kernel=use_kernel)
-        loss = (y * torch.linspace(-1, 1, 3)).sum() + (final.abs() ** 2).sum()
+        loss = (y * torch.linspace(-1, 1, 3, device=device)).sum() + (final.abs() ** 2).sum()
         results.append((y, final, torch.autograd.grad(loss, (lam, B, C, D, u))))
     (y_ref, final_ref, grads_ref), (y_k, final_k, grads_k) = results
     assert torch.allclose(y_k, y_ref, atol=1e-5)
