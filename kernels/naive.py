@@ -103,7 +103,7 @@ def naive_lru_forward(
     dtype = _compute_dtype(u, lam_re, lam_im, B_re, B_im, C_re, C_im, D, h0_re, h0_im)
     uf = u.to(dtype)
     if step_mask is not None:
-        uf = uf * step_mask.to(torch.bool)[:, :, None]
+        uf = torch.where(step_mask.to(torch.bool)[:, :, None], uf, 0.0)
     x_re = uf @ B_re.to(dtype).t()
     x_im = uf @ B_im.to(dtype).t()
     h_re, h_im = naive_diagonal_scan(x_re, x_im, lam_re.to(dtype), lam_im.to(dtype), h0_re, h0_im, step_mask)

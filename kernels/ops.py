@@ -153,6 +153,8 @@ def _lru_bwd_impl(dy, dhT_re, dhT_im, u, lam_re, lam_im, B_re, B_im, C_re, C_im,
     N = lam_re.shape[0]
     dev = u.device
     uf, dyf = u.to(torch.float32), dy.to(torch.float32)
+    if step_mask is not None:  # whatever padded steps hold (even inf/NaN) must not reach dB or dD
+        uf = uf.masked_fill(~step_mask[:, :, None], 0)
     lam = (_f32c(lam_re), _f32c(lam_im))
     h0 = _opt_pair(h0_re, h0_im)
     mask = _mask_bytes(step_mask)

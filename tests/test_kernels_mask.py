@@ -15,6 +15,7 @@ from kernel_cases import (  # noqa: F401  (strategy is a fixture)
     SMALL_TILES,
     assert_close,
     check_layer,
+    random_linear_grads,
     check_scan,
     layer_params,
     needs_runtime,
@@ -82,6 +83,27 @@ def test_masked_steps_act_as_if_removed_from_the_sequence(strategy):
     held_output = prefix[0][:, -1] - args[0][:, 9] * args[7]  # Re(C h_9) without step 9's D u
     for t in range(10, 25):
         assert_close(y[:, t], held_output, 1e-5, f"y[{t}]")
+
+
+@needs_runtime
+def test_whatever_padded_steps_hold_never_reaches_values_or_gradients():
+    """Padded positions may hold garbage, even NaN or inf: outputs and gradients equal those with zeros there."""
+    p = layer_params(Bt, L, N, H, seed=61, h0=True)
+    mask = make_mask("holes")
+    args = [p[k] for k in LAYER_ARGS]
+    with torch.no_grad():
+        garbage = torch.where(mask[:, :, None], p["u"], torch.tensor([float("nan"), float("inf"), 1e30])[
+            torch.arange(H) % 3].to(DEVICE))
+        zeros = torch.where(mask[:, :, None], p["u"], 0.0)
+    results = []
+    with K.kernel_settings(**SMALL_TILES):
+        for u in (garbage, zeros):
+            u = u.clone().requires_grad_()
+            outs = K.fused_lru_forward(u, *args[1:], step_mask=mask)
+            grads = random_linear_grads(outs, [u, *args[1:]])
+            results.append([*outs, *grads])
+    for a, e in zip(*results):
+        assert_close(a, e, 1e-6)
 
 
 @needs_runtime
