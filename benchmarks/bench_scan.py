@@ -357,10 +357,14 @@ def _print_row(r):
 
 def _markdown(meta, shape_rows, sweep_rows):
     lines = [f"# Scan benchmark: {meta['device_name']} ({meta['date']})", ""]
+    peak = f"peak {meta['peak_gbps']} GB/s" if meta.get("peak_gbps") else "no HBM peak (CPU or unknown GPU)"
     lines.append(
-        f"torch {meta['torch']}, triton {meta['triton']}, dtype {meta['dtype']}, peak {meta['peak_gbps']} GB/s, "
-        f"median of {meta['repeats']} after {meta['warmup']} warm-up calls. Byte model: see benchmarks/bench_scan.py."
+        f"torch {meta['torch']}, triton {meta['triton']}, dtype {meta['dtype']}, {peak}, median of {meta['repeats']} "
+        f"after {meta['warmup']} warm-up calls. Byte model: see benchmarks/bench_scan.py."
     )
+    if meta.get("cpu_threads") is not None:
+        lines.append(f"CPU: {meta['cpu_threads']} torch thread(s) (OMP_NUM_THREADS={meta.get('omp_num_threads')}), "
+                     f"1-minute load average {meta.get('load_average')} at the start (a shared machine).")
     for title, rows in (("Paper shapes", shape_rows), ("Layer time vs state dim N", sweep_rows)):
         if not rows:
             continue
@@ -427,6 +431,9 @@ def main(argv=None):
         dtype=args.dtype, peak_gbps=args.peak_gbps, warmup=args.warmup, repeats=args.repeats, quick=args.quick,
         interpreter=os.environ.get("TRITON_INTERPRET", "0") == "1", model_scan=HAVE_MODEL_SCAN,
     )
+    if device.type == "cpu":
+        meta.update(cpu_threads=torch.get_num_threads(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                    load_average=round(os.getloadavg()[0], 1))
     print(f"device: {device_name}   torch {torch.__version__}   triton {triton_version}   "
           f"model torch path: {'modeling_compressm.scan' if HAVE_MODEL_SCAN else 'local doubling scan'}")
     print(_HEADER)
