@@ -21,7 +21,7 @@ from .modeling_compressm import (
     CompreSSMModel,
     CompreSSMPreTrainedModel,
 )
-from .presets import build_model_from_preset, list_presets, load_preset
+from .presets import build_model_for_tokenizer, build_model_from_preset, list_presets, load_preset
 from .reduction import (
     ReductionError,
     balanced_truncation,
@@ -29,6 +29,8 @@ from .reduction import (
     hankel_singular_values,
     rank_for_energy,
 )
+from .text_data import load_text_dataset, pack_dataset, tokenize_for_classification
+from .tokenization import byte_level_tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -52,6 +54,12 @@ __all__ = [
     "load_preset",
     "list_presets",
     "build_model_from_preset",
+    "build_model_for_tokenizer",
+    "byte_level_tokenizer",
+    "load_tokenizer",
+    "load_text_dataset",
+    "pack_dataset",
+    "tokenize_for_classification",
     "CompreSSMConfig",
     "CompreSSMPreTrainedModel",
     "CompreSSMModel",

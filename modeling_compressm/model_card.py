@@ -64,8 +64,34 @@ def _event_row(event: dict) -> str:
     )
 
 
-def render_model_card(model) -> str:
-    """Markdown model card: architecture, per-layer state sizes (initial and current), reduction history."""
+TRAINING_INFO_ATTRIBUTE = "compressm_training_info"  # optional dict on the model, rendered as the card's "Training"
+
+
+def _markdown_cell(value) -> str:
+    """A value as the text of one Markdown table cell (pipes escaped, line breaks removed)."""
+    text = f"{value:.6g}" if isinstance(value, float) else str(value)
+    return " ".join(text.split()).replace("\\", "\\\\").replace("|", "\\|")
+
+
+def _training_section(training_info: dict) -> list[str]:
+    """Card lines for `training_info`: {"data": {name: value}, "metrics": {name: value}, ...}, one table per entry
+    whose value is a dict, plain key/value rows otherwise."""
+    lines = ["", "## Training", ""]
+    rows = [(key, value) for key, value in training_info.items() if not isinstance(value, dict)]
+    if rows:
+        lines += ["| | |", "| --- | --- |"] + [f"| {_markdown_cell(k)} | {_markdown_cell(v)} |" for k, v in rows]
+    for title, table in training_info.items():
+        if isinstance(table, dict) and table:
+            lines += ["", f"### {_markdown_cell(title)}", "", "| | |", "| --- | --- |"]
+            lines += [f"| {_markdown_cell(k)} | {_markdown_cell(v)} |" for k, v in table.items()]
+    return lines
+
+
+def render_model_card(model, training_info: dict | None = None) -> str:
+    """Markdown model card: architecture, per-layer state sizes (initial and current), reduction history, and (when
+    given, or set as `model.compressm_training_info`) a "Training" section with the data and metrics of the run."""
+    if training_info is None:
+        training_info = getattr(model, TRAINING_INFO_ATTRIBUTE, None)
     config = model.config
     events = list(model.reduction_history)
     class_name = type(model).__name__
@@ -91,7 +117,7 @@ def render_model_card(model) -> str:
         f"# {class_name} (CompreSSM)",
         "",
         "A Linear Recurrent Unit (LRU) state-space model trained with in-training balanced truncation "
-        "(CompreSSM, arXiv 2510.02823): per-layer state sizes were reduced during training by truncating "
+        f"(CompreSSM, arXiv 2510.02823): per-layer state sizes were reduced {_when_reduced(events)} by truncating "
         "the states with the smallest Hankel singular values.",
         "",
         "Load it with the modeling code stored next to the weights (no package needed), or with the `compressm` "
@@ -125,7 +151,22 @@ def render_model_card(model) -> str:
         lines += ["", "| step | dims before | dims after | kept HSV energy per layer | policy |",
                   "| --- | --- | --- | --- | --- |"]
         lines += [_event_row(event) for event in events]
+    if training_info:
+        lines += _training_section(training_info)
     return "\n".join(lines) + "\n"
+
+
+def _when_reduced(events: list[dict]) -> str:
+    """"during training", "after training" (only manual, post-hoc events) or both."""
+    manual = [
+        "manual" in (event.get("kind"), event.get("policy")) or event.get("step") is None
+        for event in events if event.get("kind", event.get("type")) != "rollback"
+    ]
+    if manual and all(manual):
+        return "after training (post hoc)"
+    if any(manual):
+        return "during training and afterwards (post hoc, the 'manual' rows)"
+    return "during training"
 
 
 def _is_replaceable(card_path: str) -> bool:

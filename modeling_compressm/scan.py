@@ -16,6 +16,7 @@ try/except, the optional kernel package.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -28,11 +29,15 @@ except ImportError:  # pragma: no cover - depends on the installation
     _TRITON_AVAILABLE = False
     _fused_lru_forward = None
 
+logger = logging.getLogger(__name__)
+_warned_torch_path_on_cuda = False
+
 __all__ = [
     "sequential_diagonal_scan",
     "parallel_diagonal_scan",
     "lru_sequence",
     "triton_available",
+    "host_reads_are_free",
 ]
 
 
@@ -262,15 +267,28 @@ def real_output_projection(states: torch.Tensor, C: torch.Tensor) -> torch.Tenso
     return torch.view_as_real(states).flatten(-2) @ weight.T
 
 
-def _must_hold_state(step_mask: torch.Tensor | None, initial_state: torch.Tensor | None) -> bool:
-    """Whether padded steps need a_t = 1 (state held) rather than just zero input.
+def host_reads_are_free(tensor: torch.Tensor) -> bool:
+    """Whether reading values of `tensor` on the host costs nothing: a CPU tensor in eager mode. On accelerators such a
+    read is a host-device synchronisation, and under torch.compile / torch.export / jit tracing it would bake a
+    data-dependent branch into the graph, so value-dependent shortcuts and input checks are skipped there."""
+    if tensor.device.type != "cpu":
+        return False
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing() or (is_exporting is not None and is_exporting())
+    return not tracing
 
-    Zero input suffices only for left padding of a fresh sequence (rows 0...0 1...1, no initial state): the state is
-    still zero there. Any other mask (holes, right padding) or a carried state needs the time-varying scan.
+
+def _must_hold_state(step_mask: torch.Tensor | None, initial_state: torch.Tensor | None) -> bool:
+    """Whether padded steps need a_t = 1 (state held) rather than only a zero input.
+
+    Zero input suffices only where the state is still zero at every padded step: left padding of a fresh sequence
+    (rows 0...0 1...1, no initial state). Recognising that reads the mask, so it is done only where the read is free
+    (`host_reads_are_free`); on accelerators and while tracing every mask takes the exact time-varying scan, so the
+    decision never synchronises with the device and never branches on data inside a traced graph.
     """
     if step_mask is None:
         return False
-    if initial_state is not None:
+    if initial_state is not None or not host_reads_are_free(step_mask):
         return True
     as_int = step_mask.to(torch.int8)
     return not bool((as_int[:, 1:] >= as_int[:, :-1]).all())
@@ -319,39 +337,44 @@ def lru_sequence(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run one LRU over a sequence: the single dispatch point between the Triton kernel and the torch path.
 
+    Dispatch (no data-dependent branch): CUDA tensors with the kernels installed -> `fused_lru_forward`, with the step
+    mask when one is given; everything else -> the torch path.
+
     Args:
         u: real (batch, L, H), fp32/bf16/fp16.
         lam: complex (N,), |lam| < 1.
         B: complex (N, H), input gain included.  C: complex (H, N).  D: real (H,).
         initial_state: complex (batch, N) state before the first step, or None (zeros).
-        step_mask: (batch, L) bool/int, 1 for real steps and 0 for padding. Padded steps have zero input (so their
-            outputs are Re(C h) of the held state) and, unless
-            the padding is on the left of a fresh sequence (where the state is still zero), they leave the state
-            unchanged.
+        step_mask: bool (batch, L) (or 0/1 ints; nonzero = real step), False/0 for padding. A padded step has zero
+            input and leaves the state unchanged, so its output is Re(C h) of the held state.
         use_kernel: force (True) or forbid (False) the Triton kernel; None picks it for CUDA tensors when installed.
             CPU tensors can be forced through the kernel only in Triton's interpreter mode (TRITON_INTERPRET=1).
     Returns:
         y: real (batch, L, H) in u's dtype; final_state: complex64 (batch, N), the state after the last step.
     """
+    global _warned_torch_path_on_cuda
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, length, hidden), got shape {tuple(u.shape)}")
     if u.shape[1] == 0:
         raise ValueError("cannot run the recurrence over an empty sequence (length 0)")
-    needs_time_varying = _must_hold_state(step_mask, initial_state)
     if use_kernel is None:
-        use_kernel = u.is_cuda and triton_available() and not needs_time_varying
+        use_kernel = u.is_cuda and triton_available()
+        if u.is_cuda and not use_kernel and not _warned_torch_path_on_cuda and not torch.compiler.is_compiling():
+            _warned_torch_path_on_cuda = True
+            logger.warning(
+                "CompreSSM: CUDA tensors run through the torch scan because the Triton kernels (compressm_kernels with "
+                "triton) are not available; install triton for the fused kernel"
+            )
     if use_kernel:
         if not triton_available():
             raise RuntimeError("use_kernel=True but the Triton kernels (compressm_kernels) are not available")
         if not u.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("the Triton kernels need CUDA tensors; use the torch path (use_kernel=False) on CPU")
-        if needs_time_varying:
-            raise ValueError("the Triton kernel supports left padding only; pass use_kernel=None for other masks")
-        if step_mask is not None:
-            u = u.masked_fill(~step_mask.to(torch.bool)[:, :, None], 0)
         h0_re = h0_im = None
         if initial_state is not None:
             h0_re, h0_im = initial_state.real.float().contiguous(), initial_state.imag.float().contiguous()
+        # The mask is passed only when given, so unmasked calls also run on kernel builds older than the step mask.
+        mask_argument = {} if step_mask is None else {"step_mask": step_mask.to(device=u.device, dtype=torch.bool)}
         y, final_re, final_im = _fused_lru_forward(
             u.contiguous(),
             lam.real.float().contiguous(),
@@ -363,7 +386,8 @@ def lru_sequence(
             D.float().contiguous(),
             h0_re,
             h0_im,
+            **mask_argument,
         )
         return y, torch.complex(final_re, final_im)
     with torch.autocast(device_type=u.device.type, enabled=False):
-        return lru_sequence_torch(u, lam, B, C, D, initial_state, step_mask, hold_state=needs_time_varying)
+        return lru_sequence_torch(u, lam, B, C, D, initial_state, step_mask)

@@ -16,6 +16,16 @@ import pytest
 from transformers.utils import logging as hf_logging
 
 
+# Markers of transformers' own test modules, which tests/test_modeling_common.py runs on our models.
+TRANSFORMERS_TEST_MARKERS = ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test",
+                             "torch_compile_test", "is_pipeline_test", "is_training_test", "order", "slow")
+
+
+def pytest_configure(config):
+    for marker in TRANSFORMERS_TEST_MARKERS:
+        config.addinivalue_line("markers", f"{marker}: marker of transformers' test suite")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
