@@ -3,11 +3,16 @@
 import logging
 import os
 
-# Triton kernels run on CPU tensors only in interpreter mode, which must be set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # importing torch does not import triton
+
+# Without a GPU the Triton kernels run on CPU tensors in triton's interpreter, which must be chosen before triton is
+# imported; with CUDA the kernel tests run the compiled kernels (TRITON_INTERPRET stays as the caller set it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Buffers the kernels write start as NaN, so an element a kernel fails to write fails the comparisons.
+os.environ.setdefault("COMPRESSM_KERNELS_POISON", "1")
 
 import pytest
-import torch
 from transformers.utils import logging as hf_logging
 
 
