@@ -11,8 +11,10 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .callback import CompreSSMCallback, CompreSSMTrainer, prepare_model_for_resume
+from .callback import CompreSSMCallback, CompreSSMTrainer
+from .checkpoints import prepare_model_for_resume
 from .configuration_compressm import CompreSSMConfig
+from .events import HistoryError, ReductionEvent, event_metrics
 from .modeling_compressm import (
     CompreSSMCache,
     CompreSSMForCausalLM,
@@ -21,7 +23,9 @@ from .modeling_compressm import (
     CompreSSMModel,
     CompreSSMPreTrainedModel,
 )
+from .optimizer_state import StaleOptimizerStateError
 from .presets import build_model_for_tokenizer, build_model_from_preset, list_presets, load_preset
+from .reducer import CompreSSMReducer
 from .reduction import (
     ReductionError,
     balanced_truncation,
@@ -72,7 +76,12 @@ __all__ = [
     "hankel_singular_values",
     "balanced_truncation",
     "rank_for_energy",
+    "CompreSSMReducer",
     "CompreSSMCallback",
     "CompreSSMTrainer",
     "prepare_model_for_resume",
+    "ReductionEvent",
+    "HistoryError",
+    "event_metrics",
+    "StaleOptimizerStateError",
 ]

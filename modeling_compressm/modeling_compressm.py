@@ -15,12 +15,14 @@ Generation keeps one recurrent state per layer in a `CompreSSMCache`; `forward` 
 5.24) or `past_key_values` (earlier releases). Padded steps (attention_mask 0) feed nothing into the recurrence and
 hold the state. The forward never reads tensor data on accelerators or while torch.compile / torch.export trace:
 value checks of inputs (mask entries, token ids, empty classifier rows) run on CPU tensors in eager mode only.
+
+Longer than 500 lines on purpose: one readable modeling file per model is the Hugging Face convention, and
+`save_pretrained` copies it (with its flat sibling imports) for `trust_remote_code` loading.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -39,7 +41,16 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_compressm import CompreSSMConfig
-from .reduction import ReductionError, balanced_truncation, hankel_singular_values, lru_parameters_from_system
+from .events import HISTORY_FILE, ReductionEvent, coerce_events, history_problems, read_history, write_history
+from .reduction import (
+    ReductionError,
+    balanced_truncation,
+    gain_lower_bound,
+    hankel_singular_values,
+    hinf_error_bound,
+    lru_parameters_from_system,
+    truncate,
+)
 from .scan import host_reads_are_free, lru_sequence
 
 logger = logging.getLogger(__name__)
@@ -115,19 +126,62 @@ class CompreSSMLRU(nn.Module):
         self.C_im.normal_(0.0, 1.0 / math.sqrt(n))
         self.D.normal_(0.0, 1.0)
 
+    SSM_PARAMETER_NAMES = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "C_im")
+
     @torch.no_grad()
-    def resize_state(self, state_dim: int) -> None:
-        """Re-allocate the SSM parameters at `state_dim` states and re-initialise them (Parameter objects kept)."""
+    def assign_parameters(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Give SSM parameters new values of any state size, keeping the Parameter objects.
+
+        Each parameter gets a fresh tensor under the same object (`torch.utils.swap_tensors`), so optimizers and
+        module references stay valid, and an autograd graph of an earlier step that is still alive (a training loop
+        that still holds `loss`) cannot hand the next backward its gradient accumulator, which remembers the old
+        shape; hooks registered on the parameter (`register_hook`, `register_post_accumulate_grad_hook`) keep firing.
+        Where other holders of the tensor forbid the swap (a DDP reducer that is about to be rebuilt), the value is
+        set through `.data`, passing through another dtype first: `set_data` drops the cached gradient accumulator
+        only when the dtype changes. Gradients of the assigned parameters are dropped.
+
+        Args:
+            values: name (in SSM_PARAMETER_NAMES) -> tensor of the new shape (converted to the parameter's
+                dtype/device).
+        Returns:
+            name -> the previous values (the old tensors, not copies).
+        """
+        previous = {}
+        for name, value in values.items():
+            if name not in self.SSM_PARAMETER_NAMES:
+                raise KeyError(f"{name!r} is not an SSM parameter of CompreSSMLRU ({self.SSM_PARAMETER_NAMES})")
+            parameter = getattr(self, name)
+            previous[name] = parameter.detach()
+            new_value = value.detach().to(device=parameter.device, dtype=parameter.dtype).contiguous()
+            replacement = nn.Parameter(new_value, requires_grad=parameter.requires_grad)
+            replacement.__dict__.update(parameter.__dict__)  # attributes set on the parameter survive the swap
+            try:
+                torch.utils.swap_tensors(parameter, replacement)
+                for hooks in ("_backward_hooks", "_post_accumulate_grad_hooks"):
+                    registered = getattr(parameter, hooks, None)
+                    if registered:  # tensor hooks stay with the object: register them with its new autograd identity
+                        setattr(parameter, hooks, registered)
+            except RuntimeError:
+                other = torch.float64 if parameter.dtype != torch.float64 else torch.float32
+                parameter.data = new_value.to(other)
+                parameter.data = new_value
+            parameter.grad = None
+        return previous
+
+    @torch.no_grad()
+    def resize_state(self, state_dim: int, initialise: bool = True) -> dict[str, torch.Tensor]:
+        """Re-allocate the SSM parameters at `state_dim` states (Parameter objects kept) and, with `initialise`,
+        re-initialise them; without, their values are undefined until written (no random numbers are drawn).
+        Returns the previous values (name -> tensor)."""
         shapes = {
             "nu_log": (state_dim,), "theta_log": (state_dim,), "gamma_log": (state_dim,),
             "B_re": (state_dim, self.hidden_size), "B_im": (state_dim, self.hidden_size),
             "C_re": (self.hidden_size, state_dim), "C_im": (self.hidden_size, state_dim),
         }
-        for name, shape in shapes.items():
-            parameter = getattr(self, name)
-            parameter.data = torch.empty(shape, device=parameter.device, dtype=parameter.dtype)
-            parameter.grad = None
-        self.reset_parameters()
+        previous = self.assign_parameters({name: torch.empty(shape) for name, shape in shapes.items()})
+        if initialise:
+            self.reset_parameters()
+        return previous
 
     def to_lti(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer as a linear time-invariant system, differentiable w.r.t. the parameters.
@@ -142,16 +196,13 @@ class CompreSSMLRU(nn.Module):
         C = torch.complex(self.C_re.float(), self.C_im.float())
         return lam, B, C, self.D.float()
 
-    @torch.no_grad()
-    def load_system(self, lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> None:
-        """Replace the SSM parameters by those of the diagonal system (lam (r,), B (r, H) gain included, C (H, r)).
-
-        The Parameter objects are kept (their data is swapped), so optimizers keep pointing at them; their gradients
-        are dropped because the shapes change. Raises ReductionError if the system is not representable.
-        """
+    @staticmethod
+    def parameters_from_system(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> dict[str, torch.Tensor]:
+        """LRU parameter values (float64) of the diagonal system lam (r,), B (r, H) gain included, C (H, r).
+        Raises ReductionError if the system is not representable (|lam| >= 1, zero modulus, non-finite)."""
         nu_log, theta_log, gamma_log, B_normalised = lru_parameters_from_system(lam, B)
         C = C.detach().to(torch.complex128)
-        new_values = {
+        return {
             "nu_log": nu_log,
             "theta_log": theta_log,
             "gamma_log": gamma_log,
@@ -160,10 +211,15 @@ class CompreSSMLRU(nn.Module):
             "C_re": C.real,
             "C_im": C.imag,
         }
-        for name, value in new_values.items():
-            parameter = getattr(self, name)
-            parameter.data = value.to(device=parameter.device, dtype=parameter.dtype).contiguous()
-            parameter.grad = None
+
+    @torch.no_grad()
+    def load_system(self, lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Replace the SSM parameters by those of the diagonal system (lam (r,), B (r, H) gain included, C (H, r)).
+
+        The Parameter objects are kept (see `assign_parameters`); their gradients are dropped. Raises ReductionError
+        if the system is not representable, before anything changes. Returns the previous values (name -> tensor).
+        """
+        return self.assign_parameters(self.parameters_from_system(lam, B, C))
 
     def forward(
         self,
@@ -404,19 +460,25 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    HISTORY_FILE = "compressm_history.json"
+    HISTORY_FILE = HISTORY_FILE
 
     @property
-    def reduction_history(self) -> list[dict]:
-        """Reduction events (JSON-serialisable dicts, appended by CompreSSMCallback); saved as
-        `compressm_history.json` next to the weights and reloaded by `from_pretrained`."""
+    def reduction_history(self) -> list[ReductionEvent]:
+        """Reduction events (`events.ReductionEvent`, appended by `model.reduce`, CompreSSMReducer and
+        CompreSSMCallback); saved as `compressm_history.json` next to the weights and reloaded by `from_pretrained`."""
         if "_reduction_history" not in self.__dict__:
             self.__dict__["_reduction_history"] = []
-        return self.__dict__["_reduction_history"]
+        events = self.__dict__["_reduction_history"]
+        if not all(isinstance(event, ReductionEvent) for event in events):  # dicts appended by hand: validate them
+            events[:] = coerce_events(list(events), source="model.reduction_history")
+        return events
 
     @reduction_history.setter
-    def reduction_history(self, events: list[dict]) -> None:
-        self.__dict__["_reduction_history"] = list(events)
+    def reduction_history(self, events) -> None:
+        """Replace the history by a list of ReductionEvents or event dicts (validated: HistoryError names the entry)."""
+        if not isinstance(events, (dict, str, bytes)):
+            events = list(events)
+        self.__dict__["_reduction_history"] = coerce_events(events, source="reduction_history")
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the reduction history and a model card for reduced models.
@@ -436,15 +498,16 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
             ):
                 auto_map.setdefault(auto_class, f"{module}.{class_name}")
             self.config.auto_map = auto_map
+        self.reduction_history  # validates entries appended by hand before anything is written
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True) and not os.path.isfile(save_directory):
             self._write_compressm_files(save_directory)
         return result
 
     def _write_compressm_files(self, directory) -> None:
-        """Write `compressm_history.json` and (when the model-card module is present) README.md + HSV plot."""
-        with open(os.path.join(directory, self.HISTORY_FILE), "w", encoding="utf-8") as handle:
-            json.dump({"state_dims": list(self.config.state_dims), "events": self.reduction_history}, handle, indent=1)
+        """Write `compressm_history.json` (atomically) and, when the model-card module is present, README.md and
+        the HSV plot (the plot is drawn once per reduction event and reused by later saves)."""
+        write_history(os.path.join(directory, self.HISTORY_FILE), self.reduction_history, self.config.state_dims)
         try:
             from .model_card import write_model_card
         except ImportError:  # remote-code copies may lack the optional model-card module
@@ -461,7 +524,10 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, restoring `reduction_history` when the checkpoint has one."""
+        """`PreTrainedModel.from_pretrained`, restoring `reduction_history` when the checkpoint has one.
+
+        An invalid `compressm_history.json` raises `events.HistoryError` naming the file and the field; the weights
+        are intact, so moving that file away loads them without a history."""
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
         if pretrained_model_name_or_path is not None:
@@ -482,8 +548,10 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
                 except (OSError, ValueError):
                     history_path = None
             if history_path and os.path.isfile(history_path):
-                with open(history_path, encoding="utf-8") as handle:
-                    model.reduction_history = json.load(handle).get("events", [])
+                history = read_history(history_path)  # HistoryError names the file and the field
+                for problem in history_problems(history.events, model.config.state_dims):
+                    logger.warning("CompreSSM: %s: %s", history_path, problem)
+                model.reduction_history = history.events
         return loaded
 
     # ------------------------------------------------------------------------------------------------ reduction
@@ -497,79 +565,144 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
         return [hankel_singular_values(*layer.to_lti()[:3]) for layer in self.lru_layers()]
 
     @torch.no_grad()
-    def set_state_dims(self, state_dims: list[int]) -> None:
-        """Re-allocate the LRU layers at the given sizes (freshly initialised) and rewrite `config.state_dims`.
+    def set_state_dims(self, state_dims: list[int], initialise: bool = True) -> list:
+        """Re-allocate the LRU layers at the given sizes and rewrite `config.state_dims`.
 
         Used to rebuild a model at a checkpoint's reduced sizes before loading its weights into it (e.g. when a
         Trainer resumes from a checkpoint saved after a reduction). Parameter objects are kept; their data changes.
+        With `initialise` the re-allocated layers are freshly initialised, otherwise their values are undefined
+        until the caller writes them (no random numbers are drawn).
+        Returns one `optimizer_state.LayerChange` per re-allocated layer (for `repair_optimizer_state`).
         """
+        from .optimizer_state import LayerChange
+
         layers = self.lru_layers()
         if len(state_dims) != len(layers):
             raise ValueError(f"state_dims has {len(state_dims)} entries, the model has {len(layers)} LRU layers")
-        for index, (layer, dim) in enumerate(zip(layers, state_dims)):
+        for index, dim in enumerate(state_dims):
             if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
                 raise ValueError(f"state_dims[{index}] must be a positive int, got {dim!r}")
+        changes = []
+        for index, (layer, dim) in enumerate(zip(layers, state_dims)):
             if dim == layer.state_dim:
                 continue
-            layer.resize_state(dim)
+            previous = layer.resize_state(dim, initialise=initialise)
+            parameters = {name: getattr(layer, name) for name in layer.SSM_PARAMETER_NAMES}
+            changes.append(LayerChange(layer=index, parameters=parameters, previous=previous))
         self.config.state_dims = [layer.state_dim for layer in layers]
+        return changes
 
     @torch.no_grad()
-    def reduce(self, ranks: list[int | None], strict: bool = False, record: bool = True) -> list[dict]:
+    def reduce(
+        self,
+        ranks: list[int | None],
+        strict: bool = False,
+        record: bool = True,
+        optimizer=None,
+        optimizer_state: str = "reset",
+        balancings: list | None = None,
+    ) -> list[dict]:
         """Shrink layers in place by balanced truncation and rewrite `config.state_dims`.
 
         Args:
             ranks: one entry per layer: the new state size, or None to leave the layer alone. A rank >= the current
                 size leaves the layer as it is (a reduction never grows a layer).
             strict: raise the ReductionError of a failing layer instead of skipping it with a warning.
-            record: append a "manual" event to `reduction_history` when a layer changed (CompreSSMCallback passes
-                False and records its own, richer event).
+            record: append a "manual" `ReductionEvent` to `reduction_history` when a layer changed
+                (CompreSSMReducer passes False and records its own, richer event).
+            optimizer: the optimizer training this model (torch or accelerate's wrapper): the state of the reduced
+                parameters is repaired through `optimizer_state.repair_optimizer_state(optimizer, changes,
+                optimizer_state)`. Without it, the next `optimizer.step()` that finds old-shaped state for them raises
+                `StaleOptimizerStateError` saying so.
+            optimizer_state: repair mode, a name in `optimizer_state.OPTIMIZER_STATE_REPAIRS` ("reset" deletes it).
+            balancings: per layer the `reduction.Balancing` already computed for this event (or None entries), so
+                the factorisation that picked the ranks is not computed again.
         Returns:
             One dict per layer: {"layer", "old_dim", "new_dim", "status" ("reduced" | "unchanged" | "failed"),
-            "error" (str or None), "hsv" (float64 tensor or None), "kept_energy" (float or None)}.
-            Parameters of reduced layers keep their identity but change shape, and their gradients are dropped:
-            optimizer state for them must be reset (CompreSSMCallback does this).
+            "error" (str or None), "hsv" (float64 tensor or None), "kept_energy", "hinf_bound" (2 * sum of the
+            discarded HSVs), "hinf_bound_relative" (that bound over a lower bound of the layer's H-infinity gain, so
+            an upper bound of the relative change of the layer's map) (floats or None), "change"
+            (`optimizer_state.LayerChange` or None)}. Parameters of reduced layers keep their identity but change
+            shape, and their gradients are dropped.
         """
+        from .optimizer_state import LayerChange, optimizer_state_repair, repair_optimizer_state, watch_for_stale_state
+
+        optimizer_state_repair(optimizer_state)  # unknown mode: fail before changing anything
         layers = self.lru_layers()
         if len(ranks) != len(layers):
             raise ValueError(f"ranks has {len(ranks)} entries, the model has {len(layers)} LRU layers")
+        if balancings is not None and len(balancings) != len(layers):
+            raise ValueError(f"balancings has {len(balancings)} entries, the model has {len(layers)} LRU layers")
+        for index, rank in enumerate(ranks):
+            if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+                raise ValueError(f"ranks[{index}] must be a positive int or None, got {rank!r}")
         report = []
         for index, (layer, rank) in enumerate(zip(layers, ranks)):
             entry = {"layer": index, "old_dim": layer.state_dim, "new_dim": layer.state_dim, "status": "unchanged",
-                     "error": None, "hsv": None, "kept_energy": None}
+                     "error": None, "hsv": None, "kept_energy": None, "hinf_bound": None,
+                     "hinf_bound_relative": None, "change": None}
             report.append(entry)
             if rank is None or rank >= layer.state_dim:
                 continue
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-                raise ValueError(f"ranks[{index}] must be a positive int or None, got {rank!r}")
-            lam, B, C, _ = layer.to_lti()
+            balancing = balancings[index] if balancings is not None else None
             try:
-                reduced = balanced_truncation(lam, B, C, rank)
-                layer.load_system(reduced.lam, reduced.B, reduced.C)
+                if balancing is not None:
+                    lam, B, C = balancing.lam, balancing.B, balancing.C
+                    reduced = truncate(balancing, rank)
+                else:
+                    lam, B, C, _ = layer.to_lti()
+                    reduced = balanced_truncation(lam, B, C, rank)
+                previous = layer.load_system(reduced.lam, reduced.B, reduced.C)
             except ReductionError as error:
                 if strict:
                     raise
                 logger.warning("CompreSSM: layer %d not reduced (%d -> %d): %s", index, layer.state_dim, rank, error)
                 entry.update(status="failed", error=str(error))
                 continue
+            hsv = reduced.hsv
+            total = float(hsv.sum())
+            gain = max(float(hsv[0]), gain_lower_bound(lam, B, C)) if total > 0 else 0.0  # <= the layer's H-inf norm
+            bound = hinf_error_bound(hsv, rank)
             entry.update(
                 new_dim=layer.state_dim,
                 status="reduced",
-                hsv=reduced.hsv,
-                kept_energy=float(reduced.hsv[:rank].sum() / reduced.hsv.sum()),
+                hsv=hsv,
+                kept_energy=float(hsv[:rank].sum()) / total if total > 0 else 1.0,
+                hinf_bound=bound,
+                hinf_bound_relative=bound / gain if gain > 0 else 0.0,
+                change=LayerChange(
+                    layer=index,
+                    parameters={name: getattr(layer, name) for name in layer.SSM_PARAMETER_NAMES},
+                    previous=previous,
+                    project=reduced.project,
+                    lift=reduced.lift,
+                ),
             )
         self.config.state_dims = [layer.state_dim for layer in layers]
+        changes = [entry["change"] for entry in report if entry["change"] is not None]
+        if changes:
+            if optimizer is not None:
+                repair_optimizer_state(optimizer, changes, optimizer_state)
+            else:
+                watch_for_stale_state({
+                    f"layer {change.layer} {name}": parameter
+                    for change in changes for name, parameter in change.parameters.items()
+                })
         if record and any(entry["status"] != "unchanged" for entry in report):
             self.reduction_history.append(
-                {
-                    "step": None,
-                    "policy": "manual",
-                    "dims_before": [entry["old_dim"] for entry in report],
-                    "dims_after": list(self.config.state_dims),
-                    "kept_energy": [1.0 if entry["kept_energy"] is None else entry["kept_energy"] for entry in report],
-                    "status": [entry["status"] for entry in report],
-                    "errors": [entry["error"] for entry in report],
-                }
+                ReductionEvent(
+                    step=None,
+                    kind="manual",
+                    policy="manual",
+                    dims_before=[entry["old_dim"] for entry in report],
+                    dims_after=list(self.config.state_dims),
+                    status=[entry["status"] for entry in report],
+                    errors=[entry["error"] for entry in report],
+                    kept_energy=[1.0 if entry["kept_energy"] is None else entry["kept_energy"] for entry in report],
+                    hinf_bound=[entry["hinf_bound"] for entry in report],
+                    hinf_bound_relative=[entry["hinf_bound_relative"] for entry in report],
+                    ranks_requested=[rank if rank is not None else None for rank in ranks],
+                )
             )
         return report
 

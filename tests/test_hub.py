@@ -24,6 +24,8 @@ REMOTE_CODE_FILES = {
     "reduction.py",
     "scan.py",
     "model_card.py",
+    "events.py",
+    "optimizer_state.py",
 }
 EXPECTED_FILES = {"config.json", "model.safetensors", "compressm_history.json", "README.md", "hsv_spectrum.png"}
 EXPECTED_FILES |= REMOTE_CODE_FILES
@@ -138,7 +140,8 @@ def test_auto_classes_without_remote_code(reduced_checkpoints, transformers_warn
     classifier = AutoModelForSequenceClassification.from_pretrained(root / "classifier").eval()
     assert type(classifier) is CompreSSMForSequenceClassification
     assert classifier.config.state_dims == [6, 5]
-    assert classifier.reduction_history == json.loads((root / "classifier" / "compressm_history.json").read_text())["events"]
+    saved_events = json.loads((root / "classifier" / "compressm_history.json").read_text())["events"]
+    assert [event.to_dict() for event in classifier.reduction_history] == saved_events
     lm = AutoModelForCausalLM.from_pretrained(root / "lm").eval()
     assert type(lm) is CompreSSMForCausalLM and lm.config.state_dims == [9, 4]
     assert _load_warnings(transformers_warnings) == []
