@@ -1,7 +1,10 @@
 """Reducing a CompreSSM model that is sharded with FSDP2 (`torch.distributed.fsdp.fully_shard`).
 
 Distributed plumbing only: no reduction math lives here (that is `reduction.py`, driven through the model's
-`reduce` / the layers' `load_system`), and no policy (that is the reducer's).
+`reduce` / the layers' `load_system`), and no policy (that is the reducer's). `CompreSSMReducer` drives FSDP2 models
+through `FSDP2Strategy` (registered with `distributed.register_strategy` when the package is imported): its
+`gathered` phase is `full_lru_parameters`, so rank 0 decides and reduces on full parameters and every rank re-shards
+the result.
 
 Under FSDP2 every parameter is a DTensor sharded on dim 0 across the ranks, owned by an `FSDPParam` of the
 `FSDPParamGroup` of the module `fully_shard` was applied to (a block, or the root). A reduction changes the shape
@@ -16,9 +19,15 @@ DTensor spec) and the all-gather buffers of an `FSDPParam` are sized once. `full
    or value) on rank `src`, broadcasts them, and gives each changed parameter a fresh `FSDPParam` in the same slot
    of the same group (re-sharded with the same placement and mesh); unchanged parameters get their old sharded
    DTensor back (with its gradient and optimizer state);
-3. swaps the replaced parameters in the optimizer's param groups in place (same optimizer object, so an LR
-   scheduler and accelerate's `AcceleratedOptimizer` stay attached; hyper-parameters kept); the state of a
-   parameter whose shape changed is dropped, the state of every other parameter is kept.
+3. swaps the replaced parameters in the optimizer's param groups in place
+   (`optimizer_state.replace_parameters_in_optimizer`: same optimizer object, so an LR scheduler and accelerate's
+   `AcceleratedOptimizer` stay attached; hyper-parameters kept); the state of a parameter whose shape changed is
+   dropped, the state of every other parameter is kept.
+
+Under `CompreSSMReducer` an optimizer-state repair mode other than "reset" (`optimizer_state.py`) runs on full
+tensors: the old moments are gathered from their shards, the mode sees what it would see in one process (the
+optimizer state of old shape, the new full parameter values, the basis maps), and every rank keeps its shard of the
+result.
 
 Every collective here waits with a timeout (`collectives.py`) and raises `DistributedReductionError` naming the step
 that did not complete, so a stopped or crashed rank gives a clear error instead of a hang.
@@ -28,7 +37,7 @@ Functions:
     full_lru_parameters(model, optimizer, src, ...)   context manager -> FullParameterSession
     gather_lru_systems(model, ...)                    -> list of (lam, B, C) full systems, identical on every rank
     apply_reduced_systems(model, systems, ...)        -> FullParameterSession (systems of rank `src` win)
-    replace_optimizer_parameters(optimizer, mapping)  -> None (in place)
+    FSDP2Strategy(model, optimizer, timeout)          the reducer's strategy for FSDP2 models
 
 Tested with torch 2.13 (CPU, gloo, 2 processes). The FSDP2 internals this relies on are checked at use and a
 `DistributedReductionError` says so if a torch release changed them.
@@ -37,7 +46,10 @@ Tested with torch 2.13 (CPU, gloo, 2 processes). The FSDP2 internals this relies
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import sys
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Iterator, Sequence
@@ -53,16 +65,25 @@ from .collectives import (
     timed_broadcast,
     timed_broadcast_object,
 )
+from .distributed import CollectiveStrategy, compressm_model_of, register_strategy
+from .optimizer_state import (
+    optimizer_state_repair,
+    repair_optimizer_state,
+    replace_parameters_in_optimizer,
+    reset_optimizer_state,
+    unwrap_optimizer,
+)
+from .schedule import DEFAULTS
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "DistributedReductionError",
     "FullParameterSession",
+    "FSDP2Strategy",
     "is_fsdp2",
     "full_lru_parameters",
     "gather_lru_systems",
     "apply_reduced_systems",
-    "replace_optimizer_parameters",
 ]
 
 # --------------------------------------------------------------------------------------------- torch internals
@@ -80,34 +101,15 @@ def _fsdp_classes():
 
 
 def is_fsdp2(model: nn.Module) -> bool:
-    """Whether `model` (or a module inside it) was sharded with FSDP2's `fully_shard`."""
+    """Whether `model` (or a module inside it) was sharded with FSDP2's `fully_shard`. Imports nothing: a process
+    that never imported torch.distributed.fsdp holds no FSDP2 module."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False
     try:
         from torch.distributed.fsdp import FSDPModule
-    except ImportError:
+    except ImportError:  # torch < 2.6
         return False
     return any(isinstance(module, FSDPModule) for module in model.modules())
-
-
-def _unwrap_model(model: nn.Module) -> nn.Module:
-    """The CompreSSM model inside DDP / accelerate / torch.compile wrappers (FSDP2 does not wrap)."""
-    for _ in range(8):
-        if hasattr(model, "lru_layers"):
-            return model
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            break
-        model = inner
-    raise TypeError(f"expected a CompreSSM model (with lru_layers()), got {type(model).__name__}")
-
-
-def _torch_optimizer(optimizer):
-    """The torch optimizer that owns `.state` (accelerate's AcceleratedOptimizer wraps it as `.optimizer`)."""
-    for _ in range(8):
-        inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            break
-        optimizer = inner
-    return optimizer
 
 
 # ------------------------------------------------------------------------------------------------- the slots
@@ -175,17 +177,63 @@ def _collect_slots(model: nn.Module) -> list[_Slot]:
     return slots
 
 
+def _gather_shards(local: torch.Tensor, dim: int, full_size: int, group, what: str, timeout: timedelta) -> torch.Tensor:
+    """Concatenate every rank's shard along `dim` (torch.chunk layout, as FSDP2 and DTensor's Shard use: rank i holds
+    rows [i * c, (i + 1) * c) with c = ceil(full_size / world), the last ones short or empty), on every rank."""
+    chunk = -(-full_size // dist.get_world_size(group))
+    if local.shape[dim] != chunk:  # pad to the common size of the all-gather
+        padded_shape = list(local.shape)
+        padded_shape[dim] = chunk
+        padded = local.new_zeros(padded_shape)
+        padded.narrow(dim, 0, local.shape[dim]).copy_(local)
+        local = padded
+    pieces = timed_all_gather(local.contiguous(), group, what, timeout)
+    return torch.cat(pieces, dim=dim).narrow(dim, 0, full_size).contiguous()
+
+
 def _gather_full(slot: _Slot, timeout: timedelta) -> torch.Tensor:
     """Full value of a sharded parameter on every rank, from each rank's padded shard (timed all-gather)."""
     fsdp_param = slot.fsdp_param
     shard_dim = fsdp_param.fsdp_placement.dim
     local = fsdp_param._sharded_param_data.view(fsdp_param.padded_sharded_param_size).to(fsdp_param.device)
-    pieces = timed_all_gather(
-        local, fsdp_param.mesh_info.shard_process_group,
-        f"all-gather of LRU layer {slot.layer} parameter {slot.name!r}", timeout,
-    )
-    full = torch.cat(pieces, dim=shard_dim).narrow(shard_dim, 0, fsdp_param._orig_size[shard_dim])
-    return full.contiguous()
+    return _gather_shards(local, shard_dim, fsdp_param._orig_size[shard_dim], fsdp_param.mesh_info.shard_process_group,
+                          f"all-gather of LRU layer {slot.layer} parameter {slot.name!r}", timeout)
+
+
+def _shard_placement(value, what: str):
+    """(mesh dimension, Shard placement) of a DTensor sharded on one tensor dim (replicated on any other mesh dim)."""
+    shards = [(mesh_dim, placement) for mesh_dim, placement in enumerate(value.placements) if placement.is_shard()]
+    if len(shards) != 1 or not all(p.is_shard() or p.is_replicate() for p in value.placements):
+        raise DistributedReductionError(f"{what}: unsupported DTensor layout {value.placements}")
+    return shards[0]
+
+
+def _full_tensor(value, what: str, timeout: timedelta):
+    """A DTensor's full value on every rank (timed all-gather of its shards); any other value as it is."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(value, DTensor):
+        return value
+    mesh_dim, placement = _shard_placement(value, what)
+    return _gather_shards(value.to_local(), placement.dim, value.shape[placement.dim],
+                          value.device_mesh.get_group(mesh_dim), what, timeout)
+
+
+def _shard_like(full: torch.Tensor, like, what: str):
+    """This rank's shard of `full` as a DTensor laid out like the DTensor `like` (same mesh, placements, shape)."""
+    from torch.distributed.tensor import DTensor
+
+    mesh_dim, placement = _shard_placement(like, what)
+    group = like.device_mesh.get_group(mesh_dim)
+    dim, size = placement.dim, full.shape[placement.dim]
+    chunk = -(-size // dist.get_world_size(group))
+    start = min(dist.get_rank(group) * chunk, size)
+    local = full.narrow(dim, start, min(chunk, size - start)).to(like.to_local().device).contiguous()
+    if local.shape != like.to_local().shape:
+        raise DistributedReductionError(f"{what}: shard {tuple(local.shape)} does not match the parameter's "
+                                        f"{tuple(like.to_local().shape)}")
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=full.shape,
+                              stride=full.stride())
 
 
 def _register(module: nn.Module, name: str, parameter: nn.Parameter) -> None:
@@ -249,12 +297,15 @@ class FullParameterSession:
     replaced: old sharded parameter -> new sharded parameter, for every LRU parameter that changed on rank `src`.
     changed_layers: indices of the LRU layers with at least one replaced parameter (same on every rank).
     state_dims: the LRU state sizes after the session (same on every rank).
+    full_values: (layer index, parameter name) -> full value of each replaced parameter (as rank `src` left it,
+        identical on every rank, on the FSDP device).
     """
 
     src: int
     replaced: dict = field(default_factory=dict)
     changed_layers: list = field(default_factory=list)
     state_dims: list = field(default_factory=list)
+    full_values: dict = field(default_factory=dict)
 
 
 def _check_groups_idle(slots: list[_Slot]) -> None:
@@ -317,8 +368,8 @@ def full_lru_parameters(
     `model.reduce`, `layer.load_system`, `model.set_state_dims`); the other parameters stay sharded. On a normal
     exit the LRU parameters as rank `src` left them are broadcast, re-sharded and registered on every rank (what
     the other ranks did to them is overwritten), `config.state_dims` is rewritten, and `optimizer` (torch or
-    accelerate's wrapper; optional) is repaired in place by `replace_optimizer_parameters`. If any rank raises in
-    the block, every rank restores the parameters as they were and raises.
+    accelerate's wrapper; optional) is repaired in place by `optimizer_state.replace_parameters_in_optimizer`. If
+    any rank raises in the block, every rank restores the parameters as they were and raises.
 
     Call it between training steps (after `optimizer.step()`), not between forward and backward.
 
@@ -336,7 +387,7 @@ def full_lru_parameters(
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise DistributedReductionError("full_lru_parameters needs an initialised torch.distributed process group")
-    model = _unwrap_model(model)
+    model = compressm_model_of(model)
     _check_fsdp_param_api()
     session = FullParameterSession(src=src)
     slots = _collect_slots(model)
@@ -424,6 +475,7 @@ def full_lru_parameters(
             new = _new_fsdp_param(slot, new_values[index])  # registers the new sharded parameter on the module
             slot.group.fsdp_params[slot.position] = new
             session.replaced[slot.sharded] = new.sharded_param
+            session.full_values[(slot.layer, slot.name)] = new_values[index]
             touched_groups[id(slot.group)] = slot.group
         else:
             _register(slot.module, slot.name, slot.sharded)
@@ -434,35 +486,7 @@ def full_lru_parameters(
     if hasattr(model, "config") and hasattr(model.config, "state_dims"):
         model.config.state_dims = list(session.state_dims)
     if optimizer is not None:
-        replace_optimizer_parameters(optimizer, session.replaced)
-
-
-def replace_optimizer_parameters(optimizer, replaced: dict) -> None:
-    """Point an optimizer at new parameter objects, in place.
-
-    Each old parameter in `optimizer.param_groups` is replaced by its new one at the same position (param groups and
-    their hyper-parameters, the optimizer object and so any LR scheduler stay as they are). The state of a
-    parameter whose shape is unchanged moves to the new parameter; the state of a parameter whose shape changed
-    (e.g. Adam moments of a reduced layer) is dropped and starts afresh at the next step.
-
-    Args:
-        optimizer: a torch optimizer or a wrapper with `.optimizer` (accelerate's AcceleratedOptimizer).
-        replaced: old parameter -> new parameter.
-    """
-    if not replaced:
-        return
-    inner = _torch_optimizer(optimizer)
-    by_id = {id(old): new for old, new in replaced.items()}
-    for group in inner.param_groups:
-        params = group["params"]
-        for position, parameter in enumerate(params):
-            new = by_id.get(id(parameter))
-            if new is not None:
-                params[position] = new
-    for old, new in replaced.items():
-        state = inner.state.pop(old, None)
-        if state and old.shape == new.shape:
-            inner.state[new] = state
+        replace_parameters_in_optimizer(optimizer, session.replaced)
 
 
 # ------------------------------------------------------------------------------------------- conveniences
@@ -477,7 +501,7 @@ def gather_lru_systems(
     """
     with full_lru_parameters(model, timeout=timeout, process_group=process_group):
         with torch.no_grad():
-            layers = _unwrap_model(model).lru_layers()
+            layers = compressm_model_of(model).lru_layers()
             systems = [tuple(tensor.detach().clone() for tensor in layer.to_lti()[:3]) for layer in layers]
     return systems
 
@@ -496,14 +520,14 @@ def apply_reduced_systems(
     Args:
         systems: on rank `src`, one entry per LRU layer: None (unchanged) or (lam (r,), B (r, H) with the input gain,
             C (H, r)), e.g. a `reduction.ReducedSystem`; other ranks may pass the same or None (rank `src` wins).
-        optimizer: repaired in place (see `replace_optimizer_parameters`).
+        optimizer: repaired in place (see `optimizer_state.replace_parameters_in_optimizer`).
     Returns:
         the FullParameterSession (replaced parameters, changed layers, new state sizes).
     Raises:
         ReductionError (on rank `src`, re-raised there; the other ranks raise DistributedReductionError) if a system
         cannot be represented; nothing is changed on any rank in that case.
     """
-    unwrapped = _unwrap_model(model)
+    unwrapped = compressm_model_of(model)
     with full_lru_parameters(unwrapped, optimizer, src=src, timeout=timeout, process_group=process_group) as session:
         if systems is not None:
             layers = unwrapped.lru_layers()
@@ -513,3 +537,112 @@ def apply_reduced_systems(
                 if system is not None:
                     layer.load_system(*system[:3])
     return session
+
+
+# ------------------------------------------------------------------------------------ the reducer's strategy
+class _FullStateOptimizer:
+    """Stands in for the torch optimizer while an optimizer-state repair mode runs on full tensors.
+
+    state: full stand-in parameter -> its state (full tensors).   param_groups: the optimizer's groups (same
+    hyper-parameters), listing each stand-in where its sharded parameter is.   defaults: the optimizer's.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, stand_ins: dict):
+        self.state = defaultdict(dict)
+        self.defaults = optimizer.defaults
+        self.param_groups = [
+            {**group, "params": [stand_ins.get(id(parameter), parameter) for parameter in group["params"]]}
+            for group in optimizer.param_groups
+        ]
+
+
+def _repair_on_full_state(optimizer: torch.optim.Optimizer, changes: list, repair, old_states: dict,
+                          full_values: dict, timeout: timedelta) -> None:
+    """Run `repair(optimizer, changes)` on full tensors, identically on every rank, and keep this rank's shards.
+
+    Args:
+        optimizer: the torch optimizer, already holding the new sharded parameters.
+        changes: LayerChanges whose `parameters` are the new sharded parameters (same order on every rank).
+        repair: an optimizer-state repair function (`optimizer_state.OPTIMIZER_STATE_REPAIRS`).
+        old_states: id(new sharded parameter) -> the state its old parameter had (sharded tensors) or None.
+        full_values: (layer, name) -> full new value of each new parameter (`FullParameterSession.full_values`).
+    """
+    stand_ins, full_changes, pairs = {}, [], []
+    gathered_states = {}
+    for change in sorted(changes, key=lambda change: change.layer):
+        full_parameters = {}
+        for name, sharded in change.parameters.items():
+            if (change.layer, name) not in full_values:
+                raise DistributedReductionError(f"no full value of LRU layer {change.layer} parameter {name!r}")
+            full = nn.Parameter(full_values[(change.layer, name)].detach().clone(), requires_grad=sharded.requires_grad)
+            full_parameters[name] = stand_ins[id(sharded)] = full
+            pairs.append((full, sharded, f"LRU layer {change.layer} {name}"))
+            state = old_states.get(id(sharded))
+            if state:
+                gathered_states[full] = {
+                    key: _full_tensor(state[key], f"all-gather of the optimizer state {key!r} of LRU layer "
+                                                  f"{change.layer} {name}", timeout)
+                    for key in sorted(state)
+                }
+        full_changes.append(dataclasses.replace(change, parameters=full_parameters))
+    stand_in = _FullStateOptimizer(optimizer, stand_ins)
+    stand_in.state.update(gathered_states)
+    repair(stand_in, full_changes)
+    for full, sharded, what in pairs:
+        state = stand_in.state.get(full)
+        optimizer.state.pop(sharded, None)
+        if state:
+            optimizer.state[sharded] = {
+                key: _shard_like(value, sharded, f"optimizer state {key!r} of {what}")
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == full.shape else value
+                for key, value in state.items()
+            }
+
+
+class FSDP2Strategy(CollectiveStrategy):
+    """`CompreSSMReducer` strategy for models sharded with `fully_shard` (see `distributed.py` for the call order).
+
+    gathered: `full_lru_parameters(model, src=0)`, so rank 0 balances, picks sizes and reduces on full parameters
+    while the others wait for its outcome (shared on the strategy's gloo group), and on leaving every rank re-shards
+    rank 0's result into fresh FSDP parameters. after_change returns {old sharded parameter: new one};
+    repair_optimizer puts the new ones in their places in the optimizer and repairs their state: "reset" keeps no
+    state for them, any other mode runs on full tensors (`_repair_on_full_state`). A rollback snapshot
+    (`model.state_dict()` copies) holds this rank's shards, restored after re-sharding to the same sizes.
+    """
+
+    snapshot_is_per_rank = True
+
+    def __init__(self, model, optimizer=None, timeout: float = DEFAULTS.collective_timeout):
+        _check_fsdp_param_api()  # an unknown torch fails here, before training, not at the first event
+        super().__init__(timeout)
+        self.session: FullParameterSession | None = None
+        FSDPModule, _, _ = _fsdp_classes()
+        for module in compressm_model_of(model).modules():  # after an evaluation forward (reshard_after_forward=False)
+            if isinstance(module, FSDPModule):              # the modules hold unsharded parameters, not the optimizer's
+                module.reshard()
+
+    @contextlib.contextmanager
+    def gathered(self, model):
+        self.session = None
+        with full_lru_parameters(model, src=0, timeout=self.timeout) as session:
+            yield
+        self.session = session
+
+    def after_change(self, model) -> dict:
+        return dict(self.session.replaced) if self.session is not None else {}
+
+    def repair_optimizer(self, optimizer, changes: list, mode: str, replaced: dict) -> None:
+        session, self.session = self.session, None  # drop the full values when done
+        if optimizer is None:
+            return
+        repair = optimizer_state_repair(mode)
+        inner = unwrap_optimizer(optimizer)
+        old_states = {id(new): inner.state.get(old) for old, new in replaced.items()}
+        replace_parameters_in_optimizer(optimizer, replaced)  # state of re-sized parameters dropped
+        if repair is reset_optimizer_state or not changes:
+            repair_optimizer_state(optimizer, changes, mode)
+            return
+        _repair_on_full_state(inner, changes, repair, old_states, session.full_values if session else {}, self.timeout)
+
+
+register_strategy(is_fsdp2, FSDP2Strategy)
