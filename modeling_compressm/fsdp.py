@@ -71,6 +71,7 @@ from .optimizer_state import (
     repair_optimizer_state,
     replace_parameters_in_optimizer,
     reset_optimizer_state,
+    unwatch_stale_state,
     unwrap_optimizer,
 )
 from .schedule import DEFAULTS
@@ -398,7 +399,11 @@ def full_lru_parameters(
     _check_same_layout(slots, process_group, device, timeout)
     dims_before = list(getattr(model.config, "state_dims", [])) if hasattr(model, "config") else None
 
+    def forget_full_parameters() -> None:  # model.reduce inside the block watches them for stale optimizer state
+        unwatch_stale_state(slot.module._parameters[slot.name] for slot in slots)
+
     def restore_sharded() -> None:
+        forget_full_parameters()
         for slot in slots:
             _register(slot.module, slot.name, slot.sharded)
         if dims_before is not None:
@@ -468,6 +473,7 @@ def full_lru_parameters(
         raise
 
     # 4. re-shard: a fresh FSDPParam for each changed parameter, the old sharded DTensor for the others
+    forget_full_parameters()
     touched_groups = {}
     for index, slot in enumerate(slots):
         if index in new_values:
