@@ -21,8 +21,8 @@ Strategies:
                     on a dedicated gloo group whose operations time out (`collective_timeout`), DDP's gradient
                     buckets rebuilt in place after the change.
     FSDP2Strategy   models sharded with `fully_shard` (also what accelerate prepares with its FSDP2 plugin), in
-                    `fsdp.py`: registered when the package is imported (`register_strategy`), imports FSDP only
-                    when a model is checked.
+                    `fsdp_strategy.py`: registered when the package is imported (`register_strategy`), imports FSDP
+                    only when a model is checked.
 More plug in with `register_strategy(matches, factory)`. FSDP1 (`FullyShardedDataParallel`) is refused with a message.
 
 Collectives go through `collectives.py` (shared with the FSDP2 helpers): one that does not complete within the
@@ -170,7 +170,8 @@ class ReductionStrategy:
         if replaced:
             inner = unwrap_optimizer(optimizer)
             changed = {id(parameter) for change in changes for parameter in change.parameters.values()}
-            carried = {new: inner.state[old] for old, new in replaced.items() if id(new) in changed and old in inner.state}
+            carried = {new: inner.state[old] for old, new in replaced.items()
+                       if id(new) in changed and old in inner.state}
             replace_parameters_in_optimizer(optimizer, replaced)
             inner.state.update(carried)
         repair_optimizer_state(optimizer, changes, mode)

@@ -2,9 +2,7 @@
 
 Distributed plumbing only: no reduction math lives here (that is `reduction.py`, driven through the model's
 `reduce` / the layers' `load_system`), and no policy (that is the reducer's). `CompreSSMReducer` drives FSDP2 models
-through `FSDP2Strategy` (registered with `distributed.register_strategy` when the package is imported): its
-`gathered` phase is `full_lru_parameters`, so rank 0 decides and reduces on full parameters and every rank re-shards
-the result.
+through `fsdp_strategy.FSDP2Strategy`, whose gathered phase is `full_lru_parameters`.
 
 Under FSDP2 every parameter is a DTensor sharded on dim 0 across the ranks, owned by an `FSDPParam` of the
 `FSDPParamGroup` of the module `fully_shard` was applied to (a block, or the root). A reduction changes the shape
@@ -24,11 +22,6 @@ DTensor spec) and the all-gather buffers of an `FSDPParam` are sized once. `full
    `AcceleratedOptimizer` stay attached; hyper-parameters kept); the state of a parameter whose shape changed is
    dropped, the state of every other parameter is kept.
 
-Under `CompreSSMReducer` an optimizer-state repair mode other than "reset" (`optimizer_state.py`) runs on full
-tensors: the old moments are gathered from their shards, the mode sees what it would see in one process (the
-optimizer state of old shape, the new full parameter values, the basis maps), and every rank keeps its shard of the
-result.
-
 Every collective here waits with a timeout (`collectives.py`) and raises `DistributedReductionError` naming the step
 that did not complete, so a stopped or crashed rank gives a clear error instead of a hang.
 
@@ -37,7 +30,8 @@ Functions:
     full_lru_parameters(model, optimizer, src, ...)   context manager -> FullParameterSession
     gather_lru_systems(model, ...)                    -> list of (lam, B, C) full systems, identical on every rank
     apply_reduced_systems(model, systems, ...)        -> FullParameterSession (systems of rank `src` win)
-    FSDP2Strategy(model, optimizer, timeout)          the reducer's strategy for FSDP2 models
+    gather_shards(local, dim, full_size, group, ...)  -> a dim-0-style sharded tensor's full value (timed all-gather)
+    fsdp_classes(), check_fsdp_param_api()            the FSDP2 internals this module relies on, checked
 
 Tested with torch 2.13 (CPU, gloo, 2 processes). The FSDP2 internals this relies on are checked at use and a
 `DistributedReductionError` says so if a torch release changed them.
@@ -46,10 +40,8 @@ Tested with torch 2.13 (CPU, gloo, 2 processes). The FSDP2 internals this relies
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import sys
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Iterator, Sequence
@@ -65,30 +57,24 @@ from .collectives import (
     timed_broadcast,
     timed_broadcast_object,
 )
-from .distributed import CollectiveStrategy, compressm_model_of, register_strategy
-from .optimizer_state import (
-    optimizer_state_repair,
-    repair_optimizer_state,
-    replace_parameters_in_optimizer,
-    reset_optimizer_state,
-    unwatch_stale_state,
-    unwrap_optimizer,
-)
-from .schedule import DEFAULTS
+from .distributed import compressm_model_of
+from .optimizer_state import replace_parameters_in_optimizer, unwatch_stale_state
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "DistributedReductionError",
     "FullParameterSession",
-    "FSDP2Strategy",
     "is_fsdp2",
     "full_lru_parameters",
     "gather_lru_systems",
     "apply_reduced_systems",
+    "gather_shards",
+    "fsdp_classes",
+    "check_fsdp_param_api",
 ]
 
 # --------------------------------------------------------------------------------------------- torch internals
-def _fsdp_classes():
+def fsdp_classes():
     """(FSDPModule, FSDPParam, TrainingState) of this torch, or raise a DistributedReductionError."""
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -130,7 +116,7 @@ class _Slot:
 
 def _fsdp_param_slots(model: nn.Module) -> dict[tuple[int, str], tuple[object, int, object]]:
     """(id(module), param_name) -> (FSDPParamGroup, index, FSDPParam) for every parameter FSDP2 manages."""
-    FSDPModule, _, _ = _fsdp_classes()
+    FSDPModule, _, _ = fsdp_classes()
     found, seen_groups = {}, set()
     for module in model.modules():
         if not isinstance(module, FSDPModule):
@@ -178,7 +164,7 @@ def _collect_slots(model: nn.Module) -> list[_Slot]:
     return slots
 
 
-def _gather_shards(local: torch.Tensor, dim: int, full_size: int, group, what: str, timeout: timedelta) -> torch.Tensor:
+def gather_shards(local: torch.Tensor, dim: int, full_size: int, group, what: str, timeout: timedelta) -> torch.Tensor:
     """Concatenate every rank's shard along `dim` (torch.chunk layout, as FSDP2 and DTensor's Shard use: rank i holds
     rows [i * c, (i + 1) * c) with c = ceil(full_size / world), the last ones short or empty), on every rank."""
     chunk = -(-full_size // dist.get_world_size(group))
@@ -197,44 +183,8 @@ def _gather_full(slot: _Slot, timeout: timedelta) -> torch.Tensor:
     fsdp_param = slot.fsdp_param
     shard_dim = fsdp_param.fsdp_placement.dim
     local = fsdp_param._sharded_param_data.view(fsdp_param.padded_sharded_param_size).to(fsdp_param.device)
-    return _gather_shards(local, shard_dim, fsdp_param._orig_size[shard_dim], fsdp_param.mesh_info.shard_process_group,
+    return gather_shards(local, shard_dim, fsdp_param._orig_size[shard_dim], fsdp_param.mesh_info.shard_process_group,
                           f"all-gather of LRU layer {slot.layer} parameter {slot.name!r}", timeout)
-
-
-def _shard_placement(value, what: str):
-    """(mesh dimension, Shard placement) of a DTensor sharded on one tensor dim (replicated on any other mesh dim)."""
-    shards = [(mesh_dim, placement) for mesh_dim, placement in enumerate(value.placements) if placement.is_shard()]
-    if len(shards) != 1 or not all(p.is_shard() or p.is_replicate() for p in value.placements):
-        raise DistributedReductionError(f"{what}: unsupported DTensor layout {value.placements}")
-    return shards[0]
-
-
-def _full_tensor(value, what: str, timeout: timedelta):
-    """A DTensor's full value on every rank (timed all-gather of its shards); any other value as it is."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(value, DTensor):
-        return value
-    mesh_dim, placement = _shard_placement(value, what)
-    return _gather_shards(value.to_local(), placement.dim, value.shape[placement.dim],
-                          value.device_mesh.get_group(mesh_dim), what, timeout)
-
-
-def _shard_like(full: torch.Tensor, like, what: str):
-    """This rank's shard of `full` as a DTensor laid out like the DTensor `like` (same mesh, placements, shape)."""
-    from torch.distributed.tensor import DTensor
-
-    mesh_dim, placement = _shard_placement(like, what)
-    group = like.device_mesh.get_group(mesh_dim)
-    dim, size = placement.dim, full.shape[placement.dim]
-    chunk = -(-size // dist.get_world_size(group))
-    start = min(dist.get_rank(group) * chunk, size)
-    local = full.narrow(dim, start, min(chunk, size - start)).to(like.to_local().device).contiguous()
-    if local.shape != like.to_local().shape:
-        raise DistributedReductionError(f"{what}: shard {tuple(local.shape)} does not match the parameter's "
-                                        f"{tuple(like.to_local().shape)}")
-    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=full.shape,
-                              stride=full.stride())
 
 
 def _register(module: nn.Module, name: str, parameter: nn.Parameter) -> None:
@@ -245,9 +195,9 @@ _FSDP_PARAM_ARGUMENTS = ("param", "module_info", "mesh_info", "post_forward_mesh
                          "mp_policy", "offload_policy")
 
 
-def _check_fsdp_param_api() -> None:
+def check_fsdp_param_api() -> None:
     """Fail before any collective if this torch's FSDPParam constructor is not the one `_new_fsdp_param` calls."""
-    _, FSDPParam, _ = _fsdp_classes()
+    _, FSDPParam, _ = fsdp_classes()
     accepted = inspect.signature(FSDPParam.__init__).parameters
     required = {name for name, p in accepted.items() if name != "self" and p.default is inspect.Parameter.empty}
     if not set(_FSDP_PARAM_ARGUMENTS) <= set(accepted) or not required <= set(_FSDP_PARAM_ARGUMENTS):
@@ -263,7 +213,7 @@ def _new_fsdp_param(slot: _Slot, full: torch.Tensor):
     The FSDPParam constructor shards `full` (its dim-0 chunk for this rank, padded) and registers the sharded DTensor
     parameter on the module.
     """
-    _, FSDPParam, _ = _fsdp_classes()
+    _, FSDPParam, _ = fsdp_classes()
     old, group = slot.fsdp_param, slot.group
     placement, mesh_info = old.fsdp_placement, old.mesh_info
     parameter = nn.Parameter(full.to(old.device).contiguous(), requires_grad=slot.sharded.requires_grad)
@@ -310,7 +260,7 @@ class FullParameterSession:
 
 
 def _check_groups_idle(slots: list[_Slot]) -> None:
-    _, _, TrainingState = _fsdp_classes()
+    _, _, TrainingState = fsdp_classes()
     for slot in {id(slot.group): slot for slot in slots}.values():
         group = slot.group
         if group._training_state != TrainingState.IDLE:
@@ -389,7 +339,7 @@ def full_lru_parameters(
     if not (dist.is_available() and dist.is_initialized()):
         raise DistributedReductionError("full_lru_parameters needs an initialised torch.distributed process group")
     model = compressm_model_of(model)
-    _check_fsdp_param_api()
+    check_fsdp_param_api()
     session = FullParameterSession(src=src)
     slots = _collect_slots(model)
     if not slots:
@@ -543,112 +493,3 @@ def apply_reduced_systems(
                 if system is not None:
                     layer.load_system(*system[:3])
     return session
-
-
-# ------------------------------------------------------------------------------------ the reducer's strategy
-class _FullStateOptimizer:
-    """Stands in for the torch optimizer while an optimizer-state repair mode runs on full tensors.
-
-    state: full stand-in parameter -> its state (full tensors).   param_groups: the optimizer's groups (same
-    hyper-parameters), listing each stand-in where its sharded parameter is.   defaults: the optimizer's.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, stand_ins: dict):
-        self.state = defaultdict(dict)
-        self.defaults = optimizer.defaults
-        self.param_groups = [
-            {**group, "params": [stand_ins.get(id(parameter), parameter) for parameter in group["params"]]}
-            for group in optimizer.param_groups
-        ]
-
-
-def _repair_on_full_state(optimizer: torch.optim.Optimizer, changes: list, repair, old_states: dict,
-                          full_values: dict, timeout: timedelta) -> None:
-    """Run `repair(optimizer, changes)` on full tensors, identically on every rank, and keep this rank's shards.
-
-    Args:
-        optimizer: the torch optimizer, already holding the new sharded parameters.
-        changes: LayerChanges whose `parameters` are the new sharded parameters (same order on every rank).
-        repair: an optimizer-state repair function (`optimizer_state.OPTIMIZER_STATE_REPAIRS`).
-        old_states: id(new sharded parameter) -> the state its old parameter had (sharded tensors) or None.
-        full_values: (layer, name) -> full new value of each new parameter (`FullParameterSession.full_values`).
-    """
-    stand_ins, full_changes, pairs = {}, [], []
-    gathered_states = {}
-    for change in sorted(changes, key=lambda change: change.layer):
-        full_parameters = {}
-        for name, sharded in change.parameters.items():
-            if (change.layer, name) not in full_values:
-                raise DistributedReductionError(f"no full value of LRU layer {change.layer} parameter {name!r}")
-            full = nn.Parameter(full_values[(change.layer, name)].detach().clone(), requires_grad=sharded.requires_grad)
-            full_parameters[name] = stand_ins[id(sharded)] = full
-            pairs.append((full, sharded, f"LRU layer {change.layer} {name}"))
-            state = old_states.get(id(sharded))
-            if state:
-                gathered_states[full] = {
-                    key: _full_tensor(state[key], f"all-gather of the optimizer state {key!r} of LRU layer "
-                                                  f"{change.layer} {name}", timeout)
-                    for key in sorted(state)
-                }
-        full_changes.append(dataclasses.replace(change, parameters=full_parameters))
-    stand_in = _FullStateOptimizer(optimizer, stand_ins)
-    stand_in.state.update(gathered_states)
-    repair(stand_in, full_changes)
-    for full, sharded, what in pairs:
-        state = stand_in.state.get(full)
-        optimizer.state.pop(sharded, None)
-        if state:
-            optimizer.state[sharded] = {
-                key: _shard_like(value, sharded, f"optimizer state {key!r} of {what}")
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == full.shape else value
-                for key, value in state.items()
-            }
-
-
-class FSDP2Strategy(CollectiveStrategy):
-    """`CompreSSMReducer` strategy for models sharded with `fully_shard` (see `distributed.py` for the call order).
-
-    gathered: `full_lru_parameters(model, src=0)`, so rank 0 balances, picks sizes and reduces on full parameters
-    while the others wait for its outcome (shared on the strategy's gloo group), and on leaving every rank re-shards
-    rank 0's result into fresh FSDP parameters. after_change returns {old sharded parameter: new one};
-    repair_optimizer puts the new ones in their places in the optimizer and repairs their state: "reset" keeps no
-    state for them, any other mode runs on full tensors (`_repair_on_full_state`). A rollback snapshot
-    (`model.state_dict()` copies) holds this rank's shards, restored after re-sharding to the same sizes.
-    """
-
-    snapshot_is_per_rank = True
-
-    def __init__(self, model, optimizer=None, timeout: float = DEFAULTS.collective_timeout):
-        _check_fsdp_param_api()  # an unknown torch fails here, before training, not at the first event
-        super().__init__(timeout)
-        self.session: FullParameterSession | None = None
-        FSDPModule, _, _ = _fsdp_classes()
-        for module in compressm_model_of(model).modules():  # after an evaluation forward (reshard_after_forward=False)
-            if isinstance(module, FSDPModule):              # the modules hold unsharded parameters, not the optimizer's
-                module.reshard()
-
-    @contextlib.contextmanager
-    def gathered(self, model):
-        self.session = None
-        with full_lru_parameters(model, src=0, timeout=self.timeout) as session:
-            yield
-        self.session = session
-
-    def after_change(self, model) -> dict:
-        return dict(self.session.replaced) if self.session is not None else {}
-
-    def repair_optimizer(self, optimizer, changes: list, mode: str, replaced: dict) -> None:
-        session, self.session = self.session, None  # drop the full values when done
-        if optimizer is None:
-            return
-        repair = optimizer_state_repair(mode)
-        inner = unwrap_optimizer(optimizer)
-        old_states = {id(new): inner.state.get(old) for old, new in replaced.items()}
-        replace_parameters_in_optimizer(optimizer, replaced)  # state of re-sized parameters dropped
-        if repair is reset_optimizer_state or not changes:
-            repair_optimizer_state(optimizer, changes, mode)
-            return
-        _repair_on_full_state(inner, changes, repair, old_states, session.full_values if session else {}, self.timeout)
-
-
-register_strategy(is_fsdp2, FSDP2Strategy)

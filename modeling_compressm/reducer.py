@@ -16,7 +16,7 @@ run consistent:
   break the next backward;
 * the optimizer state of the changed parameters is repaired by the function registered for `optimizer_state`
   (`optimizer_state.py`; "reset" deletes it);
-* distributed wrappers (DDP; FSDP2's `fully_shard`, `fsdp.FSDP2Strategy`) go through a `distributed` strategy:
+* distributed wrappers (DDP; FSDP2's `fully_shard`, `fsdp_strategy.FSDP2Strategy`) go through a `distributed` strategy:
   rank 0 decides, every rank applies the same change, the wrapper is rebuilt (FSDP2: re-sharded into new Parameter
   objects, which take the old ones' places in the optimizer), collectives time out; a failure on rank 0 while
   deciding reaches the other ranks at once;
