@@ -448,6 +448,11 @@ def _resolve_cache_argument(cache: CompreSSMCache | None, past_key_values: Compr
     return cache
 
 
+def _dtensor_type():
+    """torch's DTensor class if it was imported (a process that never imported it holds no DTensor), else None."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
 class CompreSSMPreTrainedModel(PreTrainedModel):
     config_class = CompreSSMConfig
     base_model_prefix = "model"
@@ -508,9 +513,13 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
         """
         state_dict = kwargs.get("state_dict", args[1] if len(args) > 1 else None)
         is_main_process = kwargs.get("is_main_process", args[0] if args else True)
-        if state_dict is None and self._has_sharded_parameters():
+        dtensor = _dtensor_type()
+        sharded_state = dtensor is not None and state_dict is not None and any(
+            isinstance(value, dtensor) for value in state_dict.values()
+        )
+        if sharded_state or (state_dict is None and self._has_sharded_parameters()):
             raise ValueError(
-                "this model is sharded (FSDP2 / DTensor parameters): pass its gathered weights, e.g. "
+                "the weights to save are sharded (FSDP2 / DTensor): pass the gathered full weights, e.g. "
                 "save_pretrained(dir, state_dict=accelerator.get_state_dict(model), is_main_process=...) or "
                 "state_dict=torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
                 "options=StateDictOptions(full_state_dict=True, cpu_offload=True)) (a collective: run it on every rank)"
@@ -564,8 +573,7 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
 
     def _has_sharded_parameters(self) -> bool:
         """Whether parameters are DTensors (FSDP2 / tensor parallel): their values need collectives."""
-        dtensor_module = sys.modules.get("torch.distributed.tensor")
-        dtensor = getattr(dtensor_module, "DTensor", None)
+        dtensor = _dtensor_type()
         return dtensor is not None and any(isinstance(parameter, dtensor) for parameter in self.parameters())
 
     def _cache_card_spectrum(self, state_dict: dict) -> None:

@@ -335,11 +335,13 @@ def resume_run(rank, output_dir, report, continued, reference_history):
 def save_pretrained_run(rank, model, output_dir, report, continued):
     """The HF save of a sharded model: gathered state dict (rank 0 only), save_pretrained on every rank."""
     folder = os.path.join(output_dir, "hf")
-    try:
-        model.save_pretrained(os.path.join(output_dir, "refused"))
-        refused = None
-    except ValueError as error:
-        refused = str(error)
+    refused = []
+    for state_dict in (None, model.state_dict()):  # nothing, or this rank's shards (DTensors)
+        try:
+            model.save_pretrained(os.path.join(output_dir, "refused"), state_dict=state_dict)
+            refused.append(None)
+        except ValueError as error:
+            refused.append(str(error))
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     model.save_pretrained(folder, state_dict=state if rank == 0 else {}, is_main_process=rank == 0)
     dist.barrier()
@@ -356,7 +358,7 @@ def save_pretrained_run(rank, model, output_dir, report, continued):
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
         config = json.load(handle)
     report["save_pretrained"] = {
-        "refused_without_state_dict": refused,
+        "refused_without_full_state_dict": refused,
         "dims": list(reloaded.config.state_dims),
         "architectures": config.get("architectures"),
         "diff": max_diff(continued, reloaded.state_dict()),
