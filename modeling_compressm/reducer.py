@@ -25,7 +25,9 @@ run consistent:
   before it (weights, sizes, optimizer state) and stops further reductions;
 * `state_dict()` / `load_state_dict()` carry the history, the stop flag and a pending rollback check for resume.
 
-No Trainer code and no reduction math live here (see `callback.py` and `reduction.py`).
+No Trainer code and no reduction math live here (see `callback.py` and `reduction.py`). Over 500 lines because one
+class holds an event's phases, the rollback snapshot and the resumable state, which share its private state; the
+distributed phases are in `distributed.py` / `fsdp_strategy.py`.
 """
 
 from __future__ import annotations

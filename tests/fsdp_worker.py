@@ -18,7 +18,8 @@ mixes in the new values, so it runs on gathered full tensors under FSDP2). Aroun
 * `CompreSSMCallback` refuses an FSDP2 model with a message naming the supported path;
 * faults: rank 0 raises while deciding, rank 1 raises while applying, rank 1 never enters the event (timeout).
 
-Rank 0 writes a JSON report (see `main`). Usage:
+Over 500 lines because every scenario runs in this one launch: process start-up dominates the cost of a torchrun
+test on CI. Rank 0 writes a JSON report (see `main`). Usage:
     python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_worker.py OUTPUT_DIR REPORT_JSON
 """
 
