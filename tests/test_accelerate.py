@@ -4,37 +4,20 @@ see the worker). Both reduce through the package's reducer, train on with gradie
 standard recipe (`unwrap_model(model).save_pretrained(dir, state_dict=accelerator.get_state_dict(model), ...)`),
 reload at the reduced sizes and train again."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch.distributed
+
+from two_ranks import requires_gloo, run_two_ranks_for_report  # tests/ helper
 
 WORKER = Path(__file__).with_name("accelerate_worker.py")
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with the gloo backend",
-)
+pytestmark = requires_gloo
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("accelerate")
-    report_path = tmp_path / "report.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(WORKER), str(tmp_path / "out"), str(report_path)]
-    # the timeout is a hang guard only
-    completed = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=300, cwd=str(WORKER.parent.parent)
-    )
-    assert completed.returncode == 0 and report_path.exists(), completed.stdout[-4000:] + completed.stderr[-6000:]
-    return json.loads(report_path.read_text())
+    return run_two_ranks_for_report(WORKER, tmp_path_factory.mktemp("accelerate"), timeout=300)
 
 
 def check_reduced_run(run):

@@ -5,10 +5,6 @@ with `save_pretrained`, rolls back, compares everything with a single-process re
 tests check its report. One torchrun launch for all of it (process start-up dominates the cost). The in-process
 tests below need no process group."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,13 +24,11 @@ from modeling_compressm.fsdp import DistributedReductionError, full_lru_paramete
 from modeling_compressm.optimizer_state import StaleOptimizerStateError, replace_parameters_in_optimizer
 
 from tasks import SignTask, one_thread, training_arguments  # noqa: F401 - one_thread is a fixture
+from two_ranks import requires_gloo, run_two_ranks_for_report
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with the gloo backend",
-)
+pytestmark = requires_gloo
 
 
 def small_model(state_dims=4, seed=0):
@@ -189,18 +183,7 @@ def test_fsdp1_is_refused_with_what_to_use():
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("fsdp")
-    report_path = tmp_path / "report.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(WORKER), str(tmp_path / "out"), str(report_path)]
-    # the timeout is a hang guard only
-    completed = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=300, cwd=str(WORKER.parent.parent)
-    )
-    assert completed.returncode == 0 and report_path.exists(), completed.stdout[-4000:] + completed.stderr[-6000:]
-    return json.loads(report_path.read_text())
+    return run_two_ranks_for_report(WORKER, tmp_path_factory.mktemp("fsdp"), timeout=300)
 
 
 def test_reducer_drives_fsdp2_with_one_decision_on_every_rank(report):
