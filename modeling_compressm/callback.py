@@ -13,8 +13,10 @@ check. Around that it does only Trainer plumbing:
   (`CompreSSMReducer` in a plain or accelerate loop, docs/fsdp.md).
 * checkpoints: `CompreSSMTrainer` re-sizes the model before a checkpoint's weights are loaded (resume and
   `load_best_model_at_end`), writes checkpoints atomically, and stores a pending rollback check in them; with a plain
-  `Trainer`, `prepare_model_for_resume(model, checkpoint)` re-sizes for resume, and the callback re-sizes for
-  `load_best_model_at_end` when the Trainer logs its final metrics (just before it loads the best checkpoint).
+  `Trainer`, `prepare_model_for_resume(model, checkpoint)` re-sizes for resume, and for `load_best_model_at_end` the
+  callback re-sizes the model just before the best checkpoint is loaded: a bound callback wraps that Trainer's
+  `_load_best_model`; an unbound one re-sizes when the Trainer logs its final metrics, which transformers >= 5.3
+  does before loading the best checkpoint (earlier releases load it first, so there the callback must be bound).
 
 Reduction math lives in `reduction.py`, the loop-independent core in `reducer.py`, schedule and policies in
 `schedule.py`, checkpoint reading and atomic saves in `checkpoints.py`.
@@ -26,6 +28,8 @@ import contextlib
 import logging
 import os
 
+import transformers
+from packaging import version
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -55,6 +59,35 @@ TRAINER_FSDP_MESSAGE = (
     "re-size. Train FSDP2 models in a plain PyTorch or accelerate loop with CompreSSMReducer(model, optimizer, ...), "
     "which supports fully_shard and accelerate's FSDP2 plugin (docs/fsdp.md), or use the Trainer with DDP"
 )
+
+
+# transformers >= 5.3 logs the final training metrics (on_log) before `load_best_model_at_end` loads the best
+# checkpoint; earlier releases load it first, so an unbound callback cannot re-size the model in time there.
+FINAL_LOG_PRECEDES_BEST_MODEL_LOAD = version.parse(transformers.__version__).release >= (5, 3)
+
+
+def restore_best_checkpoint_sizes(trainer) -> bool:
+    """Give the Trainer's model the sizes and history of its best checkpoint (before `load_best_model_at_end` loads
+    the weights); False when there is nothing to do."""
+    checkpoint = trainer.state.best_model_checkpoint
+    if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        return False
+    return restore_checkpoint_sizes(trainer.model, checkpoint, trainer.state.global_step, trainer.optimizer,
+                                    trainer.model_wrapped)
+
+
+def _resize_before_loading_best_model(trainer) -> None:
+    """Wrap a plain Trainer's `_load_best_model` (once) so the model gets the best checkpoint's sizes first."""
+    if trainer.__dict__.get("_compressm_sizes_before_best_model"):
+        return
+    load_best_model = trainer._load_best_model
+
+    def load_best_model_at_its_sizes(*args, **kwargs):
+        restore_best_checkpoint_sizes(trainer)
+        return load_best_model(*args, **kwargs)
+
+    trainer._load_best_model = load_best_model_at_its_sizes
+    trainer._compressm_sizes_before_best_model = True
 
 
 def _check_no_trainer_fsdp(args, model=None) -> None:
@@ -249,6 +282,16 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 "CompreSSMCallback is not bound to a Trainer: its metrics go to state.log_history only, not to "
                 "report_to integrations. Use CompreSSMTrainer or call callback.bind(trainer)."
             )
+        if args.load_best_model_at_end and not isinstance(trainer, CompreSSMTrainer):
+            if trainer is not None:
+                _resize_before_loading_best_model(trainer)
+            elif not FINAL_LOG_PRECEDES_BEST_MODEL_LOAD:
+                raise ValueError(
+                    f"load_best_model_at_end with a plain transformers.Trainer: transformers "
+                    f"{transformers.__version__} loads the best checkpoint before any callback can give the model that "
+                    "checkpoint's state sizes, so training would end in a size mismatch. Use CompreSSMTrainer, or call "
+                    "callback.bind(trainer) before train()"
+                )
         if self.policy == "rollback" and str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "no":
             raise ValueError(
                 "policy='rollback' compares an evaluation metric after each reduction with the one before it: set "
@@ -361,15 +404,15 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         return control
 
     def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
-        # The Trainer logs its final metrics ("train_runtime", ...) right before `load_best_model_at_end` loads the
-        # best checkpoint: give the model that checkpoint's sizes first, so the weights fit (plain Trainer).
+        # Unbound callback in a plain Trainer: transformers >= 5.3 logs its final metrics ("train_runtime", ...) right
+        # before `load_best_model_at_end` loads the best checkpoint: give the model that checkpoint's sizes first, so
+        # the weights fit. (A bound callback wraps the Trainer's `_load_best_model` instead; CompreSSMTrainer does it.)
         if (
             logs and "train_runtime" in logs and args.load_best_model_at_end and state.best_model_checkpoint
-            and not isinstance(self._trainer, CompreSSMTrainer) and model is not None
+            and self._trainer is None and model is not None
             and os.path.isfile(os.path.join(state.best_model_checkpoint, "config.json"))
         ):
-            wrapped = self._trainer.model_wrapped if self._trainer is not None else None
-            restore_checkpoint_sizes(model, state.best_model_checkpoint, state.global_step, optimizer, wrapped)
+            restore_checkpoint_sizes(model, state.best_model_checkpoint, state.global_step, optimizer)
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -437,9 +480,7 @@ class CompreSSMTrainer(Trainer):
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self):
-        checkpoint = self.state.best_model_checkpoint
-        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, "config.json")):
-            restore_checkpoint_sizes(self.model, checkpoint, self.state.global_step, self.optimizer, self.model_wrapped)
+        restore_best_checkpoint_sizes(self)
         return super()._load_best_model()
 
     def _load_callback_state(self):

@@ -25,6 +25,7 @@ from modeling_compressm import (
     CompreSSMModel,
     CompreSSMTrainer,
 )
+from modeling_compressm import callback as callback_module
 
 import loss_contract  # tests/ helpers
 from generation_checks import cache_of
@@ -224,8 +225,8 @@ class StepScore:
         return {"score": -float(abs(self.trainer.state.global_step - self.best_step))}
 
 
-@pytest.mark.parametrize("trainer_cls", [CompreSSMTrainer, Trainer])
-def test_load_best_model_at_end_restores_weights_sizes_and_history(tmp_path, trainer_cls):
+def best_model_run(tmp_path, trainer_cls, bind=False):
+    """A run whose best checkpoint (step 6) is smaller than the initial model and larger than the final one."""
     model = make_model()
     callback = CompreSSMCallback(policy="fixed", fraction=0.25, start_step=4, end_step=8, interval=4)
     score = StepScore(best_step=6)
@@ -236,6 +237,18 @@ def test_load_best_model_at_end_restores_weights_sizes_and_history(tmp_path, tra
     trainer = trainer_cls(model=model, args=args, train_dataset=SignTask(128), eval_dataset=SignTask(32, seed=1),
                           compute_metrics=score, callbacks=[callback])
     score.trainer = trainer
+    if bind:
+        callback.bind(trainer)
+    return model, trainer
+
+
+@pytest.mark.parametrize("trainer_cls, bind", [(CompreSSMTrainer, False), (Trainer, True), (Trainer, False)],
+                         ids=["CompreSSMTrainer", "bound-Trainer", "unbound-Trainer"])
+def test_load_best_model_at_end_restores_weights_sizes_and_history(tmp_path, trainer_cls, bind):
+    if trainer_cls is Trainer and not bind and not callback_module.FINAL_LOG_PRECEDES_BEST_MODEL_LOAD:
+        pytest.skip("transformers < 5.3 loads the best checkpoint before any callback event: an unbound callback "
+                    "refuses (see the test below)")
+    model, trainer = best_model_run(tmp_path, trainer_cls, bind)
     trainer.train()  # a plain Trainer used to crash here with a size mismatch
 
     best = Path(trainer.state.best_model_checkpoint)
@@ -254,6 +267,16 @@ def test_load_best_model_at_end_restores_weights_sizes_and_history(tmp_path, tra
     model.save_pretrained(tmp_path / "final")
     final = json.loads((tmp_path / "final" / "compressm_history.json").read_text())
     assert final["state_dims"] == [12, 12] and final["events"][-1]["dims_after"] == [12, 12]
+
+
+def test_unbound_callback_with_load_best_model_at_end_fails_before_training_on_old_transformers(tmp_path, monkeypatch):
+    """transformers < 5.3 loads the best checkpoint before the final on_log: an unbound callback in a plain Trainer
+    could not re-size the model in time, so it refuses before step 1 instead of crashing after the whole run."""
+    monkeypatch.setattr(callback_module, "FINAL_LOG_PRECEDES_BEST_MODEL_LOAD", False)
+    _, trainer = best_model_run(tmp_path, Trainer)
+    with pytest.raises(ValueError, match=r"callback\.bind\(trainer\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 # --- reducer: one callback object in two Trainers (issue 11 item 3) ---
