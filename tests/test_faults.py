@@ -404,7 +404,8 @@ def test_model_card_escapes_markdown_from_the_history(tmp_path):
     model = make_model()
     model.reduce([8, 8])
     model.reduction_history.append({
-        "step": 3, "policy": "evil | cell <img src=x onerror=alert(1)>", "dims_before": [8, 8], "dims_after": [8, 8],
+        "step": 3, "policy": "evil | cell <img src=x onerror=alert(1)> ![pixel](https://evil.example/x.png) "
+                             "[click](https://evil.example)", "dims_before": [8, 8], "dims_after": [8, 8],
     })
     model.save_pretrained(tmp_path)
     card = (tmp_path / "README.md").read_text()
@@ -413,6 +414,7 @@ def test_model_card_escapes_markdown_from_the_history(tmp_path):
     unescaped_pipes = lambda line: len(line.replace("\\|", ""))  - len(line.replace("\\|", "").replace("|", ""))
     assert unescaped_pipes(row) == unescaped_pipes(header)
     assert re.search(r"(?<!\\)<", row) is None and "\\<img" in row  # every "<" escaped
+    assert re.search(r"(?<!\\)\]\(", row) is None and "\\](https://evil" in row  # no inline link or image
 
 
 # --- reducer: atomic checkpoints, plot drawn once per event (issue 11 item 5) ---
