@@ -1,7 +1,10 @@
 """Fault and abuse cases (issue 11): inputs and contracts that used to give silently wrong results or unclear errors,
 and, for the reducer, checkpoints of a model that shrank (resume, restore, hostile history files, saves killed
 half-way), one callback in two Trainers, impossible settings, failing or degenerate layers, telemetry that hides large
-changes, and ranks that stop answering. Each stream keeps its own sections."""
+changes, and ranks that stop answering. Each stream keeps its own sections.
+
+Over 500 lines because issue 11 asks for its fault cases in this one module; the shared task, workers and loss
+contract live in tasks.py, faults_worker.py and loss_contract.py."""
 
 import json
 import logging

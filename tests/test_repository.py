@@ -68,3 +68,28 @@ def test_checkout_kernels_folder_is_inert_under_the_name_kernels():
         env=dict(os.environ, TRITON_INTERPRET="1"),
     )
     assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
+LONG_FILE_LINES = 520  # "about 500 lines" (issue 13): files up to this length need no reason
+SOURCE_FOLDERS = ("modeling_compressm", "kernels", "tests", "benchmarks")
+
+
+def _opening_comment(text: str) -> str:
+    """The module docstring, or the leading `#` comment lines, of a Python file."""
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#!"))
+    docstring = re.match(r'\s*(?:[rRuU]?("""|\'\'\'))(.*?)\1', body, re.S)
+    if docstring:
+        return docstring.group(2)
+    return "\n".join(line for line in body.lstrip().splitlines() if line.startswith("#"))
+
+
+def test_files_over_about_500_lines_say_why_in_their_opening_comment():
+    files = sorted(path for folder in SOURCE_FOLDERS for path in (ROOT / folder).rglob("*.py"))
+    assert len(files) > 20  # the folders were found
+    unexplained = [
+        f"{path.relative_to(ROOT)} ({len(text.splitlines())} lines)"
+        for path in files
+        if len((text := path.read_text(encoding="utf-8")).splitlines()) > LONG_FILE_LINES
+        and "500 lines" not in _opening_comment(text)
+    ]
+    assert not unexplained, f"files over about 500 lines without a reason in their opening comment: {unexplained}"
