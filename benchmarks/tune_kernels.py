@@ -46,8 +46,9 @@ import torch  # noqa: E402
 import compressm_kernels as K  # noqa: E402
 from compressm_kernels import config as kernel_config  # noqa: E402
 
-#: (Bt, L, N, H): the end-to-end benchmark's layer (hidden 768, sequence 2048) at full size and at reduced sizes.
-TRAINING_SHAPES = [(8, 2048, 256, 768), (8, 2048, 64, 768), (8, 2048, 16, 768)]
+#: (Bt, L, N, H): the end-to-end benchmark's layer (hidden 768, sequence 2048, batch 128: the largest that fits an
+#: H100 in bench_train.py) at full size and at reduced sizes, and a batch-1 long scan (the sequential grid's worst case).
+TRAINING_SHAPES = [(128, 2048, 256, 768), (128, 2048, 64, 768), (128, 2048, 16, 768), (1, 8192, 64, 768)]
 DRY_SHAPES = [(2, 40, 12, 16)]
 
 #: Candidate scan tiles (chunk, block_n, num_warps), the current default first.

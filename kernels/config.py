@@ -191,6 +191,9 @@ def use_associative_scan(settings: KernelSettings) -> bool:
 
 _SM_COUNTS: Dict[int, int] = {}
 
+#: ``scan_strategy`` picks chunked when programs * CHUNKED_BELOW_SM_SHARE < SMs (see there for the measurements).
+CHUNKED_BELOW_SM_SHARE = 32
+
 
 def multiprocessor_count(device: torch.device, settings: KernelSettings) -> int:
     """SMs of the target: the settings' figure, a CUDA device's (cached), or 1 (the interpreter: the strategy then
@@ -208,14 +211,17 @@ def multiprocessor_count(device: torch.device, settings: KernelSettings) -> int:
 def scan_strategy(N: int, Bt: int, device: torch.device, settings: KernelSettings) -> str:
     """"sequential" or "chunked" for a scan over (Bt, L, N) (see STRATEGIES).
 
-    Automatic rule: chunked when the sequential grid would have fewer than two programs per SM, where a sequential
-    scan cannot keep the memory system busy. The factor is an initial choice, not yet tuned on a GPU:
-    ``benchmarks/bench_scan.py`` times both strategies so that it can be set from measurements.
+    Automatic rule: chunked only when the sequential grid has fewer than one program per ``CHUNKED_BELOW_SM_SHARE``
+    SMs (about 4 programs on an H100), i.e. batch-1 style scans. Measured on an H100 (benchmarks/results/
+    tune_nvidia-h100-80gb-hbm3_2026-11-26.md and scan_...): the sequential scan was faster forward+backward at every
+    measured shape down to 8 programs (Bt=8, N=16: 1.11 vs 1.70 ms; Bt=50, N=16: 1.15 vs 1.76 ms), because the
+    chunked strategy reads its input twice and adds two launches, while the sequential one's latency is hidden
+    once a few programs share the GPU.
     """
     if settings.strategy is not None:
         return settings.strategy
     programs = triton.cdiv(N, scan_blocks(N, settings).block_n) * Bt
-    return "chunked" if programs < 2 * multiprocessor_count(device, settings) else "sequential"
+    return "chunked" if programs * CHUNKED_BELOW_SM_SHARE < multiprocessor_count(device, settings) else "sequential"
 
 
 def precision_for_capability(major: int) -> str:
