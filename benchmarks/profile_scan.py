@@ -108,7 +108,7 @@ def main(argv=None):
                   f"{row['kernel_ms']:.3f} ms in {row['launches_per_call']:.0f} launches", flush=True)
             for k in row["top"][:5]:
                 print(f"    {k['ms_per_iter']:8.3f} ms  x{k['calls_per_iter']:.0f}  {k['name']}", flush=True)
-        del x, dh, leaves, dy
+        x = dh = leaves = dy = None  # free this shape's inputs
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()

@@ -242,7 +242,7 @@ def tune_shape(shape, args, device, rec: Recorder, deadline):
             row["gbps"] = SCAN_BYTES_PER_ELEMENT * Bt * L * N / seconds / 1e9
             row["pct_peak"] = 100 * row["gbps"] / args.peak_gbps if args.peak_gbps else None
             rec.add(row)
-    del x, dh
+    x = dh = None  # free the scan inputs before the layer inputs are made
 
     best_scan = rec.best("scan", shape_key)
     if best_scan is None:
