@@ -32,14 +32,15 @@ import json
 import math
 import os
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+for path in (ROOT, HERE):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
 
@@ -65,22 +66,10 @@ SCAN_BYTES_PER_ELEMENT = 40  # fwd: x read 8 + h written 8; bwd: dh read 8 + h r
 
 
 def _time(fn, device, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of `fn` (CUDA events on a GPU) after `warmup` calls: bench_scan's timer without its budget."""
+    from bench_scan import _time as timed
+
+    return timed(fn, device, warmup, repeats, budget_s=float("inf"))
 
 
 def _scan_inputs(Bt, L, N, device, seed=0):
@@ -282,7 +271,7 @@ def tune_shape(shape, args, device, rec: Recorder, deadline):
 
 
 def _peak_gbps(device_name):
-    from bench_scan import hbm_peak_gbps  # benchmarks/ is this script's folder
+    from bench_scan import hbm_peak_gbps
 
     return hbm_peak_gbps(device_name)
 
@@ -297,7 +286,6 @@ def main(argv=None):
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     if args.dry_run:
         device = torch.device("cpu")
         if not kernel_config.INTERPRET:
