@@ -74,6 +74,9 @@ def parse_args(argv=None):
     ap.add_argument("--compile-timeout", type=int, default=150,
                     help="seconds allowed for the torch.compile part (it runs last; 0 = no limit)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tf32", action="store_true",
+                    help="allow TF32 for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32, what TrainingArguments("
+                         "tf32=True) sets): the LRU op's fp32 state projections then run on tensor cores")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU, tiny model, one step per size, aot_eager compile: checks every code path quickly")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
@@ -235,7 +238,8 @@ def _markdown(result):
     meta = result["meta"]
     lines = [f"# Training benchmark: {meta['device_name']} ({meta['date']})", "",
              f"Preset `{meta['preset']}` (causal LM, {meta['layers']} layers, hidden {meta['hidden']}), sequence "
-             f"{meta['seq_len']}, batch {meta.get('batch')}, {meta['precision']}, AdamW; torch {meta['torch']}, "
+             f"{meta['seq_len']}, batch {meta.get('batch')}, {meta['precision']}, TF32 matmuls "
+             f"{'allowed' if meta.get('tf32') else 'off (torch default)'}, AdamW; torch {meta['torch']}, "
              f"triton {meta['triton']}. Median of {meta['steps']} steps after {meta['warmup']} warm-up steps.", ""]
     sizes = result.get("sizes", [])
     if sizes:
@@ -277,12 +281,16 @@ def main(argv=None):
     meta = dict(device_name=name, date=str(_dt.date.today()), torch=torch.__version__, triton=triton_version,
                 preset=args.preset, layers=probe.num_hidden_layers, hidden=probe.hidden_size, seq_len=args.seq_len,
                 precision="bf16 autocast" if device.type == "cuda" else "fp32", warmup=args.warmup,
-                steps=args.steps, run_steps=args.run_steps, events=args.events, dry_run=args.dry_run)
+                steps=args.steps, run_steps=args.run_steps, events=args.events, dry_run=args.dry_run,
+                tf32=args.tf32)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     result = dict(meta=meta, sizes=[], errors={})
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-    stem = out_dir / f"train_{slug}_{meta['date']}{'_dry-run' if args.dry_run else ''}"
+    stem = out_dir / f"train_{slug}_{meta['date']}{'_tf32' if args.tf32 else ''}{'_dry-run' if args.dry_run else ''}"
 
     def save():
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2))

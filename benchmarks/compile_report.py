@@ -93,9 +93,9 @@ def _inputs(Bt, L, N, H, seed=0):
 
 
 def compile_shape(Bt, L, N, H, arch, multiprocessor_count, step_mask=False):
-    """Compile every kernel launch of one training step (fwd + bwd) of both ops at one shape, with the scan strategy
-    the automatic rule picks on a GPU with `multiprocessor_count` SMs (with a left-padding step mask when
-    `step_mask`). Returns rows."""
+    """Compile every kernel launch of one training step (fwd + bwd) of both ops at one shape, with the automatic
+    scan strategy, for a GPU with `multiprocessor_count` SMs (with a left-padding step mask when `step_mask`).
+    Returns rows."""
     rows = []
     u, lam_re, lam_im, B_re, B_im, C_re, C_im, D = _inputs(Bt, L, N, H)
     mask = None

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU check of issue 15 in one call of under 8 minutes on one H100 or H200:
 #   1. the kernel and scan tests on CUDA (compiled Triton kernels against the naive reference and the torch path);
-#   2. benchmarks/bench_scan.py at the paper shapes and the state-size sweep (fwd and fwd+bwd, GB/s, % of HBM peak);
-#   3. benchmarks/bench_train.py: tokens/s of the 12-layer, hidden-768, 256-state causal LM at sequence 2048 (bf16
+#   2. benchmarks/tune_kernels.py: the kernels' launch tiles and scan strategies timed at the training shapes (the
+#      defaults in kernels/config.py are set from its results);
+#   3. benchmarks/bench_scan.py at the paper shapes and the state-size sweep (fwd and fwd+bwd, GB/s, % of HBM peak);
+#   4. benchmarks/bench_train.py: tokens/s of the 12-layer, hidden-768, 256-state causal LM at sequence 2048 (bf16
 #      autocast, largest batch that fits) at full and reduced sizes, the reduction event's cost, torch.compile;
-#   4. the rest of the test suite with CUDA present, in the time left.
-# Results: benchmarks/results/{scan,train}_<device>_<date>.{md,json} and a log, all copied to $OUT when it is set
+#   5. the rest of the test suite with CUDA present, in the time left.
+# Results: benchmarks/results/{tune,scan,train}_<device>_<date>.{md,json} and a log, all copied to $OUT when it is set
 # (the device tool brings $OUT back). Each step has its own time cap; a step that fails or runs out of time is
 # reported and the next step still runs. The exit code is that of the CUDA kernel tests.
 #
@@ -79,40 +81,47 @@ EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
 
 XDIST=()
-if [ $DRY = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
+if [ $DRY = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
 
 # 1. compiled kernels vs the naive reference and the torch path (the exit code of this script)
 if [ $DRY = 1 ]; then
   step "kernel tests" 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_scan.py \
     -k "opcheck or poison or dispatch_matches"
 else
-  step "kernel tests (CUDA)" 150 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -x \
+  step "kernel tests (CUDA)" 140 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -x \
     tests/test_kernels.py tests/test_kernels_mask.py tests/test_scan.py
 fi
 TESTS_RC=$?
 
-# 2. scan benchmark: paper shapes + state-size sweep, every Triton path and the torch path
+# 2. launch settings at the training shapes
+if [ $DRY = 1 ]; then
+  step "tune_kernels" 120 "$PY" benchmarks/tune_kernels.py --dry-run --out-dir "$RESULTS"
+else
+  step "tune_kernels" 95 "$PY" benchmarks/tune_kernels.py --budget 70 --out-dir "$RESULTS"
+fi
+
+# 3. scan benchmark: paper shapes + state-size sweep, every Triton path and the torch path
 if [ $DRY = 1 ]; then
   step "bench_scan" 120 "$PY" benchmarks/bench_scan.py --device cpu --quick --no-sweep --warmup 0 --repeats 1 \
     --out-dir "$RESULTS"
 else
-  step "bench_scan" 100 "$PY" benchmarks/bench_scan.py --skip-sequential --compile off --warmup 3 --repeats 10 \
+  step "bench_scan" 90 "$PY" benchmarks/bench_scan.py --skip-sequential --compile off --warmup 3 --repeats 10 \
     --budget 2 --out-dir "$RESULTS"
 fi
 
-# 3. end-to-end training benchmark (results are rewritten after every part; torch.compile runs last)
+# 4. end-to-end training benchmark (results are rewritten after every part; torch.compile runs last)
 if [ $DRY = 1 ]; then
   step "bench_train" 180 "$PY" benchmarks/bench_train.py --dry-run --tau-dims 12,8 --out-dir "$RESULTS"
 else
-  step "bench_train" 200 "$PY" benchmarks/bench_train.py --compile-timeout 90 --out-dir "$RESULTS" \
+  step "bench_train" 170 "$PY" benchmarks/bench_train.py --compile-timeout 60 --out-dir "$RESULTS" \
     ${TAU_DIMS:+--tau-dims "$TAU_DIMS"}
 fi
 
-# 4. the rest of the suite with CUDA present
+# 5. the rest of the suite with CUDA present
 if [ $DRY = 1 ]; then
   echo; echo "=== rest of the test suite: skipped in a dry run ==="
 else
-  step "rest of the test suite" 60 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
+  step "rest of the test suite" 40 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
     --continue-on-collection-errors tests --ignore=tests/test_kernels.py --ignore=tests/test_kernels_mask.py \
     --ignore=tests/test_scan.py --ignore=tests/test_kernels_aot.py
 fi

@@ -187,7 +187,7 @@ def compile_only(
 
     Args:
         arch: CUDA compute capability as an int (80 = A100, 90 = H100/H200, 100 = B200).
-        multiprocessor_count: SMs of the target GPU, which the automatic scan strategy looks at; defaults to
+        multiprocessor_count: SMs of the target GPU, recorded with the launches (the compile report counts waves); defaults to
             ``DEFAULT_MULTIPROCESSORS[arch]`` (required for other archs).
         warp_size: threads per warp of the target (32 on every NVIDIA GPU).
     Yields:

@@ -93,7 +93,8 @@ class KernelSettings:
         poison_outputs: fill every buffer the kernels write with NaN before launching, so that an element a kernel
             fails to write shows up as NaN (tests turn this on; default from ``COMPRESSM_KERNELS_POISON``).
         capability: (major, minor) compute capability of the target GPU; None = the tensors' device.
-        multiprocessor_count: SMs of the target GPU (the automatic strategy looks at it); None = the device's.
+        multiprocessor_count: SMs of the target GPU, for reports of compiled launches (``aot``); no launch
+            decision depends on it since the automatic scan strategy became sequential everywhere (``scan_strategy``).
         check_device: refuse CPU tensors outside the interpreter (off only when nothing runs, as in ``aot``).
         launcher: runs one kernel launch; None = ``kernel[grid](**kwargs)``.
     """
@@ -164,14 +165,18 @@ def next_power_of_2(n: int) -> int:
 
 
 def default_scan_blocks(N: int) -> ScanBlocks:
-    """Tile of the scan kernels for state size N (untuned until a GPU run of benchmarks/bench_scan.py)."""
+    """Tile of the scan kernels for state size N. Measured on an H100 at the training shapes (Bt 128, L 2048;
+    benchmarks/results/tune_nvidia-h100-80gb-hbm3_2026-11-26.md): best of 9 tiles at N = 64 and 16; at N = 256
+    (32, 32, 4) was 1.16x faster, which one shape does not justify changing the rule for."""
     return ScanBlocks(chunk=64, block_n=min(32, max(16, next_power_of_2(N))), num_warps=4)
 
 
 def default_output_blocks(N: int, H: int) -> OutputBlocks:
-    """Tile of the fused output kernel for state size N and width H."""
+    """Tile of the fused output kernel for state size N and width H. BLOCK_H 128 from N >= 32: measured on an H100
+    (tune_nvidia-h100-80gb-hbm3_2026-11-26.md, layer fwd+bwd at Bt 128, L 2048, H 768) the fastest of 7 tiles at
+    N = 256 and 64 (1.06x and 1.02x over BLOCK_H 64); at N = 16 BLOCK_H 64 was fastest."""
     block_n = min(32, max(16, next_power_of_2(N)))
-    block_h = min(64, max(16, next_power_of_2(H)))
+    block_h = min(128 if block_n >= 32 else 64, max(16, next_power_of_2(H)))
     return OutputBlocks(chunk=32, block_n=block_n, block_h=block_h, num_warps=4)
 
 
@@ -189,33 +194,18 @@ def use_associative_scan(settings: KernelSettings) -> bool:
     return bool(settings.use_associative_scan)
 
 
-_SM_COUNTS: Dict[int, int] = {}
-
-
-def multiprocessor_count(device: torch.device, settings: KernelSettings) -> int:
-    """SMs of the target: the settings' figure, a CUDA device's (cached), or 1 (the interpreter: the strategy then
-    only matters for speed)."""
-    if settings.multiprocessor_count is not None:
-        return int(settings.multiprocessor_count)
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
-
-
 def scan_strategy(N: int, Bt: int, device: torch.device, settings: KernelSettings) -> str:
     """"sequential" or "chunked" for a scan over (Bt, L, N) (see STRATEGIES).
 
-    Automatic rule: chunked when the sequential grid would have fewer than two programs per SM, where a sequential
-    scan cannot keep the memory system busy. The factor is an initial choice, not yet tuned on a GPU:
-    ``benchmarks/bench_scan.py`` times both strategies so that it can be set from measurements.
+    Automatic choice: sequential. Measured on an H100 (benchmarks/results/tune_nvidia-h100-80gb-hbm3_2026-11-26*.md,
+    profile_...md): the sequential scan was faster forward+backward at every measured shape, from Bt 128 down to a
+    batch-1 scan of 8192 steps with 2 programs (1.87 vs 2.72 ms; Bt=8, N=16: 1.11 vs 1.70 ms). With few programs
+    the scan's wall time is host launch overhead (kernels 0.12 ms of 2.6 ms at batch 1), and the chunked strategy
+    launches more kernels; with many programs it reads its input twice. ``strategy="chunked"`` remains available.
     """
     if settings.strategy is not None:
         return settings.strategy
-    programs = triton.cdiv(N, scan_blocks(N, settings).block_n) * Bt
-    return "chunked" if programs < 2 * multiprocessor_count(device, settings) else "sequential"
+    return "sequential"
 
 
 def precision_for_capability(major: int) -> str:

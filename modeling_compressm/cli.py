@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--weight-decay", type=float, default=0.01)
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    training.add_argument("--tf32", action="store_true",
+                          help="allow TF32 matmuls (NVIDIA GPUs of compute capability 8.0+): the LRU layers' fp32 "
+                          "state projections then run on tensor cores")
     training.add_argument("--report-to", nargs="+", default=["none"],
                           help="logging integrations for TrainingArguments.report_to (default: none)")
     training.add_argument("--save-steps", type=int, default=None,
@@ -226,7 +229,7 @@ def _train(args) -> int:
     )
     options = TrainingOptions(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay, seed=args.seed, bf16=args.bf16, report_to=list(args.report_to),
+        weight_decay=args.weight_decay, seed=args.seed, bf16=args.bf16, tf32=args.tf32, report_to=list(args.report_to),
         save_steps=args.save_steps, checkpoint_dir=args.checkpoint_dir,
         resume_from_checkpoint=args.resume_from_checkpoint, show_progress=not args.no_progress,
     )

@@ -133,6 +133,7 @@ def run_training(model, train_dataset, eval_dataset, *, options: TrainingOptions
             seed=options.seed,
             data_seed=options.seed,
             bf16=options.bf16,
+            tf32=True if options.tf32 else None,  # None: leave torch's setting alone
             use_cpu=options.bf16 and not torch.cuda.is_available(),  # transformers wants it explicit for CPU bf16
             disable_tqdm=not options.show_progress,
             dataloader_num_workers=0,

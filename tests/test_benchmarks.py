@@ -25,12 +25,16 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_the_results(tmp_path):
                          capture_output=True, text=True, timeout=900)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-5000:]
-    for name in ("kernel tests", "bench_scan", "bench_train"):
+    for name in ("kernel tests", "tune_kernels", "bench_scan", "bench_train"):
         assert f"=== {name}: OK" in log, log[-5000:]
     scan = json.loads(next(results.glob("scan_*_quick.json")).read_text())
     assert scan["meta"]["device_name"].startswith("cpu-")
     paths = {row["path"] for row in scan["shapes"]}
     assert {"triton_scan[sequential]", "triton_scan[chunked]", "triton_fused[chunked]", "torch_parallel"} <= paths
+    tune = json.loads(next(results.glob("tune_*_dry-run.json")).read_text())
+    kinds = {(row["kind"], row["strategy"]) for row in tune["rows"] if row.get("ok")}
+    assert {("scan", "sequential"), ("scan", "chunked"), ("layer", "sequential")} <= kinds, tune["rows"]
+    assert [s["kind"] for s in tune["summary"]] == ["scan", "layer"]
     train = json.loads(next(results.glob("train_*_dry-run.json")).read_text())
     assert [row["label"] for row in train["sizes"]] == ["full", "8 per layer", "tau=0.05 run"]
     assert train["sizes"][2]["state_dims"] == [12, 8]

@@ -397,6 +397,8 @@ def test_no_compress_keeps_sizes(tmp_path, capsys):
         (["train", "--state-dims", "8", "8", "8", "--max-steps", "2"], "state_dims has 3 entries"),
         (["train", "--policy", "fixed", "--fraction", "1.5", "--max-steps", "2"], "fraction must be a number"),
         (["train", "--total-budget", "1", "--max-steps", "2"], "total_budget"),
+        pytest.param(["train", "--tf32", "--max-steps", "2"], "--tf32 needs an NVIDIA GPU of compute capability 8.0",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")),
     ],
 )
 def test_bad_input_gives_clear_errors(argv, message, tmp_path, capsys):
