@@ -98,6 +98,28 @@ def _check_no_trainer_fsdp(args, model=None) -> None:
         raise NotImplementedError(TRAINER_FSDP_MESSAGE)
 
 
+def _check_label_smoothing_is_shifted(args, model) -> None:
+    """transformers' Trainer shifts the labels for label smoothing only for causal LMs whose class name is in its own
+    model tables: for a CompreSSMForCausalLM it would smooth the loss against unshifted labels, so every position
+    would learn to predict its own input token. Refuse that before step 1."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from .modeling_compressm import CompreSSMForCausalLM
+
+    compressm_model = compressm_model_of(model) if model is not None else None
+    if (
+        getattr(args, "label_smoothing_factor", 0)
+        and isinstance(compressm_model, CompreSSMForCausalLM)
+        and type(compressm_model).__name__ not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    ):
+        raise ValueError(
+            f"label_smoothing_factor={args.label_smoothing_factor} with {type(compressm_model).__name__}: transformers' "
+            "Trainer shifts the labels for label smoothing only for causal LMs built into transformers, so it would "
+            "train each position to predict its own input token. Set label_smoothing_factor=0, or pass the Trainer a "
+            "compute_loss_func that shifts the labels"
+        )
+
+
 @contextlib.contextmanager
 def _preserve_control_flags(trainer):
     """Nested `trainer.log` / `trainer.evaluate` calls clear `control.should_log` / `should_evaluate`, which would make
@@ -271,6 +293,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     # --------------------------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         _check_no_trainer_fsdp(args, model)
+        _check_label_smoothing_is_shifted(args, model)
         trainer = self._running_trainer(optimizer)
         if distributed_world_size() > 1 and trainer is None:
             raise RuntimeError(

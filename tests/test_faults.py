@@ -192,6 +192,29 @@ def test_data_parallel_training_makes_the_update_of_one_large_batch(tmp_path):
         assert report[head]["max_update_error"] < 1e-5, (head, report[head])
 
 
+@pytest.mark.parametrize("trainer_cls", [Trainer, CompreSSMTrainer])
+def test_label_smoothing_of_a_causal_lm_is_refused_where_the_trainer_would_not_shift_labels(tmp_path, monkeypatch,
+                                                                                             trainer_cls):
+    """transformers shifts labels for label smoothing only for causal LMs in its own tables (test_modeling_common.py
+    adds ours there, as an in-library model has it): without that entry the smoothed loss would compare each
+    position's logits with its own input token. The callback refuses before step 1; a classifier needs no shift."""
+    from transformers.models.auto import modeling_auto
+
+    monkeypatch.delitem(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "compressm", raising=False)
+    head = loss_contract.build_head("lm")
+    args = training_arguments(tmp_path / "lm", max_steps=2, per_device_train_batch_size=4, label_smoothing_factor=0.1)
+    trainer = trainer_cls(model=head, args=args, train_dataset=loss_contract.dataset_for("lm"),
+                          callbacks=[CompreSSMCallback(policy="fixed", fraction=0.25, start_step=1, end_step=1)])
+    with pytest.raises(ValueError, match=r"label_smoothing_factor=0.1 with CompreSSMForCausalLM.*own input token"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    classifier = loss_contract.build_head("classifier")
+    args = training_arguments(tmp_path / "cls", max_steps=2, per_device_train_batch_size=4, label_smoothing_factor=0.1)
+    trainer_cls(model=classifier, args=args, train_dataset=loss_contract.dataset_for("classifier"),
+                callbacks=[CompreSSMCallback(policy="fixed", fraction=0.25, start_step=1, end_step=1)]).train()
+    assert sum(classifier.config.state_dims) < 8  # trained and reduced from [5, 3]
+
+
 # --- reducer: shared helpers ---
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "faults_worker.py"
