@@ -32,6 +32,7 @@ import transformers
 from packaging import version
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .checkpoints import (
     atomic_checkpoint_save,
@@ -44,6 +45,7 @@ from .distributed import distributed_world_size, rebuild_ddp_reducer
 from .fsdp import is_fsdp2
 from .events import coerce_events, event_metrics
 from .model_card import refresh_card_spectrum
+from .modeling_compressm import CompreSSMForCausalLM
 from .optimizer_state import optimizer_state_repair
 from .reducer import CompreSSMReducer, compressm_model_of
 from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, RollbackRule
@@ -99,25 +101,16 @@ def _check_no_trainer_fsdp(args, model=None) -> None:
 
 
 def _check_label_smoothing_is_shifted(args, model) -> None:
-    """transformers' Trainer shifts the labels for label smoothing only for causal LMs whose class name is in its own
-    model tables: for a CompreSSMForCausalLM it would smooth the loss against unshifted labels, so every position
-    would learn to predict its own input token. Refuse that before step 1."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    from .modeling_compressm import CompreSSMForCausalLM
-
-    compressm_model = compressm_model_of(model) if model is not None else None
-    if (
-        getattr(args, "label_smoothing_factor", 0)
-        and isinstance(compressm_model, CompreSSMForCausalLM)
-        and type(compressm_model).__name__ not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-    ):
-        raise ValueError(
-            f"label_smoothing_factor={args.label_smoothing_factor} with {type(compressm_model).__name__}: transformers' "
-            "Trainer shifts the labels for label smoothing only for causal LMs built into transformers, so it would "
-            "train each position to predict its own input token. Set label_smoothing_factor=0, or pass the Trainer a "
-            "compute_loss_func that shifts the labels"
-        )
+    """The Trainer shifts labels for label smoothing only for causal LMs in transformers' own tables: refuse it for
+    ours before step 1 (each position would learn to predict its own input token)."""
+    lm = compressm_model_of(model) if model is not None else None
+    if getattr(args, "label_smoothing_factor", 0) and isinstance(lm, CompreSSMForCausalLM):
+        if type(lm).__name__ not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            raise ValueError(
+                f"label_smoothing_factor={args.label_smoothing_factor} with {type(lm).__name__}: transformers' Trainer "
+                "shifts labels for label smoothing only for causal LMs built into transformers, so each position would "
+                "learn its own input token. Set label_smoothing_factor=0 or pass a compute_loss_func that shifts labels"
+            )
 
 
 @contextlib.contextmanager
