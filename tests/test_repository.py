@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -93,3 +95,16 @@ def test_files_over_about_500_lines_say_why_in_their_opening_comment():
         and "500 lines" not in _opening_comment(text)
     ]
     assert not unexplained, f"files over about 500 lines without a reason in their opening comment: {unexplained}"
+
+
+def test_readme_layout_table_has_a_row_for_every_top_level_folder():
+    listing = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listing.returncode != 0:
+        pytest.skip("not a git checkout")
+    tracked = listing.stdout
+    folders = {path.split("/", 1)[0] for path in tracked.splitlines() if "/" in path and not path.startswith(".")}
+    assert {"modeling_compressm", "kernels", "tests"} <= folders
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("## Repository layout", 1)[1].split("\n## ", 1)[0]
+    rows = {re.match(r"\| `([^`/]+)", line).group(1) for line in layout.splitlines() if re.match(r"\| `[^`/]+", line)}
+    assert folders <= rows, f"folders missing from README's layout table: {sorted(folders - rows)}"
