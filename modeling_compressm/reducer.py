@@ -83,6 +83,10 @@ class _Outcome:
     hsv: list[list[float] | None]
     project: list[torch.Tensor | None] = field(default_factory=list)
     lift: list[torch.Tensor | None] = field(default_factory=list)
+    # The decider released the wrapper (strategy.before_change) to re-size layers; if then no layer was reduced
+    # (every truncation failed), every rank must still re-register with it (after_change), or DDP is left without
+    # its reducer and the next step fails.
+    wrapper_released: bool = False
 
 
 @dataclass
@@ -278,7 +282,8 @@ class CompreSSMReducer:
                     "nothing was changed on this rank"
                 )
             reduced = [index for index, status in enumerate(outcome.status) if status == "reduced"]
-            if reduced and not strategy.is_decider:
+            rewrap = bool(reduced) or outcome.wrapper_released
+            if rewrap and not strategy.is_decider:
                 strategy.before_change(model)
                 layers = model.lru_layers()
                 for index in reduced:
@@ -288,7 +293,7 @@ class CompreSSMReducer:
                 model.config.state_dims = [layer.state_dim for layer in layers]
             if reduced:
                 strategy.share_parameters(model, reduced, step)
-        if reduced:
+        if rewrap:
             changes = self._after_change(changes, self.optimizer_state)
         return outcome, changes
 
@@ -319,9 +324,7 @@ class CompreSSMReducer:
         with self.strategy.gathered(self.model):
             self.strategy.before_change(self.model)
             changes = self.model.set_state_dims(list(state_dims), initialise=initialise)
-        if changes:
-            changes = self._after_change(changes, "reset")
-        return changes
+        return self._after_change(changes, "reset")  # also when nothing changed: before_change released the wrapper
 
     def _decide_and_apply(self, step) -> tuple[_Outcome, list[LayerChange]]:
         """Deciding rank: balance each layer once, pick sizes, truncate with the same factors."""
@@ -341,7 +344,8 @@ class CompreSSMReducer:
         ranks = self.rank_policy.select(hsv, current)
         targets = [rank if hsv[index] is not None and rank < current[index] else None for index, rank in enumerate(ranks)]
         report = None
-        if any(target is not None for target in targets):
+        released = any(target is not None for target in targets)
+        if released:
             self.strategy.before_change(model)
             report = model.reduce(targets, record=False, balancings=balancings)
         status, kept, bound, relative = [], [], [], []
@@ -379,6 +383,7 @@ class CompreSSMReducer:
             hsv=[values.tolist() if values is not None else None for values in hsv],
             project=project,
             lift=lift,
+            wrapper_released=released,
         )
         return outcome, changes
 

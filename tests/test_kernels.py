@@ -132,6 +132,24 @@ def test_near_unit_circle_over_long_sequences(op, strategy):
 
 
 @needs_runtime
+def test_autocast_does_not_lower_the_ops_precision():
+    """Under torch.autocast (a Trainer with bf16=True) the fused op still computes in fp32: autocast reaches into a
+    custom op's implementation, where it would run the state projection B u as a bf16 matmul (an error of about 1e-2
+    here instead of 1e-6), and the backward, which runs outside autocast, would differentiate another forward."""
+    p = layer_params(2, 40, 37, 7, seed=12, h0=True)
+    args = [p[k] for k in LAYER_ARGS]
+    with torch.autocast(device_type=torch.device(DEVICE).type, dtype=torch.bfloat16):
+        outs = K.fused_lru_forward(*args)
+    expected = K.naive_lru_forward(*args)
+    assert outs[0].dtype == torch.float32
+    for a, e, name in zip(outs, expected, ("y", "hT_re", "hT_im")):
+        assert_close(a, e, 1e-5, name)
+    names = [k for k in LAYER_ARGS if p[k] is not None]
+    for a, e, name in zip(random_linear_grads(outs, args), random_linear_grads(expected, args), names):
+        assert_close(a, e, 1e-4, f"d{name}")
+
+
+@needs_runtime
 def test_bf16_input():
     p = layer_params(3, 63, 37, 7, seed=11, h0=True, u_dtype=torch.bfloat16)
     args = [p[k] for k in LAYER_ARGS]
