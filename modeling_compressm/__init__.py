@@ -21,6 +21,7 @@ from .modeling_compressm import (
     CompreSSMModel,
     CompreSSMPreTrainedModel,
 )
+from .optim import compressm_adamw, compressm_parameter_groups
 from .presets import build_model_from_preset, list_presets, load_preset
 from .reduction import (
     ReductionError,
@@ -67,4 +68,6 @@ __all__ = [
     "CompreSSMCallback",
     "CompreSSMTrainer",
     "prepare_model_for_resume",
+    "compressm_parameter_groups",
+    "compressm_adamw",
 ]

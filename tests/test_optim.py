@@ -1,0 +1,159 @@
+"""Optimizer parameter groups (modeling_compressm.optim): coverage, weight decay and learning rates per group, and an
+optimizer that stays usable across reductions (alone and inside transformers.Trainer with CompreSSMCallback)."""
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from modeling_compressm import CompreSSMCallback, CompreSSMConfig, CompreSSMForCausalLM
+from modeling_compressm.optim import (
+    DEFAULT_SSM_PARAMETER_NAMES,
+    compressm_adamw,
+    compressm_parameter_groups,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_lm(state_dims=12, norm_type="rmsnorm", seed=0):
+    torch.manual_seed(seed)
+    config = CompreSSMConfig(vocab_size=32, hidden_size=8, num_hidden_layers=2, state_dims=state_dims,
+                             norm_type=norm_type)
+    return CompreSSMForCausalLM(config)
+
+
+def names_by_group(model, groups):
+    name_of = {id(parameter): name for name, parameter in model.named_parameters()}
+    return {group["name"]: [name_of[id(parameter)] for parameter in group["params"]] for group in groups}
+
+
+@pytest.mark.parametrize("norm_type", ["rmsnorm", "layernorm"])
+def test_groups_cover_every_trainable_parameter_exactly_once(norm_type):
+    model = make_lm(norm_type=norm_type)
+    groups = compressm_parameter_groups(model, weight_decay=0.1, ssm_lr_factor=0.5, learning_rate=1e-3)
+    grouped = [id(parameter) for group in groups for parameter in group["params"]]
+    assert len(grouped) == len(set(grouped))  # no parameter twice (the tied embedding / LM head included)
+    assert set(grouped) == {id(parameter) for parameter in model.parameters()}
+    assert len(grouped) == len(list(model.parameters()))
+
+
+def test_ssm_parameters_get_no_decay_and_the_factor_norms_and_biases_no_decay():
+    model = make_lm()
+    groups = {group["name"]: group for group in
+              compressm_parameter_groups(model, weight_decay=0.1, ssm_lr_factor=0.25, learning_rate=2e-3)}
+    names = names_by_group(model, groups.values())
+    expected_ssm = {f"model.layers.{i}.lru.{name}" for i in range(2) for name in DEFAULT_SSM_PARAMETER_NAMES}
+    assert set(names["ssm"]) == expected_ssm
+    assert groups["ssm"]["weight_decay"] == 0.0
+    assert groups["ssm"]["lr"] == pytest.approx(5e-4)
+    # Norm weights (including the final norm, which transformers' name patterns miss) and biases: no decay.
+    assert set(names["no_decay"]) == {
+        "model.layers.0.norm.weight", "model.layers.1.norm.weight", "model.norm_f.weight",
+        "model.layers.0.glu_proj.bias", "model.layers.1.glu_proj.bias",
+    }
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["no_decay"]["lr"] == pytest.approx(2e-3)
+    # C and D are ordinary weights by default.
+    assert {"model.layers.0.lru.C_re", "model.layers.0.lru.C_im", "model.layers.0.lru.D",
+            "model.embeddings.weight", "model.layers.0.glu_proj.weight"} <= set(names["decay"])
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["decay"]["lr"] == pytest.approx(2e-3)
+
+
+def test_ssm_parameter_names_choose_the_group_and_frozen_parameters_are_left_out():
+    model = make_lm()
+    model.model.layers[1].glu_proj.weight.requires_grad_(False)
+    groups = compressm_parameter_groups(model, 0.1, 0.5, learning_rate=1e-3,
+                                        ssm_parameter_names=DEFAULT_SSM_PARAMETER_NAMES + ("C_re", "C_im"))
+    names = names_by_group(model, groups)
+    assert "model.layers.0.lru.C_re" in names["ssm"] and "model.layers.1.lru.C_im" in names["ssm"]
+    assert not any("C_" in name for name in names["decay"])
+    assert all("layers.1.glu_proj.weight" not in name for group in names.values() for name in group)
+
+
+def test_bad_arguments_are_refused_with_the_reason():
+    model = make_lm()
+    with pytest.raises(ValueError, match="needs the base learning_rate"):
+        compressm_parameter_groups(model, weight_decay=0.1, ssm_lr_factor=0.5)
+    with pytest.raises(ValueError, match="unknown LRU parameter names"):
+        compressm_parameter_groups(model, ssm_parameter_names=("nu_log", "A"))
+    with pytest.raises(ValueError, match="ssm_lr_factor"):
+        compressm_parameter_groups(model, ssm_lr_factor=0.0, learning_rate=1e-3)
+    with pytest.raises(ValueError, match="weight_decay"):
+        compressm_parameter_groups(model, weight_decay=-1.0)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        compressm_parameter_groups(model)
+
+
+def test_weight_decay_does_not_move_the_ssm_parameters():
+    model = make_lm()
+    optimizer = compressm_adamw(model, learning_rate=0.1, weight_decay=0.5, ssm_lr_factor=0.5)
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)  # no gradient signal: only decay can move a parameter
+    optimizer.step()
+    after = dict(model.named_parameters())
+    for name in ("model.layers.0.lru.nu_log", "model.layers.0.lru.theta_log", "model.layers.1.lru.B_re",
+                 "model.norm_f.weight", "model.layers.0.glu_proj.bias"):
+        assert torch.equal(after[name], before[name]), name
+    for name in ("model.layers.0.lru.C_re", "model.embeddings.weight"):
+        torch.testing.assert_close(after[name], before[name] * (1 - 0.1 * 0.5))
+
+
+def test_scheduler_keeps_the_ssm_factor():
+    model = make_lm()
+    optimizer = compressm_adamw(model, learning_rate=1e-2, weight_decay=0.1, ssm_lr_factor=0.2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    assert rates["ssm"] == pytest.approx(0.2 * rates["decay"]) and rates["decay"] == pytest.approx(1e-2 / 4)
+
+
+def test_optimizer_stays_valid_across_a_reduction():
+    model = make_lm(state_dims=12)
+    optimizer = compressm_adamw(model, learning_rate=1e-2, weight_decay=0.1, ssm_lr_factor=0.5)
+    batch = torch.randint(0, 32, (4, 10))
+    model(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    layer = model.lru_layers()[0]
+    report = model.reduce([6, None])
+    assert report[0]["status"] == "reduced" and layer.B_re.shape == (6, 8)
+    for parameter in layer.ssm_parameters():  # what CompreSSMCallback does for reduced layers
+        optimizer.state.pop(parameter, None)
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    assert any(parameter is layer.B_re for parameter in groups["ssm"]["params"])  # same object, new shape
+    model(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()
+    assert optimizer.state[layer.B_re]["exp_avg"].shape == (6, 8)
+    assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
+
+
+def test_trainer_with_compressm_optimizer_and_callback_reduces_and_keeps_groups(tmp_path):
+    model = make_lm(state_dims=16)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 32, (64, 12), generator=generator)
+    dataset = [{"input_ids": row, "labels": row} for row in tokens]
+    optimizer = compressm_adamw(model, learning_rate=3e-3, weight_decay=0.1, ssm_lr_factor=0.5)
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=8, report_to="none",
+                             disable_tqdm=True, save_strategy="no", use_cpu=True, seed=0, logging_steps=4)
+    callback = CompreSSMCallback(policy="fixed", fraction=0.5, start_step=4, end_step=4, interval=1)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, optimizers=(optimizer, None),
+                      callbacks=[callback])
+    trainer.train()
+    assert model.config.state_dims == [8, 8]
+    inner = trainer.optimizer
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):  # accelerate's wrapper
+        inner = inner.optimizer
+    assert inner is optimizer
+    rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    assert rates["ssm"] == pytest.approx(0.5 * rates["decay"])
+    assert optimizer.state[model.lru_layers()[0].B_re]["exp_avg"].shape == (8, 8)
