@@ -22,19 +22,24 @@ setup(
         "compressm_kernels": "kernels",
     },
     package_data={"modeling_compressm.hub_configs": ["*.json"]},
+    # Each entry is used: accelerate by the Trainer, datasets and tokenizers by `compressm train --dataset`
+    # (text_data.py, tokenization.py), scikit-learn for the offline digits. `evaluate` is not a dependency: the
+    # metrics (loss, perplexity, bits per byte, accuracy) are computed directly, and evaluate would fetch its metric
+    # modules from the Hub at run time.
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.56",
+        # Tested at both ends in CI (.ci/run): the lower bound here, and the newest release.
+        "transformers>=4.56.2,<6",
         "accelerate>=1.0",
         "datasets>=3.0",
-        "evaluate>=0.4",
+        "tokenizers>=0.19",
         "triton>=3.0; platform_system == 'Linux'",
         "safetensors>=0.4",
         "scikit-learn>=1.3",
-        "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7"],
+        # parameterized: imported by transformers' own model test mixins (tests/test_modeling_common.py)
+        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7", "parameterized"],
     },
     entry_points={"console_scripts": ["compressm=modeling_compressm.cli:main"]},
 )

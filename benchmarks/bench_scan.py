@@ -4,7 +4,7 @@
 Usage (GPU)::
 
     python benchmarks/bench_scan.py                      # paper shapes + N sweep, writes benchmarks/results/
-    python benchmarks/bench_scan.py --peak-gbps 4800     # e.g. H200 (default 3350 = H100 SXM HBM3)
+    python benchmarks/bench_scan.py --peak-gbps 4800     # HBM peak when the device name is not in HBM_PEAK_GBPS
 
 CPU smoke test (tiny shapes; the Triton rows run only under the interpreter)::
 
@@ -20,8 +20,8 @@ Paths (one LRU layer y = Re(C h) + D u, h_t = lam h_{t-1} + B u_t; complex as re
                         s is the strategy of the scans in its backward (the forward is the same for both)
     triton_scan+proj    torch matmuls for x = B u and y = Re(C h) + D u around the Triton plain scan
     torch_sequential    compressm_kernels.naive_lru_forward (python loop over time; the test oracle)
-    torch_parallel      modeling_compressm.scan.lru_sequence_torch with parallel_diagonal_scan (doubling scan);
-                        a local Hillis-Steele doubling scan if that module is not importable
+    torch_parallel      modeling_compressm.scan.lru_sequence_torch with parallel_diagonal_scan (the chunked O(L)
+                        torch scan); a local Hillis-Steele doubling scan if that module is not importable
     torch_compile       torch.compile(torch_parallel)
 
 Byte model (fp32 = 4 bytes, complex = 8 bytes, s_u = bytes per element of u/y; E = Bt*L*N complex elements):
@@ -35,9 +35,10 @@ Byte model (fp32 = 4 bytes, complex = 8 bytes, s_u = bytes per element of u/y; E
                   fwd+bwd         fwd + recompute (x 8E w + 8E r, h 8E w) + dh 8E (w + r) + G 8E (w + 3 r)
                                   + h read 2x 8E (dlam, dC GEMM) + u/dy reads ~ 4 Bt*L*H*s_u + du written
     triton_scan+proj fwd          compulsory + x (w + r) 16E + h (w + r) 16E                  = +32E
-    torch paths   fwd             compulsory + x (w + r) 16E + h (w + r) 16E + doubling passes
-                                  ceil(log2 L) * 40E (torch_parallel: read 2, write 1, product temp w + r per pass)
-                                  torch_sequential: per step r/w of the state, ~ 32E
+    torch paths   fwd             torch_parallel (chunked scan): compulsory + x written by the GEMM 8E, copied 16E,
+                                  the in-chunk steps 24E, the fix-up 16E, h read by the output GEMM 8E = +72E;
+                                  backward about the same again plus the dlam reduction (16E)
+                                  torch_sequential: compulsory + x and h (w + r) 32E + per step r/w of the state 32E
 
 The Triton rows count the least traffic of the operation whatever the strategy, so their GB/s is an effective
 bandwidth: the chunked strategy really moves 8E more in the forward (x is read twice) and 8E more in the backward
@@ -73,7 +74,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import compressm_kernels as K  # noqa: E402
-from compressm_kernels import lru_scan  # noqa: E402
+from compressm_kernels import config as kernel_config  # noqa: E402
 
 try:  # the lead's torch paths (complex tensors)
     from modeling_compressm.scan import lru_sequence_torch as _lru_sequence_torch
@@ -84,6 +85,27 @@ except Exception:  # pragma: no cover - depends on the checkout
     _lru_sequence_torch = None
     _parallel_diagonal_scan = None
     HAVE_MODEL_SCAN = False
+
+#: Peak HBM bandwidth (GB/s, vendor figures) by a substring of torch.cuda.get_device_name(), most specific first.
+HBM_PEAK_GBPS = [
+    ("H200", 4800.0),
+    ("H100 NVL", 3900.0),
+    ("H100 PCIe", 2000.0),
+    ("H100", 3350.0),  # SXM5, HBM3
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100 80GB PCIe", 1935.0),
+    ("A100", 1555.0),  # 40 GB
+    ("B200", 8000.0),
+]
+
+
+def hbm_peak_gbps(device_name: str):
+    """Peak HBM bandwidth of a GPU from its name (None when unknown)."""
+    for key, gbps in HBM_PEAK_GBPS:
+        if key.lower() in device_name.lower():
+            return gbps
+    return None
+
 
 PAPER_SHAPES = [  # (Bt, L, N, H)
     (50, 784, 256, 8),
@@ -139,8 +161,8 @@ def byte_model(path, Bt, L, N, H, s_u, bwd):
         fwd = comp + 32 * E
         return fwd + ((16 + 24 + 32) * E + 4 * act if bwd else 0)
     if path in ("torch_parallel", "torch_compile"):
-        fwd = comp + 32 * E + math.ceil(math.log2(max(L, 2))) * 40 * E
-        return fwd * (2 if bwd else 1)  # backward: roughly the same traffic again
+        fwd = comp + 72 * E
+        return 2 * fwd + 16 * E if bwd else fwd
     if path == "torch_sequential":
         fwd = comp + 32 * E + 32 * E
         return fwd * (2 if bwd else 1)
@@ -222,7 +244,7 @@ def _layer_fns(p, compile_ok):
 
     fns = {}
     if K.TRITON_AVAILABLE:
-        for strategy in lru_scan.STRATEGIES:
+        for strategy in K.STRATEGIES:
             fns[f"triton_fused[{strategy}]"] = triton_fused(strategy)
         fns["triton_scan+proj"] = triton_scan_proj
     fns["torch_sequential"] = torch_sequential
@@ -235,14 +257,10 @@ def _layer_fns(p, compile_ok):
 
 @contextlib.contextmanager
 def _forced_strategy(strategy):
-    """Force the scan strategy of compressm_kernels (sequential / chunked) inside the block, forward and backward:
-    the backward runs inside the block because the timed closures call backward() there."""
-    previous = lru_scan._FORCE_STRATEGY
-    lru_scan._FORCE_STRATEGY = strategy
-    try:
+    """Force the scan strategy of compressm_kernels (sequential / chunked) inside the block, forward and backward
+    (a backward runs with the settings of its forward)."""
+    with K.kernel_settings(strategy=strategy):
         yield
-    finally:
-        lru_scan._FORCE_STRATEGY = previous
 
 
 def _selected(name, paths):
@@ -250,7 +268,7 @@ def _selected(name, paths):
 
 
 def _triton_ok(device):
-    return K.TRITON_AVAILABLE and (device.type == "cuda" or lru_scan._INTERPRET)
+    return K.TRITON_AVAILABLE and (device.type == "cuda" or kernel_config.INTERPRET)
 
 
 def bench_shape(Bt, L, N, H, device, dtype, args, paths=None):
@@ -273,13 +291,15 @@ def bench_shape(Bt, L, N, H, device, dtype, args, paths=None):
             row[f"{tag}_ms"] = None if sec is None else sec * 1e3
             row[f"{tag}_bytes"] = nbytes
             row[f"{tag}_gbps"] = None if sec is None else nbytes / sec / 1e9
-            row[f"{tag}_pct_peak"] = None if sec is None else 100 * nbytes / sec / 1e9 / args.peak_gbps
+            row[f"{tag}_pct_peak"] = (None if sec is None or not args.peak_gbps
+                                      else 100 * nbytes / sec / 1e9 / args.peak_gbps)
         rows.append(row)
         _print_row(row)
 
     # plain scan kernel alone (the bandwidth target), with each strategy
     if triton_ok and _selected("triton_scan", paths):
-        print(f"  (automatic strategy at this shape: {lru_scan._scan_strategy(N, Bt, device)})")
+        strategy = kernel_config.scan_strategy(N, Bt, device, K.current_settings())
+        print(f"  (automatic strategy at this shape: {strategy})")
         g = torch.Generator(device="cpu").manual_seed(1)
         x_re = torch.randn(Bt, L, N, generator=g).to(device).requires_grad_()
         x_im = torch.randn(Bt, L, N, generator=g).to(device).requires_grad_()
@@ -294,7 +314,7 @@ def bench_shape(Bt, L, N, H, device, dtype, args, paths=None):
             h_re, h_im = K.diagonal_scan(x_re, x_im, lr, li)
             torch.autograd.backward([h_re, h_im], [dh, dh])
 
-        for strategy in lru_scan.STRATEGIES:
+        for strategy in K.STRATEGIES:
             with _forced_strategy(strategy):
                 record(f"triton_scan[{strategy}]", _time(scan_fwd, device, args.warmup, args.repeats, args.budget),
                        _time(scan_fb, device, args.warmup, args.repeats, args.budget))
@@ -337,10 +357,14 @@ def _print_row(r):
 
 def _markdown(meta, shape_rows, sweep_rows):
     lines = [f"# Scan benchmark: {meta['device_name']} ({meta['date']})", ""]
+    peak = f"peak {meta['peak_gbps']} GB/s" if meta.get("peak_gbps") else "no HBM peak (CPU or unknown GPU)"
     lines.append(
-        f"torch {meta['torch']}, triton {meta['triton']}, dtype {meta['dtype']}, peak {meta['peak_gbps']} GB/s, "
-        f"median of {meta['repeats']} after {meta['warmup']} warm-up calls. Byte model: see benchmarks/bench_scan.py."
+        f"torch {meta['torch']}, triton {meta['triton']}, dtype {meta['dtype']}, {peak}, median of {meta['repeats']} "
+        f"after {meta['warmup']} warm-up calls. Byte model: see benchmarks/bench_scan.py."
     )
+    if meta.get("cpu_threads") is not None:
+        lines.append(f"CPU: {meta['cpu_threads']} torch thread(s) (OMP_NUM_THREADS={meta.get('omp_num_threads')}), "
+                     f"1-minute load average {meta.get('load_average')} at the start (a shared machine).")
     for title, rows in (("Paper shapes", shape_rows), ("Layer time vs state dim N", sweep_rows)):
         if not rows:
             continue
@@ -361,7 +385,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of u / y")
-    ap.add_argument("--peak-gbps", type=float, default=3350.0, help="peak HBM bandwidth (H100 SXM: 3350)")
+    ap.add_argument("--peak-gbps", type=float, default=None,
+                    help="peak HBM bandwidth in GB/s (default: from the device name, see HBM_PEAK_GBPS)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--budget", type=float, default=20.0, help="max seconds of timed repeats per measurement")
@@ -390,6 +415,11 @@ def main(argv=None):
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = f"cpu-{platform.machine()}"
+    if args.peak_gbps is None:
+        args.peak_gbps = hbm_peak_gbps(device_name)
+        if args.peak_gbps is None and device.type == "cuda":
+            print(f"note: peak HBM bandwidth of {device_name!r} unknown; pass --peak-gbps for % of peak",
+                  file=sys.stderr)
     try:
         import triton
 
@@ -401,6 +431,9 @@ def main(argv=None):
         dtype=args.dtype, peak_gbps=args.peak_gbps, warmup=args.warmup, repeats=args.repeats, quick=args.quick,
         interpreter=os.environ.get("TRITON_INTERPRET", "0") == "1", model_scan=HAVE_MODEL_SCAN,
     )
+    if device.type == "cpu":
+        meta.update(cpu_threads=torch.get_num_threads(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                    load_average=round(os.getloadavg()[0], 1))
     print(f"device: {device_name}   torch {torch.__version__}   triton {triton_version}   "
           f"model torch path: {'modeling_compressm.scan' if HAVE_MODEL_SCAN else 'local doubling scan'}")
     print(_HEADER)

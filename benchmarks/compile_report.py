@@ -92,22 +92,26 @@ def _inputs(Bt, L, N, H, seed=0):
     return [t.requires_grad_() for t in leaves]
 
 
-def compile_shape(Bt, L, N, H, arch, multiprocessor_count):
+def compile_shape(Bt, L, N, H, arch, multiprocessor_count, step_mask=False):
     """Compile every kernel launch of one training step (fwd + bwd) of both ops at one shape, with the scan strategy
-    the automatic rule picks on a GPU with `multiprocessor_count` SMs. Returns rows."""
+    the automatic rule picks on a GPU with `multiprocessor_count` SMs (with a left-padding step mask when
+    `step_mask`). Returns rows."""
     rows = []
     u, lam_re, lam_im, B_re, B_im, C_re, C_im, D = _inputs(Bt, L, N, H)
+    mask = None
+    if step_mask:
+        mask = torch.arange(L)[None, :] >= torch.arange(Bt)[:, None] % max(1, L // 4)
     with compile_only(arch, multiprocessor_count) as reports:
         done = 0
         for op in ("fused_lru", "diagonal_scan"):
             if op == "fused_lru":
-                y, _, _ = K.fused_lru_forward(u, lam_re, lam_im, B_re, B_im, C_re, C_im, D)
+                y, _, _ = K.fused_lru_forward(u, lam_re, lam_im, B_re, B_im, C_re, C_im, D, step_mask=mask)
                 phases = {"fwd": len(reports)}
                 y.sum().backward()
             else:
                 x_re = torch.randn(Bt, L, N).requires_grad_()
                 x_im = torch.randn(Bt, L, N).requires_grad_()
-                h_re, h_im = K.diagonal_scan(x_re, x_im, lam_re, lam_im)
+                h_re, h_im = K.diagonal_scan(x_re, x_im, lam_re, lam_im, step_mask=mask)
                 phases = {"fwd": len(reports)}
                 (h_re.sum() + h_im.sum()).backward()
             for i, rep in enumerate(reports[done:], start=done):
@@ -134,10 +138,16 @@ def _config(r):
     parts = [f"CHUNK={c['CHUNK']}", f"BLOCK_N={c['BLOCK_N']}"]
     if "BLOCK_H" in c:
         parts.append(f"BLOCK_H={c['BLOCK_H']}")
-    if c.get("STORE_H"):
+    if c.get("HAS_MASK"):
+        parts.append("mask")
+    if c.get("HAS_FACTORS"):
+        parts.append("per-step factors")
+    if c.get("STORE_STATES"):
         parts.append("store h")
     if c.get("STORE_END"):
         parts.append("chunk ends")
+    if c.get("STORE_PRODUCT"):
+        parts.append("chunk products")
     if c.get("HAS_START") or c.get("HAS_CARRY"):
         parts.append("from carries")
     if c.get("HAS_CARRY") is False:
@@ -179,6 +189,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, choices=sorted(GPU_LIMITS), help="compute capability x10")
     ap.add_argument("--quick", action="store_true", help="one small shape (smoke test)")
+    ap.add_argument("--step-mask", action="store_true", help="compile the masked variants (left padding)")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     limits = GPU_LIMITS[args.arch]
@@ -193,20 +204,21 @@ def main(argv=None):
     meta = dict(
         arch=args.arch, gpu=limits["name"], sms=limits["sms"], shared_kib=limits["shared"] // 1024,
         date=str(_dt.date.today()), host=f"cpu-{platform.machine()}", triton=triton.__version__,
-        torch=torch.__version__, quick=args.quick,
+        torch=torch.__version__, quick=args.quick, step_mask=args.step_mask,
     )
     print(f"compiling for sm_{args.arch} ({limits['name']}) on {meta['host']}; nothing runs")
     print("  ".join(_COLUMNS))
     rows = []
     for Bt, L, N, H in shapes:
-        shape_rows = _annotate(compile_shape(Bt, L, N, H, args.arch, limits["sms"]), limits)
+        shape_rows = _annotate(compile_shape(Bt, L, N, H, args.arch, limits["sms"], args.step_mask), limits)
         for r in shape_rows:
             print("  ".join(_cells(r)), flush=True)
         rows += shape_rows
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"compile_sm{args.arch}_{meta['host']}_{meta['date']}{'_quick' if args.quick else ''}"
+    suffix = ("_mask" if args.step_mask else "") + ("_quick" if args.quick else "")
+    stem = out_dir / f"compile_sm{args.arch}_{meta['host']}_{meta['date']}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, launches=rows), indent=2))
     stem.with_suffix(".md").write_text(_markdown(meta, rows))
     print(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")

@@ -5,7 +5,7 @@ layouts, ``tl.associative_scan`` lowering, TF32 ``tl.dot`` and register allocati
 kernels are compiled for a real target. :func:`compile_only` does exactly that without a GPU: inside the ``with``
 block every kernel launch made by ``compressm_kernels`` (through the public ops, their backward passes, or the
 launch helpers) is compiled by Triton for ``sm_<arch>`` -- through PTX to a cubin with the ``ptxas`` that ships
-with triton -- and recorded instead of run. Outputs of the ops inside the block are uninitialised memory.
+with triton -- and recorded instead of run. Outputs of the ops inside the block are uninitialised memory (NaN with ``poison_outputs``).
 
 Usage::
 
@@ -35,10 +35,10 @@ import tempfile
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from . import lru_scan
+from . import config
 
-#: The Triton kernels that the launch helpers in ``lru_scan`` call (module globals, looked up at launch time).
-KERNEL_NAMES = ("_scan_fwd_kernel", "_scan_bwd_kernel", "_chunk_fwd_kernel", "_chunk_bwd_kernel", "_lru_out_kernel")
+#: The Triton kernels the ops launch (sequential.py, chunked.py, fused.py).
+KERNEL_NAMES = ("scan_fwd_kernel", "scan_bwd_kernel", "chunk_fwd_kernel", "chunk_bwd_kernel", "lru_out_kernel")
 
 #: Streaming multiprocessors of common GPUs per compute capability (the automatic scan strategy depends on it).
 DEFAULT_MULTIPROCESSORS = {80: 108, 90: 132, 100: 148}
@@ -51,10 +51,11 @@ class KernelCompileReport:
     """One kernel launch compiled for ``sm_<arch>``.
 
     Attributes:
-        kernel: the Triton function's name, e.g. ``"_scan_fwd_kernel"``.
+        kernel: the Triton function's name, e.g. ``"scan_fwd_kernel"``.
         arch: compute capability as an int (90 = sm_90).
         grid: the launch grid the helper asked for (programs along x, y, z).
-        constexprs: the compile-time arguments (CHUNK, BLOCK_N, HAS_H0, ...).
+        constexprs: the compile-time arguments (CHUNK, BLOCK_N, ...), including the ``triton.heuristics`` flags
+            (HAS_H0, HAS_MASK, ...) they were derived to.
         num_warps: warps per program.
         dynamic_shared_bytes: shared memory Triton allocates per program (layout conversions, scans).
         registers: registers per thread from ``cuobjdump -res-usage`` (None when cuobjdump is unavailable).
@@ -129,38 +130,49 @@ def _resource_usage(cubin: bytes) -> Tuple[Optional[int], ...]:
     return registers, static_shared, stack, local
 
 
-class _RecordingKernel:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **meta)`` compiles (warmup) and records."""
+def _jit_function(kernel):
+    """The JITFunction under any ``triton.heuristics`` wrappers, and the heuristics on the way (outermost first)."""
+    from triton.runtime.autotuner import Heuristics
 
-    def __init__(self, jit_fn, arch: int, reports: List[KernelCompileReport]):
-        self._fn = jit_fn
+    heuristics = []
+    while isinstance(kernel, Heuristics):
+        heuristics.append(kernel.values)
+        kernel = kernel.fn
+    return kernel, heuristics
+
+
+class _CompileAndRecord:
+    """A ``KernelSettings.launcher`` that compiles each launch for ``sm_<arch>`` (warmup) and records it."""
+
+    def __init__(self, arch: int, reports: List[KernelCompileReport]):
         self._arch = arch
         self._reports = reports
 
-    def __getitem__(self, grid):
-        def launch(*args, **meta):
-            start = time.perf_counter()
-            compiled = self._fn.warmup(*args, grid=grid, **meta)
-            seconds = time.perf_counter() - start
-            registers, static_shared, stack, local = _resource_usage(compiled.asm["cubin"])
-            constexprs = {k: v for k, v in meta.items() if k != "num_warps" and k != "num_stages"}
-            self._reports.append(
-                KernelCompileReport(
-                    kernel=self._fn.__name__,
-                    arch=self._arch,
-                    grid=tuple(int(g) for g in grid),
-                    constexprs=constexprs,
-                    num_warps=int(compiled.metadata.num_warps),
-                    dynamic_shared_bytes=int(compiled.metadata.shared),
-                    registers=registers,
-                    static_shared_bytes=static_shared,
-                    stack_bytes=stack,
-                    local_bytes=local,
-                    compile_seconds=seconds,
-                )
+    def __call__(self, kernel, grid, kwargs) -> None:
+        fn, heuristics = _jit_function(kernel)
+        start = time.perf_counter()
+        compiled = kernel.warmup(grid=grid, **kwargs)
+        seconds = time.perf_counter() - start
+        registers, static_shared, stack, local = _resource_usage(compiled.asm["cubin"])
+        constexpr_names = {p.name for p in fn.params if p.is_constexpr}
+        constexprs = {k: v for k, v in kwargs.items() if k in constexpr_names}
+        for values in heuristics:
+            constexprs.update({name: rule(kwargs) for name, rule in values.items()})
+        self._reports.append(
+            KernelCompileReport(
+                kernel=fn.__name__,
+                arch=self._arch,
+                grid=tuple(int(g) for g in grid),
+                constexprs=dict(sorted(constexprs.items())),
+                num_warps=int(compiled.metadata.num_warps),
+                dynamic_shared_bytes=int(compiled.metadata.shared),
+                registers=registers,
+                static_shared_bytes=static_shared,
+                stack_bytes=stack,
+                local_bytes=local,
+                compile_seconds=seconds,
             )
-
-        return launch
+        )
 
 
 @contextlib.contextmanager
@@ -168,6 +180,10 @@ def compile_only(
     arch: int = 90, multiprocessor_count: Optional[int] = None, warp_size: int = 32
 ) -> Iterator[List[KernelCompileReport]]:
     """Inside the block, kernel launches compile for ``sm_<arch>`` and are recorded instead of run.
+
+    This is a ``compressm_kernels.kernel_settings`` block whose settings describe the target (compute capability,
+    SM count, no device check) and whose launcher compiles instead of launching, plus Triton's active driver set
+    to a fixed CUDA target for the duration.
 
     Args:
         arch: CUDA compute capability as an int (80 = A100, 90 = H100/H200, 100 = B200).
@@ -180,39 +196,31 @@ def compile_only(
         RuntimeError: triton is missing, or the kernels were decorated under ``TRITON_INTERPRET=1`` (the
             interpreter replaces the compiler; run this in a process without that variable).
     """
-    if not lru_scan.TRITON_AVAILABLE:
+    if not config.TRITON_AVAILABLE:
         raise RuntimeError("compile_only needs triton (pip install triton)")
-    if lru_scan._INTERPRET:
+    if config.INTERPRET:
         raise RuntimeError(
             "compile_only needs the Triton compiler, but the kernels were loaded in interpreter mode "
             "(TRITON_INTERPRET=1 was set before triton was imported); run it in a process without TRITON_INTERPRET"
         )
+    arch = int(arch)
     if multiprocessor_count is None:
-        if int(arch) not in DEFAULT_MULTIPROCESSORS:
+        if arch not in DEFAULT_MULTIPROCESSORS:
             raise ValueError(f"no default SM count for sm_{arch}: pass multiprocessor_count")
-        multiprocessor_count = DEFAULT_MULTIPROCESSORS[int(arch)]
+        multiprocessor_count = DEFAULT_MULTIPROCESSORS[arch]
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
 
     reports: List[KernelCompileReport] = []
-    saved_kernels = {name: getattr(lru_scan, name) for name in KERNEL_NAMES}
-    saved_precision = lru_scan._dot_precision
-    saved_check = lru_scan._check_runtime
-    saved_sm_count = lru_scan._multiprocessor_count
     saved_driver = driver._active  # private: `driver.active` would try to create a CUDA driver
     try:
-        driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", int(arch), int(warp_size))))
-        for name, fn in saved_kernels.items():
-            setattr(lru_scan, name, _RecordingKernel(fn, int(arch), reports))
-        # what the launch helpers would choose on that GPU (torch's default fp32 matmul policy)
-        lru_scan._dot_precision = lambda device: lru_scan._precision_for_capability(int(arch) // 10)
-        lru_scan._check_runtime = lambda device: None  # nothing runs, so CPU tensors are fine
-        lru_scan._multiprocessor_count = lambda device: int(multiprocessor_count)
-        yield reports
+        driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, int(warp_size))))
+        with config.kernel_settings(
+            capability=(arch // 10, arch % 10),
+            multiprocessor_count=int(multiprocessor_count),
+            check_device=False,  # nothing runs, so CPU tensors are fine
+            launcher=_CompileAndRecord(arch, reports),
+        ):
+            yield reports
     finally:
-        for name, fn in saved_kernels.items():
-            setattr(lru_scan, name, fn)
-        lru_scan._dot_precision = saved_precision
-        lru_scan._check_runtime = saved_check
-        lru_scan._multiprocessor_count = saved_sm_count
         driver._active = saved_driver

@@ -1,14 +1,19 @@
-"""Naive sequential PyTorch references for the fused LRU scan kernels (the test oracle).
+"""Naive sequential PyTorch references for the LRU scan kernels: the one oracle every test and benchmark uses.
 
-These follow the flash-linear-attention convention: one plain, obviously-correct reference beside each kernel.
-They loop over time in Python, so they are slow, but they are pure torch and differentiable by autograd, and
-they work on any device and dtype.
+Following flash-linear-attention's op folders (a naive reference beside the kernels) and mamba_ssm's ``*_ref``
+functions: a plain python loop over time, obviously correct, differentiable by autograd, on any device. Slow.
 
 Math (one LRU layer, diagonal complex recurrence), with complex quantities given as (real, imag) pairs::
 
-    x_t = B u_t                      (complex, N)
-    h_t = lam * h_{t-1} + x_t        (complex, N), h_{-1} = h0 (default 0)
-    y_t = Re(C h_t) + D * u_t        (real, H)
+    x_t = B u_t                          (complex, N)
+    h_t = a_t * h_{t-1} + k_t x_t        (complex, N), h_{-1} = h0 (default 0)
+    y_t = Re(C h_t) + D * k_t u_t        (real, H)
+
+where k_t = step_mask[:, t] (1 at real steps, 0 at masked steps) and a_t = lam at real steps, 1 at masked steps:
+a masked step has zero input and holds the state, so its output is Re(C h_held). Without a mask every step is real.
+
+Precision: float32 arithmetic, or float64 when any floating input is float64 (the high-precision oracle of the
+hard-mode tests).
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ import torch
 Tensor = torch.Tensor
 
 
+def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def naive_diagonal_scan(
     x_re: Tensor,
     x_im: Tensor,
@@ -27,32 +36,39 @@ def naive_diagonal_scan(
     lam_im: Tensor,
     h0_re: Optional[Tensor] = None,
     h0_im: Optional[Tensor] = None,
+    step_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Sequential diagonal complex scan ``h_t = lam * h_{t-1} + x_t``.
+    """Sequential diagonal complex scan ``h_t = a_t * h_{t-1} + k_t x_t`` (a_t = lam, or 1 at masked steps).
 
     Args:
         x_re, x_im: real (Bt, L, N) tensors, real and imaginary parts of the input sequence.
         lam_re, lam_im: real (N,) tensors, the diagonal of the (complex) state matrix.
         h0_re, h0_im: optional real (Bt, N) tensors, the initial state ``h_{-1}`` (zeros when omitted).
+        step_mask: optional bool (Bt, L); False marks a masked step (input ignored, state held).
 
     Returns:
-        (h_re, h_im): real (Bt, L, N) fp32 tensors, all states ``h_0 .. h_{L-1}``.
+        (h_re, h_im): real (Bt, L, N) tensors (fp32, or fp64 for fp64 inputs), all states ``h_0 .. h_{L-1}``.
     """
     Bt, L, N = x_re.shape
-    xr, xi = x_re.float(), x_im.float()
-    lr, li = lam_re.float(), lam_im.float()
+    dtype = _compute_dtype(x_re, x_im, lam_re, lam_im, h0_re, h0_im)
+    xr, xi = x_re.to(dtype), x_im.to(dtype)
+    lr, li = lam_re.to(dtype), lam_im.to(dtype)
     if h0_re is None:
         hr = xr.new_zeros(Bt, N)
         hi = xr.new_zeros(Bt, N)
     else:
-        hr, hi = h0_re.float(), h0_im.float()
-    outs_r, outs_i = [], []
-    for t in range(L):
-        hr, hi = lr * hr - li * hi + xr[:, t], lr * hi + li * hr + xi[:, t]
-        outs_r.append(hr)
-        outs_i.append(hi)
+        hr, hi = h0_re.to(dtype), h0_im.to(dtype)
     if L == 0:
         return xr.new_zeros(Bt, 0, N), xr.new_zeros(Bt, 0, N)
+    outs_r, outs_i = [], []
+    for t in range(L):
+        new_r, new_i = lr * hr - li * hi + xr[:, t], lr * hi + li * hr + xi[:, t]
+        if step_mask is not None:
+            keep = step_mask[:, t].to(torch.bool)[:, None]
+            new_r, new_i = torch.where(keep, new_r, hr), torch.where(keep, new_i, hi)
+        hr, hi = new_r, new_i
+        outs_r.append(hr)
+        outs_i.append(hi)
     return torch.stack(outs_r, dim=1), torch.stack(outs_i, dim=1)
 
 
@@ -67,29 +83,35 @@ def naive_lru_forward(
     D: Tensor,
     h0_re: Optional[Tensor] = None,
     h0_im: Optional[Tensor] = None,
+    step_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Sequential reference for one LRU layer.
 
     Args:
-        u: real (Bt, L, H) input, any float dtype (computation in fp32).
+        u: real (Bt, L, H) input, any float dtype (computation in fp32, or fp64 for fp64 inputs).
         lam_re, lam_im: real (N,) diagonal of the state matrix (|lam| < 1).
         B_re, B_im: real (N, H) input matrix.
         C_re, C_im: real (H, N) output matrix.
         D: real (H,) feed-through.
         h0_re, h0_im: optional real (Bt, N) initial state.
+        step_mask: optional bool (Bt, L); False marks a masked step: zero input (no ``D u`` term either) and the
+            state held, so the output there is ``Re(C h_held)``.
 
     Returns:
-        y: real (Bt, L, H) in ``u.dtype``; hT_re, hT_im: real (Bt, N) fp32 final state ``h_{L-1}``.
+        y: real (Bt, L, H) in ``u.dtype``; hT_re, hT_im: real (Bt, N) final state ``h_{L-1}`` (fp32, or fp64).
     """
-    uf = u.float()
-    x_re = uf @ B_re.float().t()
-    x_im = uf @ B_im.float().t()
-    h_re, h_im = naive_diagonal_scan(x_re, x_im, lam_re, lam_im, h0_re, h0_im)
-    y = h_re @ C_re.float().t() - h_im @ C_im.float().t() + uf * D.float()
+    dtype = _compute_dtype(u, lam_re, lam_im, B_re, B_im, C_re, C_im, D, h0_re, h0_im)
+    uf = u.to(dtype)
+    if step_mask is not None:
+        uf = torch.where(step_mask.to(torch.bool)[:, :, None], uf, 0.0)
+    x_re = uf @ B_re.to(dtype).t()
+    x_im = uf @ B_im.to(dtype).t()
+    h_re, h_im = naive_diagonal_scan(x_re, x_im, lam_re.to(dtype), lam_im.to(dtype), h0_re, h0_im, step_mask)
+    y = h_re @ C_re.to(dtype).t() - h_im @ C_im.to(dtype).t() + uf * D.to(dtype)
     if u.shape[1] == 0:
         Bt, N = u.shape[0], lam_re.shape[0]
-        hT_re = h0_re.float() if h0_re is not None else uf.new_zeros(Bt, N)
-        hT_im = h0_im.float() if h0_im is not None else uf.new_zeros(Bt, N)
+        hT_re = h0_re.to(dtype) if h0_re is not None else uf.new_zeros(Bt, N)
+        hT_im = h0_im.to(dtype) if h0_im is not None else uf.new_zeros(Bt, N)
     else:
         hT_re, hT_im = h_re[:, -1], h_im[:, -1]
     return y.to(u.dtype), hT_re, hT_im

@@ -11,8 +11,10 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .callback import CompreSSMCallback, CompreSSMTrainer, prepare_model_for_resume
+from .callback import CompreSSMCallback, CompreSSMTrainer
+from .checkpoints import prepare_model_for_resume
 from .configuration_compressm import CompreSSMConfig
+from .events import HistoryError, ReductionEvent, event_metrics
 from .modeling_compressm import (
     CompreSSMCache,
     CompreSSMForCausalLM,
@@ -22,7 +24,9 @@ from .modeling_compressm import (
     CompreSSMPreTrainedModel,
 )
 from .optim import compressm_adamw, compressm_parameter_groups
-from .presets import build_model_from_preset, list_presets, load_preset
+from .optimizer_state import StaleOptimizerStateError
+from .presets import build_model_for_tokenizer, build_model_from_preset, list_presets, load_preset
+from .reducer import CompreSSMReducer
 from .reduction import (
     ReductionError,
     balanced_truncation,
@@ -30,6 +34,8 @@ from .reduction import (
     hankel_singular_values,
     rank_for_energy,
 )
+from .text_data import load_text_dataset, pack_dataset, tokenize_for_classification
+from .tokenization import byte_level_tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -53,6 +59,12 @@ __all__ = [
     "load_preset",
     "list_presets",
     "build_model_from_preset",
+    "build_model_for_tokenizer",
+    "byte_level_tokenizer",
+    "load_tokenizer",
+    "load_text_dataset",
+    "pack_dataset",
+    "tokenize_for_classification",
     "CompreSSMConfig",
     "CompreSSMPreTrainedModel",
     "CompreSSMModel",
@@ -65,9 +77,14 @@ __all__ = [
     "hankel_singular_values",
     "balanced_truncation",
     "rank_for_energy",
+    "CompreSSMReducer",
     "CompreSSMCallback",
     "CompreSSMTrainer",
     "prepare_model_for_resume",
+    "ReductionEvent",
+    "HistoryError",
+    "event_metrics",
+    "StaleOptimizerStateError",
     "compressm_parameter_groups",
     "compressm_adamw",
 ]

@@ -28,6 +28,9 @@ class CompreSSMConfig(PretrainedConfig):
         norm_eps (`float`, defaults to 1e-5): epsilon of the norms.
         input_dim (`int`, *optional*): if set, inputs are continuous features `(batch, length, input_dim)` passed
             as `inputs_embeds` and encoded by a Linear layer (e.g. pixel sequences, input_dim=1).
+        pad_token_id, bos_token_id, eos_token_id (`int`, *optional*): special token ids; with token inputs each must
+            lie in [0, vocab_size) (eos_token_id may be a list). Without an attention_mask, the sequence classifier
+            treats pad_token_id tokens as padding.
         num_labels (`int`, defaults to 2): classes of `CompreSSMForSequenceClassification`.
         pooling (`str`, defaults to "mean"): how sequence classification pools over time, "mean" (masked mean,
             as in the paper) or "last" (last non-padded position).
@@ -90,6 +93,10 @@ class CompreSSMConfig(PretrainedConfig):
             _require_int("input_dim", input_dim, minimum=1)
         if pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        if input_dim is None:
+            for name, token_id in (("pad_token_id", pad_token_id), ("bos_token_id", bos_token_id),
+                                   ("eos_token_id", eos_token_id)):
+                _require_token_ids(name, token_id, vocab_size)
 
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -124,6 +131,17 @@ class CompreSSMConfig(PretrainedConfig):
     def total_state_dim(self) -> int:
         """Sum of the per-layer state sizes."""
         return sum(self.state_dims)
+
+
+def _require_token_ids(name: str, value, vocab_size: int) -> None:
+    """A special token id (or a list of them, as eos_token_id may be) must be None or lie in [0, vocab_size)."""
+    for token_id in value if isinstance(value, (list, tuple)) else [value]:
+        if token_id is None:
+            continue
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
+            raise ValueError(
+                f"{name} must be a token id in [0, {vocab_size - 1}] (vocab_size = {vocab_size}), got {value!r}"
+            )
 
 
 def _require_int(name: str, value, minimum: int) -> None:

@@ -1,45 +1,104 @@
 """Model card (README.md) and Hankel-singular-value plot written next to a saved CompreSSM checkpoint.
 
+The plot is drawn with matplotlib's object API (`matplotlib.figure.Figure`), so the process-wide backend and pyplot's
+figure registry are left alone. Drawing takes far longer than writing the weights, so the spectrum and its PNG are
+computed once per reduction event (cached on the model, keyed by its sizes and history) and reused by every later
+save; `refresh_card_spectrum(model)` (called by CompreSSMCallback when training ends) makes the next save redraw.
+Every value that goes into the Markdown is escaped.
+
 Copied with the modeling file for `trust_remote_code` checkpoints, so it imports nothing beyond the standard library
 at module level; matplotlib is optional (without it the card has no plot).
 """
 
 from __future__ import annotations
 
+import io
 import os
 
 HSV_PLOT_FILE = "hsv_spectrum.png"
+_CACHE_ATTRIBUTE = "_compressm_card_spectrum"
+_MARKDOWN_SPECIAL = set("\\|<`")  # table cells (pipes), HTML tags, code spans
 
 
-def _energy_line(event: dict) -> str:
+def escape_markdown(value) -> str:
+    """`str(value)` made safe for one Markdown table cell: line breaks flattened; backslashes, pipes, `<` (HTML tags)
+    and backticks (code spans) backslash-escaped."""
+    text = " ".join(str(value).split())
+    return "".join("\\" + character if character in _MARKDOWN_SPECIAL else character for character in text)
+
+
+def _energy_line(event) -> str:
     kept = event.get("kept_energy")
     if not kept:
         return ""
     return ", ".join(f"{value:.4f}" if value is not None else "-" for value in kept)
 
 
-def write_hsv_plot(hsv_per_layer: list[list[float]], path: str) -> bool:
-    """Plot each layer's Hankel singular values (log scale, descending) to `path` (PNG). False without matplotlib."""
-    try:
-        import matplotlib
+def _bound_line(event) -> str:
+    bounds = event.get("hinf_bound_relative")
+    if not bounds:
+        return "-"
+    return ", ".join(f"{value:.3g}" if value is not None else "-" for value in bounds)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def render_hsv_plot(hsv_per_layer: list[list[float]]) -> bytes | None:
+    """PNG bytes of each layer's Hankel singular values (log scale, descending); None without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
     except ImportError:
-        return False
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+        return None
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
     for index, values in enumerate(hsv_per_layer):
-        if values:
-            axis.semilogy(range(1, len(values) + 1), values, marker=".", label=f"layer {index} (N={len(values)})")
+        positive = [value for value in values or [] if value > 0]
+        if positive:
+            axis.semilogy(range(1, len(positive) + 1), positive, marker=".", label=f"layer {index} (N={len(values)})")
     axis.set_xlabel("state index (sorted)")
     axis.set_ylabel("Hankel singular value")
     axis.set_title("Hankel singular values per layer")
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize="small")
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def write_hsv_plot(hsv_per_layer: list[list[float]], path: str) -> bool:
+    """Plot each layer's Hankel singular values to `path` (PNG). False without matplotlib."""
+    png = render_hsv_plot(hsv_per_layer)
+    if png is None:
+        return False
+    with open(path, "wb") as handle:
+        handle.write(png)
     return True
+
+
+def _spectrum_key(model) -> tuple:
+    events = model.reduction_history
+    last = (events[-1].kind, events[-1].step, len(events)) if events else None
+    return tuple(model.config.state_dims), last
+
+
+def card_spectrum(model) -> tuple[list[list[float]] | None, bytes | None]:
+    """(HSVs per layer as lists, PNG bytes or None) of the model, computed once per reduction event and cached."""
+    key = _spectrum_key(model)
+    cached = model.__dict__.get(_CACHE_ATTRIBUTE)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    try:
+        hsv_per_layer = [values.tolist() for values in model.hankel_singular_values()]
+    except (ValueError, RuntimeError):  # a layer with NaN or unstable eigenvalues: no spectrum to show
+        hsv_per_layer = None
+    png = render_hsv_plot(hsv_per_layer) if hsv_per_layer is not None else None
+    model.__dict__[_CACHE_ATTRIBUTE] = (key, hsv_per_layer, png)
+    return hsv_per_layer, png
+
+
+def refresh_card_spectrum(model) -> None:
+    """Make the next save recompute and redraw the spectrum (e.g. at the end of training)."""
+    model.__dict__.pop(_CACHE_ATTRIBUTE, None)
 
 
 _AUTO_CLASS_FOR = {
@@ -52,29 +111,57 @@ _TRANSFORMERS_DEFAULT_CARD_MARKER = "This model card has been automatically gene
 CARD_MARKER = "- compressm"
 
 
-def _event_row(event: dict) -> str:
-    step = "manual" if event.get("step") is None else event["step"]
-    if event.get("type") == "rollback":
+def _event_row(event) -> str:
+    step = event.kind if event.step is None else event.step
+    if event.kind == "rollback":
         note = "rollback"
+    elif event.kind == "restored":
+        note = "restored from " + os.path.basename(str(event.restored_from or "checkpoint").rstrip("/\\"))
     else:
-        note = _energy_line(event) + (" (rolled back)" if event.get("rolled_back") else "")
-    return (
-        f"| {step} | {event.get('dims_before', '-')} | {event.get('dims_after', '-')} | {note} "
-        f"| {event.get('policy', '-')} |"
-    )
+        note = _energy_line(event) + (" (rolled back)" if event.rolled_back else "")
+    cells = [escape_markdown(step), str(event.dims_before), str(event.dims_after), escape_markdown(note),
+             _bound_line(event), escape_markdown(event.policy or "-")]  # dims are validated lists of ints
+    return "| " + " | ".join(cells) + " |"
 
 
-def render_model_card(model) -> str:
-    """Markdown model card: architecture, per-layer state sizes (initial and current), reduction history."""
+TRAINING_INFO_ATTRIBUTE = "compressm_training_info"  # optional dict on the model, rendered as the card's "Training"
+
+
+def _markdown_cell(value) -> str:
+    """A value as the text of one Markdown table cell (escaped, line breaks removed)."""
+    return escape_markdown(f"{value:.6g}" if isinstance(value, float) else value)
+
+
+def _training_section(training_info: dict) -> list[str]:
+    """Card lines for `training_info`: {"data": {name: value}, "metrics": {name: value}, ...}, one table per entry
+    whose value is a dict, plain key/value rows otherwise."""
+    lines = ["", "## Training", ""]
+    rows = [(key, value) for key, value in training_info.items() if not isinstance(value, dict)]
+    if rows:
+        lines += ["| | |", "| --- | --- |"] + [f"| {_markdown_cell(k)} | {_markdown_cell(v)} |" for k, v in rows]
+    for title, table in training_info.items():
+        if isinstance(table, dict) and table:
+            lines += ["", f"### {_markdown_cell(title)}", "", "| | |", "| --- | --- |"]
+            lines += [f"| {_markdown_cell(k)} | {_markdown_cell(v)} |" for k, v in table.items()]
+    return lines
+
+
+def render_model_card(model, training_info: dict | None = None) -> str:
+    """Markdown model card: architecture, per-layer state sizes (initial and current), reduction history, and (when
+    given, or set as `model.compressm_training_info`) a "Training" section with the data and metrics of the run."""
+    if training_info is None:
+        training_info = getattr(model, TRAINING_INFO_ATTRIBUTE, None)
+    from .events import coerce_events
+
     config = model.config
-    events = list(model.reduction_history)
+    events = coerce_events(list(model.reduction_history), source="model.reduction_history")
     class_name = type(model).__name__
     auto_class = _AUTO_CLASS_FOR.get(class_name, "AutoModel")
     dims = list(config.state_dims)
-    initial = list(events[0]["dims_before"]) if events and events[0].get("dims_before") else dims
+    initial = list(events[0].dims_before) if events else dims
     if len(initial) != len(dims):
         initial = dims
-    reductions = [event for event in events if event.get("type") != "rollback"]
+    reductions = [event for event in events if event.kind in ("reduction", "manual")]
     input_line = (
         f"tokens (vocab {config.vocab_size})" if config.input_dim is None else f"continuous, input_dim {config.input_dim}"
     )
@@ -88,10 +175,10 @@ def render_model_card(model) -> str:
         "- balanced-truncation",
         "---",
         "",
-        f"# {class_name} (CompreSSM)",
+        f"# {escape_markdown(class_name)} (CompreSSM)",
         "",
         "A Linear Recurrent Unit (LRU) state-space model trained with in-training balanced truncation "
-        "(CompreSSM, arXiv 2510.02823): per-layer state sizes were reduced during training by truncating "
+        f"(CompreSSM, arXiv 2510.02823): per-layer state sizes were reduced {_when_reduced(events)} by truncating "
         "the states with the smallest Hankel singular values.",
         "",
         "Load it with the modeling code stored next to the weights (no package needed), or with the `compressm` "
@@ -105,7 +192,7 @@ def render_model_card(model) -> str:
         "## Architecture",
         "",
         f"- class: `{class_name}`; hidden size: {config.hidden_size}, layers: {config.num_hidden_layers}, "
-        f"norm: {config.norm_type}",
+        f"norm: {escape_markdown(config.norm_type)}",
         f"- input: {input_line}"
         + (f"; labels: {config.num_labels}" if class_name == "CompreSSMForSequenceClassification" else ""),
         f"- total state size: {sum(dims)} (initially {sum(initial)}); parameters: "
@@ -119,13 +206,36 @@ def render_model_card(model) -> str:
     if not events:
         lines.append("No reductions were recorded.")
     else:
-        lines.append(f"{len(reductions)} reduction event(s)" + (
-            f", {len(events) - len(reductions)} rollback(s)" if len(events) != len(reductions) else ""
-        ) + ".")
-        lines += ["", "| step | dims before | dims after | kept HSV energy per layer | policy |",
-                  "| --- | --- | --- | --- | --- |"]
+        rollbacks = sum(event.kind == "rollback" for event in events)
+        restores = sum(event.kind == "restored" for event in events)
+        lines.append(f"{len(reductions)} reduction event(s)" + (f", {rollbacks} rollback(s)" if rollbacks else "")
+                     + (f", {restores} restore(s) of a checkpoint" if restores else "") + ".")
+        lines += [
+            "",
+            "H-infinity bound: 2 x (sum of the discarded Hankel singular values) over the layer's gain, an upper "
+            "bound of the relative change of each layer's input-output map (kept HSV energy alone can look high while "
+            "the map changes a lot).",
+            "",
+            "| step | dims before | dims after | kept HSV energy per layer | H-infinity bound (relative) | policy |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         lines += [_event_row(event) for event in events]
+    if training_info:
+        lines += _training_section(training_info)
     return "\n".join(lines) + "\n"
+
+
+def _when_reduced(events: list[dict]) -> str:
+    """"during training", "after training" (only manual, post-hoc events) or both."""
+    manual = [
+        "manual" in (event.get("kind"), event.get("policy")) or event.get("step") is None
+        for event in events if event.get("kind", event.get("type")) != "rollback"
+    ]
+    if manual and all(manual):
+        return "after training (post hoc)"
+    if any(manual):
+        return "during training and afterwards (post hoc, the 'manual' rows)"
+    return "during training"
 
 
 def _is_replaceable(card_path: str) -> bool:
@@ -142,19 +252,19 @@ def write_model_card(model, save_directory: str, overwrite: bool = False) -> boo
 
     An existing README.md is replaced only when `overwrite`, when this module wrote it, or when it is transformers'
     auto-generated placeholder (what `push_to_hub` puts in when the Hub repo has no card); a user's own card is left
-    alone. Returns True when README.md was written.
+    alone. The spectrum and plot come from `card_spectrum` (drawn once per reduction event). Returns True when
+    README.md was written.
     """
     card_path = os.path.join(save_directory, "README.md")
     if not overwrite and not _is_replaceable(card_path):
         return False
     card = render_model_card(model)
-    try:
-        hsv_per_layer = [values.tolist() for values in model.hankel_singular_values()]
-    except (ValueError, RuntimeError):  # a layer with NaN or unstable eigenvalues: no spectrum to show
-        hsv_per_layer = None
-    if hsv_per_layer is not None and write_hsv_plot(hsv_per_layer, os.path.join(save_directory, HSV_PLOT_FILE)):
+    hsv_per_layer, png = card_spectrum(model)
+    if png is not None:
+        with open(os.path.join(save_directory, HSV_PLOT_FILE), "wb") as handle:
+            handle.write(png)
         card += f"\n## Hankel singular values\n\n![Hankel singular values per layer]({HSV_PLOT_FILE})\n"
-        card += "\nCurrent spectrum (largest / smallest kept value per layer): " + ", ".join(
+        card += "\nSpectrum (largest / smallest value per layer, drawn once per reduction event): " + ", ".join(
             f"layer {index}: {values[0]:.3g} / {values[-1]:.3g}" for index, values in enumerate(hsv_per_layer) if values
         ) + "\n"
     with open(card_path, "w", encoding="utf-8") as handle:

@@ -10,21 +10,29 @@ GLU(z) = W1 z * sigmoid(W2 z).
 
 Fast/slow path: `scan.lru_sequence` sends CUDA tensors to the fused Triton kernel when the `compressm_kernels` package
 is installed, everything else to the torch scan. Reduction math lives in `reduction.py` (no nn code there).
+
+Generation keeps one recurrent state per layer in a `CompreSSMCache`; `forward` takes it as `cache` (transformers >=
+5.24) or `past_key_values` (earlier releases). Padded steps (attention_mask 0) feed nothing into the recurrence and
+hold the state. The forward never reads tensor data on accelerators or while torch.compile / torch.export trace:
+value checks of inputs (mask entries, token ids, empty classifier rows) run on CPU tensors in eager mode only.
+
+Longer than 500 lines on purpose: one readable modeling file per model is the Hugging Face convention, and
+`save_pretrained` copies it (with its flat sibling imports) for `trust_remote_code` loading.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as _pytree
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -33,10 +41,20 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_compressm import CompreSSMConfig
-from .reduction import ReductionError, balanced_truncation, hankel_singular_values, lru_parameters_from_system
-from .scan import lru_sequence
+from .events import HISTORY_FILE, ReductionEvent, coerce_events, history_problems, read_history, write_history
+from .reduction import (
+    ReductionError,
+    balanced_truncation,
+    gain_lower_bound,
+    hankel_singular_values,
+    hinf_error_bound,
+    lru_parameters_from_system,
+    truncate,
+)
+from .scan import host_reads_are_free, lru_sequence
 
 logger = logging.getLogger(__name__)
+_warn_once = functools.lru_cache(maxsize=None)(logger.warning)
 
 
 class CompreSSMRMSNorm(nn.Module):
@@ -108,19 +126,62 @@ class CompreSSMLRU(nn.Module):
         self.C_im.normal_(0.0, 1.0 / math.sqrt(n))
         self.D.normal_(0.0, 1.0)
 
+    SSM_PARAMETER_NAMES = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "C_im")
+
     @torch.no_grad()
-    def resize_state(self, state_dim: int) -> None:
-        """Re-allocate the SSM parameters at `state_dim` states and re-initialise them (Parameter objects kept)."""
+    def assign_parameters(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Give SSM parameters new values of any state size, keeping the Parameter objects.
+
+        Each parameter gets a fresh tensor under the same object (`torch.utils.swap_tensors`), so optimizers and
+        module references stay valid, and an autograd graph of an earlier step that is still alive (a training loop
+        that still holds `loss`) cannot hand the next backward its gradient accumulator, which remembers the old
+        shape; hooks registered on the parameter (`register_hook`, `register_post_accumulate_grad_hook`) keep firing.
+        Where other holders of the tensor forbid the swap (a DDP reducer that is about to be rebuilt), the value is
+        set through `.data`, passing through another dtype first: `set_data` drops the cached gradient accumulator
+        only when the dtype changes. Gradients of the assigned parameters are dropped.
+
+        Args:
+            values: name (in SSM_PARAMETER_NAMES) -> tensor of the new shape (converted to the parameter's
+                dtype/device).
+        Returns:
+            name -> the previous values (the old tensors, not copies).
+        """
+        previous = {}
+        for name, value in values.items():
+            if name not in self.SSM_PARAMETER_NAMES:
+                raise KeyError(f"{name!r} is not an SSM parameter of CompreSSMLRU ({self.SSM_PARAMETER_NAMES})")
+            parameter = getattr(self, name)
+            previous[name] = parameter.detach()
+            new_value = value.detach().to(device=parameter.device, dtype=parameter.dtype).contiguous()
+            replacement = nn.Parameter(new_value, requires_grad=parameter.requires_grad)
+            replacement.__dict__.update(parameter.__dict__)  # attributes set on the parameter survive the swap
+            try:
+                torch.utils.swap_tensors(parameter, replacement)
+                for hooks in ("_backward_hooks", "_post_accumulate_grad_hooks"):
+                    registered = getattr(parameter, hooks, None)
+                    if registered:  # tensor hooks stay with the object: register them with its new autograd identity
+                        setattr(parameter, hooks, registered)
+            except RuntimeError:
+                other = torch.float64 if parameter.dtype != torch.float64 else torch.float32
+                parameter.data = new_value.to(other)
+                parameter.data = new_value
+            parameter.grad = None
+        return previous
+
+    @torch.no_grad()
+    def resize_state(self, state_dim: int, initialise: bool = True) -> dict[str, torch.Tensor]:
+        """Re-allocate the SSM parameters at `state_dim` states (Parameter objects kept) and, with `initialise`,
+        re-initialise them; without, their values are undefined until written (no random numbers are drawn).
+        Returns the previous values (name -> tensor)."""
         shapes = {
             "nu_log": (state_dim,), "theta_log": (state_dim,), "gamma_log": (state_dim,),
             "B_re": (state_dim, self.hidden_size), "B_im": (state_dim, self.hidden_size),
             "C_re": (self.hidden_size, state_dim), "C_im": (self.hidden_size, state_dim),
         }
-        for name, shape in shapes.items():
-            parameter = getattr(self, name)
-            parameter.data = torch.empty(shape, device=parameter.device, dtype=parameter.dtype)
-            parameter.grad = None
-        self.reset_parameters()
+        previous = self.assign_parameters({name: torch.empty(shape) for name, shape in shapes.items()})
+        if initialise:
+            self.reset_parameters()
+        return previous
 
     def to_lti(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer as a linear time-invariant system, differentiable w.r.t. the parameters.
@@ -135,16 +196,13 @@ class CompreSSMLRU(nn.Module):
         C = torch.complex(self.C_re.float(), self.C_im.float())
         return lam, B, C, self.D.float()
 
-    @torch.no_grad()
-    def load_system(self, lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> None:
-        """Replace the SSM parameters by those of the diagonal system (lam (r,), B (r, H) gain included, C (H, r)).
-
-        The Parameter objects are kept (their data is swapped), so optimizers keep pointing at them; their gradients
-        are dropped because the shapes change. Raises ReductionError if the system is not representable.
-        """
+    @staticmethod
+    def parameters_from_system(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> dict[str, torch.Tensor]:
+        """LRU parameter values (float64) of the diagonal system lam (r,), B (r, H) gain included, C (H, r).
+        Raises ReductionError if the system is not representable (|lam| >= 1, zero modulus, non-finite)."""
         nu_log, theta_log, gamma_log, B_normalised = lru_parameters_from_system(lam, B)
         C = C.detach().to(torch.complex128)
-        new_values = {
+        return {
             "nu_log": nu_log,
             "theta_log": theta_log,
             "gamma_log": gamma_log,
@@ -153,10 +211,15 @@ class CompreSSMLRU(nn.Module):
             "C_re": C.real,
             "C_im": C.imag,
         }
-        for name, value in new_values.items():
-            parameter = getattr(self, name)
-            parameter.data = value.to(device=parameter.device, dtype=parameter.dtype).contiguous()
-            parameter.grad = None
+
+    @torch.no_grad()
+    def load_system(self, lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Replace the SSM parameters by those of the diagonal system (lam (r,), B (r, H) gain included, C (H, r)).
+
+        The Parameter objects are kept (see `assign_parameters`); their gradients are dropped. Raises ReductionError
+        if the system is not representable, before anything changes. Returns the previous values (name -> tensor).
+        """
+        return self.assign_parameters(self.parameters_from_system(lam, B, C))
 
     def forward(
         self,
@@ -173,8 +236,8 @@ class CompreSSMLRU(nn.Module):
 
 
 class CompreSSMBlock(GradientCheckpointingLayer):
-    """x + Dropout(GLU(Dropout(GELU(LRU(Norm(x)))))), x: (batch, L, H). Supports gradient checkpointing (the cache is
-    dropped while checkpointing, as for every transformers layer)."""
+    """x + Dropout(GLU(Dropout(GELU(LRU(Norm(x)))))), x: (batch, L, H). Supports gradient checkpointing (the model
+    runs without a cache while checkpointing, as every transformers model does)."""
 
     def __init__(self, config: CompreSSMConfig, layer_idx: int):
         super().__init__()
@@ -190,51 +253,187 @@ class CompreSSMBlock(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         step_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: CompreSSMCache | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
-        initial_state = _read_recurrent_state(past_key_values, self.layer_idx, self.lru.state_dim)
+        initial_state = cache.get_state(self.layer_idx) if cache is not None else None
         mixed, final_state = self.lru(self.norm(hidden_states), initial_state=initial_state, step_mask=step_mask)
-        if past_key_values is not None:
-            _write_recurrent_state(past_key_values, self.layer_idx, final_state)
+        if cache is not None:
+            cache.set_state(self.layer_idx, final_state)
         mixed = self.dropout(F.gelu(mixed))
         value, gate = self.glu_proj(mixed).chunk(2, dim=-1)
         return residual + self.dropout(value * torch.sigmoid(gate))
 
 
-class CompreSSMCache(DynamicCache):
-    """Generation cache of a CompreSSM model: one recurrent state per layer (complex64 (batch, N_i), sizes may differ
-    between layers) in linear-attention cache layers, plus the number of steps consumed so far (which `generate` asks
-    for through `get_seq_length`). Beam search reorders the states through `reorder_cache`."""
+# transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`. Outputs are built
+# with the field name of the installed release; `forward` accepts both names.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-    def __init__(self, config: CompreSSMConfig, **kwargs):
-        super().__init__(config=config, **kwargs)
+
+class CompreSSMStateLayer:
+    """The recurrent state of one block in a `CompreSSMCache`: complex64 (batch, N_i), or None before the first step."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self):
+        self.state: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.state = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.state is not None:
+            self.state = self.state.index_select(0, beam_idx.to(self.state.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.state is not None:
+            self.state = self.state.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.state is not None:
+            self.state = self.state[indices]
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class CompreSSMCache(Cache):
+    """Generation cache of a CompreSSM model: one recurrent state per layer (complex64 (batch, N_i); the sizes differ
+    between layers after a reduction) and the number of steps consumed so far (`get_seq_length`, padded steps included).
+
+    The cache is self-contained (it does not build on the linear-attention cache layers of transformers, whose interface
+    changes between releases): `get_state(i)` / `set_state(i, state)` read and write layer i, beam search reorders the
+    states through `reorder_cache`. A recurrent state cannot be rolled back, so `crop` (assisted decoding) is refused.
+    """
+
+    is_compileable = False
+
+    def __init__(self, config: CompreSSMConfig | None = None, *, state_dims: list[int] | None = None):
+        if (config is None) == (state_dims is None):
+            raise ValueError("create a CompreSSMCache from the model config (or from its state_dims)")
+        state_dims = list(config.state_dims if config is not None else state_dims)
+        super().__init__(layers=[CompreSSMStateLayer() for _ in state_dims])
+        self.state_dims = state_dims
         self.seen_steps = 0
 
+    # ----------------------------------------------------------------------------------------------- state access
+    def get_state(self, layer_idx: int) -> torch.Tensor | None:
+        """The state h after the last consumed step (complex64 (batch, N_i)), or None before the first step."""
+        return self.layers[layer_idx].state
+
+    def set_state(self, layer_idx: int, state: torch.Tensor) -> None:
+        self.layers[layer_idx].state = state.detach()
+
+    def check_compatible(self, state_dims: list[int], batch_size: int) -> None:
+        """Raise ValueError unless this cache can continue a model with these layer sizes on a batch of this size."""
+        if len(self.layers) != len(state_dims):
+            raise ValueError(f"the cache holds {len(self.layers)} layers but the model has {len(state_dims)}")
+        for index, (layer, dim) in enumerate(zip(self.layers, state_dims)):
+            if layer.state is None:
+                continue
+            if layer.state.shape[-1] != dim:
+                raise ValueError(
+                    f"cache of layer {index} holds a state of size {layer.state.shape[-1]} but the layer has {dim} "
+                    "states: a cache cannot be reused across a reduction"
+                )
+            if layer.state.shape[0] != batch_size:
+                raise ValueError(
+                    f"the cache holds states for a batch of {layer.state.shape[0]} sequences but the input has "
+                    f"{batch_size}"
+                )
+
+    # ----------------------------------------------------------------------------- the Cache interface of generate
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_steps
 
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seen_steps + query_length, 0
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        layers = self.layers if layer_idx is None else [self.layers[layer_idx]]
+        return all(layer.state is not None for layer in layers)
+
     def reset(self) -> None:
-        super().reset()
+        for layer in self.layers:
+            layer.reset()
         self.seen_steps = 0
 
-
-def _read_recurrent_state(cache: Cache | None, layer_idx: int, state_dim: int) -> torch.Tensor | None:
-    """State h (complex64 (batch, N)) that `cache` holds for this layer, or None before the first step."""
-    if cache is None or layer_idx >= len(cache.layers) or not cache.has_previous_state(layer_idx):
-        return None
-    state = cache.layers[layer_idx].recurrent_states[0]
-    if state.shape[-1] != state_dim:
-        raise ValueError(
-            f"cache of layer {layer_idx} holds a state of size {state.shape[-1]} but the layer has {state_dim} "
-            "states: a cache cannot be reused across a reduction"
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(
+            "a CompreSSM cache holds one recurrent state per layer and cannot be rolled back to an earlier step "
+            "(assisted / speculative decoding is not supported)"
         )
-    return state
+
+    def update(self, *args, **kwargs):
+        raise NotImplementedError("a CompreSSM cache holds recurrent states, not attention keys and values")
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [True] * len(self.layers)
+
+    @property
+    def is_initialized(self) -> bool:
+        return all(layer.state is not None for layer in self.layers)
+
+    @property
+    def batch_size(self) -> int:
+        return next((layer.state.shape[0] for layer in self.layers if layer.state is not None), -1)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_size
+
+    @property
+    def max_cache_len(self) -> int:
+        return -1
+
+    def __repr__(self) -> str:
+        return f"CompreSSMCache(state_dims={self.state_dims}, seen_steps={self.seen_steps})"
 
 
-def _write_recurrent_state(cache: Cache, layer_idx: int, state: torch.Tensor) -> None:
-    cache.update_recurrent_state(state.detach(), layer_idx)
-    cache.layers[layer_idx].has_previous_state[0] = True
+def _flatten_cache(cache: CompreSSMCache):
+    return [layer.state for layer in cache.layers], (tuple(cache.state_dims), cache.seen_steps)
+
+
+def _flatten_cache_with_keys(cache: CompreSSMCache):
+    states, context = _flatten_cache(cache)
+    return [(_pytree.SequenceKey(index), state) for index, state in enumerate(states)], context
+
+
+def _unflatten_cache(states, context) -> CompreSSMCache:
+    state_dims, seen_steps = context
+    cache = CompreSSMCache(state_dims=list(state_dims))
+    for layer, state in zip(cache.layers, states):
+        layer.state = state
+    cache.seen_steps = seen_steps
+    return cache
+
+
+# torch.export / torch.compile see the cache as a container of its states (a forward returns it).
+_pytree.register_pytree_node(
+    CompreSSMCache,
+    _flatten_cache,
+    _unflatten_cache,
+    serialized_type_name=f"{__name__}.CompreSSMCache",
+    flatten_with_keys_fn=_flatten_cache_with_keys,
+)
+
+
+def _resolve_cache_argument(cache: CompreSSMCache | None, past_key_values: CompreSSMCache | None):
+    """`forward` takes the cache as `cache` (transformers >= 5.24) or `past_key_values` (earlier releases)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache either as `cache` or as `past_key_values`, not both")
+    cache = cache if cache is not None else past_key_values
+    if cache is not None and not isinstance(cache, CompreSSMCache):
+        raise TypeError(
+            f"the cache of a CompreSSM model must be a CompreSSMCache (one recurrent state per layer), got "
+            f"{type(cache).__name__}; create one with CompreSSMCache(model.config) or let the model create it"
+        )
+    return cache
 
 
 class CompreSSMPreTrainedModel(PreTrainedModel):
@@ -243,6 +442,8 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["CompreSSMBlock"]
     _is_stateful = True
+    # forward has no graph break and no host-device synchronisation (tested with torch.compile(fullgraph=True)).
+    _can_compile_fullgraph = True
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -259,19 +460,25 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    HISTORY_FILE = "compressm_history.json"
+    HISTORY_FILE = HISTORY_FILE
 
     @property
-    def reduction_history(self) -> list[dict]:
-        """Reduction events (JSON-serialisable dicts, appended by CompreSSMCallback); saved as
-        `compressm_history.json` next to the weights and reloaded by `from_pretrained`."""
+    def reduction_history(self) -> list[ReductionEvent]:
+        """Reduction events (`events.ReductionEvent`, appended by `model.reduce`, CompreSSMReducer and
+        CompreSSMCallback); saved as `compressm_history.json` next to the weights and reloaded by `from_pretrained`."""
         if "_reduction_history" not in self.__dict__:
             self.__dict__["_reduction_history"] = []
-        return self.__dict__["_reduction_history"]
+        events = self.__dict__["_reduction_history"]
+        if not all(isinstance(event, ReductionEvent) for event in events):  # dicts appended by hand: validate them
+            events[:] = coerce_events(list(events), source="model.reduction_history")
+        return events
 
     @reduction_history.setter
-    def reduction_history(self, events: list[dict]) -> None:
-        self.__dict__["_reduction_history"] = list(events)
+    def reduction_history(self, events) -> None:
+        """Replace the history by a list of ReductionEvents or event dicts (validated: HistoryError names the entry)."""
+        if not isinstance(events, (dict, str, bytes)):
+            events = list(events)
+        self.__dict__["_reduction_history"] = coerce_events(events, source="reduction_history")
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the reduction history and a model card for reduced models.
@@ -291,15 +498,16 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
             ):
                 auto_map.setdefault(auto_class, f"{module}.{class_name}")
             self.config.auto_map = auto_map
+        self.reduction_history  # validates entries appended by hand before anything is written
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True) and not os.path.isfile(save_directory):
             self._write_compressm_files(save_directory)
         return result
 
     def _write_compressm_files(self, directory) -> None:
-        """Write `compressm_history.json` and (when the model-card module is present) README.md + HSV plot."""
-        with open(os.path.join(directory, self.HISTORY_FILE), "w", encoding="utf-8") as handle:
-            json.dump({"state_dims": list(self.config.state_dims), "events": self.reduction_history}, handle, indent=1)
+        """Write `compressm_history.json` (atomically) and, when the model-card module is present, README.md and
+        the HSV plot (the plot is drawn once per reduction event and reused by later saves)."""
+        write_history(os.path.join(directory, self.HISTORY_FILE), self.reduction_history, self.config.state_dims)
         try:
             from .model_card import write_model_card
         except ImportError:  # remote-code copies may lack the optional model-card module
@@ -316,8 +524,12 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, restoring `reduction_history` when the checkpoint has one."""
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        """`PreTrainedModel.from_pretrained`, restoring `reduction_history` when the checkpoint has one.
+
+        An invalid `compressm_history.json` raises `events.HistoryError` naming the file and the field; the weights
+        are intact, so moving that file away loads them without a history."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
         if pretrained_model_name_or_path is not None:
             history_path = os.path.join(str(pretrained_model_name_or_path), cls.HISTORY_FILE)
             if not os.path.isfile(history_path):
@@ -336,9 +548,11 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
                 except (OSError, ValueError):
                     history_path = None
             if history_path and os.path.isfile(history_path):
-                with open(history_path, encoding="utf-8") as handle:
-                    model.reduction_history = json.load(handle).get("events", [])
-        return model
+                history = read_history(history_path)  # HistoryError names the file and the field
+                for problem in history_problems(history.events, model.config.state_dims):
+                    logger.warning("CompreSSM: %s: %s", history_path, problem)
+                model.reduction_history = history.events
+        return loaded
 
     # ------------------------------------------------------------------------------------------------ reduction
     def lru_layers(self) -> list[CompreSSMLRU]:
@@ -351,91 +565,207 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
         return [hankel_singular_values(*layer.to_lti()[:3]) for layer in self.lru_layers()]
 
     @torch.no_grad()
-    def set_state_dims(self, state_dims: list[int]) -> None:
-        """Re-allocate the LRU layers at the given sizes (freshly initialised) and rewrite `config.state_dims`.
+    def set_state_dims(self, state_dims: list[int], initialise: bool = True) -> list:
+        """Re-allocate the LRU layers at the given sizes and rewrite `config.state_dims`.
 
         Used to rebuild a model at a checkpoint's reduced sizes before loading its weights into it (e.g. when a
         Trainer resumes from a checkpoint saved after a reduction). Parameter objects are kept; their data changes.
+        With `initialise` the re-allocated layers are freshly initialised, otherwise their values are undefined
+        until the caller writes them (no random numbers are drawn).
+        Returns one `optimizer_state.LayerChange` per re-allocated layer (for `repair_optimizer_state`).
         """
+        from .optimizer_state import LayerChange
+
         layers = self.lru_layers()
         if len(state_dims) != len(layers):
             raise ValueError(f"state_dims has {len(state_dims)} entries, the model has {len(layers)} LRU layers")
-        for index, (layer, dim) in enumerate(zip(layers, state_dims)):
+        for index, dim in enumerate(state_dims):
             if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
                 raise ValueError(f"state_dims[{index}] must be a positive int, got {dim!r}")
+        changes = []
+        for index, (layer, dim) in enumerate(zip(layers, state_dims)):
             if dim == layer.state_dim:
                 continue
-            layer.resize_state(dim)
+            previous = layer.resize_state(dim, initialise=initialise)
+            parameters = {name: getattr(layer, name) for name in layer.SSM_PARAMETER_NAMES}
+            changes.append(LayerChange(layer=index, parameters=parameters, previous=previous))
         self.config.state_dims = [layer.state_dim for layer in layers]
+        return changes
 
     @torch.no_grad()
-    def reduce(self, ranks: list[int | None], strict: bool = False, record: bool = True) -> list[dict]:
+    def reduce(
+        self,
+        ranks: list[int | None],
+        strict: bool = False,
+        record: bool = True,
+        optimizer=None,
+        optimizer_state: str = "reset",
+        balancings: list | None = None,
+    ) -> list[dict]:
         """Shrink layers in place by balanced truncation and rewrite `config.state_dims`.
 
         Args:
             ranks: one entry per layer: the new state size, or None to leave the layer alone. A rank >= the current
                 size leaves the layer as it is (a reduction never grows a layer).
             strict: raise the ReductionError of a failing layer instead of skipping it with a warning.
-            record: append a "manual" event to `reduction_history` when a layer changed (CompreSSMCallback passes
-                False and records its own, richer event).
+            record: append a "manual" `ReductionEvent` to `reduction_history` when a layer changed
+                (CompreSSMReducer passes False and records its own, richer event).
+            optimizer: the optimizer training this model (torch or accelerate's wrapper): the state of the reduced
+                parameters is repaired through `optimizer_state.repair_optimizer_state(optimizer, changes,
+                optimizer_state)`. Without it, the next `optimizer.step()` that finds old-shaped state for them raises
+                `StaleOptimizerStateError` saying so.
+            optimizer_state: repair mode, a name in `optimizer_state.OPTIMIZER_STATE_REPAIRS` ("reset" deletes it).
+            balancings: per layer the `reduction.Balancing` already computed for this event (or None entries), so
+                the factorisation that picked the ranks is not computed again.
         Returns:
             One dict per layer: {"layer", "old_dim", "new_dim", "status" ("reduced" | "unchanged" | "failed"),
-            "error" (str or None), "hsv" (float64 tensor or None), "kept_energy" (float or None)}.
-            Parameters of reduced layers keep their identity but change shape, and their gradients are dropped:
-            optimizer state for them must be reset (CompreSSMCallback does this).
+            "error" (str or None), "hsv" (float64 tensor or None), "kept_energy", "hinf_bound" (2 * sum of the
+            discarded HSVs), "hinf_bound_relative" (that bound over a lower bound of the layer's H-infinity gain, so
+            an upper bound of the relative change of the layer's map) (floats or None), "change"
+            (`optimizer_state.LayerChange` or None)}. Parameters of reduced layers keep their identity but change
+            shape, and their gradients are dropped.
         """
+        from .optimizer_state import LayerChange, optimizer_state_repair, repair_optimizer_state, watch_for_stale_state
+
+        optimizer_state_repair(optimizer_state)  # unknown mode: fail before changing anything
         layers = self.lru_layers()
         if len(ranks) != len(layers):
             raise ValueError(f"ranks has {len(ranks)} entries, the model has {len(layers)} LRU layers")
+        if balancings is not None and len(balancings) != len(layers):
+            raise ValueError(f"balancings has {len(balancings)} entries, the model has {len(layers)} LRU layers")
+        for index, rank in enumerate(ranks):
+            if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+                raise ValueError(f"ranks[{index}] must be a positive int or None, got {rank!r}")
         report = []
         for index, (layer, rank) in enumerate(zip(layers, ranks)):
             entry = {"layer": index, "old_dim": layer.state_dim, "new_dim": layer.state_dim, "status": "unchanged",
-                     "error": None, "hsv": None, "kept_energy": None}
+                     "error": None, "hsv": None, "kept_energy": None, "hinf_bound": None,
+                     "hinf_bound_relative": None, "change": None}
             report.append(entry)
             if rank is None or rank >= layer.state_dim:
                 continue
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-                raise ValueError(f"ranks[{index}] must be a positive int or None, got {rank!r}")
-            lam, B, C, _ = layer.to_lti()
+            balancing = balancings[index] if balancings is not None else None
             try:
-                reduced = balanced_truncation(lam, B, C, rank)
-                layer.load_system(reduced.lam, reduced.B, reduced.C)
+                if balancing is not None:
+                    lam, B, C = balancing.lam, balancing.B, balancing.C
+                    reduced = truncate(balancing, rank)
+                else:
+                    lam, B, C, _ = layer.to_lti()
+                    reduced = balanced_truncation(lam, B, C, rank)
+                previous = layer.load_system(reduced.lam, reduced.B, reduced.C)
             except ReductionError as error:
                 if strict:
                     raise
                 logger.warning("CompreSSM: layer %d not reduced (%d -> %d): %s", index, layer.state_dim, rank, error)
                 entry.update(status="failed", error=str(error))
                 continue
+            hsv = reduced.hsv
+            total = float(hsv.sum())
+            gain = max(float(hsv[0]), gain_lower_bound(lam, B, C)) if total > 0 else 0.0  # <= the layer's H-inf norm
+            bound = hinf_error_bound(hsv, rank)
             entry.update(
                 new_dim=layer.state_dim,
                 status="reduced",
-                hsv=reduced.hsv,
-                kept_energy=float(reduced.hsv[:rank].sum() / reduced.hsv.sum()),
+                hsv=hsv,
+                kept_energy=float(hsv[:rank].sum()) / total if total > 0 else 1.0,
+                hinf_bound=bound,
+                hinf_bound_relative=bound / gain if gain > 0 else 0.0,
+                change=LayerChange(
+                    layer=index,
+                    parameters={name: getattr(layer, name) for name in layer.SSM_PARAMETER_NAMES},
+                    previous=previous,
+                    project=reduced.project,
+                    lift=reduced.lift,
+                ),
             )
         self.config.state_dims = [layer.state_dim for layer in layers]
+        changes = [entry["change"] for entry in report if entry["change"] is not None]
+        if changes:
+            if optimizer is not None:
+                repair_optimizer_state(optimizer, changes, optimizer_state)
+            else:
+                watch_for_stale_state({
+                    f"layer {change.layer} {name}": parameter
+                    for change in changes for name, parameter in change.parameters.items()
+                })
         if record and any(entry["status"] != "unchanged" for entry in report):
             self.reduction_history.append(
-                {
-                    "step": None,
-                    "policy": "manual",
-                    "dims_before": [entry["old_dim"] for entry in report],
-                    "dims_after": list(self.config.state_dims),
-                    "kept_energy": [1.0 if entry["kept_energy"] is None else entry["kept_energy"] for entry in report],
-                    "status": [entry["status"] for entry in report],
-                    "errors": [entry["error"] for entry in report],
-                }
+                ReductionEvent(
+                    step=None,
+                    kind="manual",
+                    policy="manual",
+                    dims_before=[entry["old_dim"] for entry in report],
+                    dims_after=list(self.config.state_dims),
+                    status=[entry["status"] for entry in report],
+                    errors=[entry["error"] for entry in report],
+                    kept_energy=[1.0 if entry["kept_energy"] is None else entry["kept_energy"] for entry in report],
+                    hinf_bound=[entry["hinf_bound"] for entry in report],
+                    hinf_bound_relative=[entry["hinf_bound_relative"] for entry in report],
+                    ranks_requested=[rank if rank is not None else None for rank in ranks],
+                )
             )
         return report
 
 
-@dataclass
-class _Inputs:
-    hidden_states: torch.Tensor
-    step_mask: torch.Tensor | None
+# Generation bookkeeping that transformers may pass to `forward` and that a recurrence does not use.
+_IGNORED_FORWARD_KWARGS = ("cache_position", "position_ids", "output_attentions")
+
+
+def _accepted_kwargs(kwargs: dict, accepted: tuple[str, ...] = ()) -> dict:
+    """Return the entries of `kwargs` named in `accepted`, drop `_IGNORED_FORWARD_KWARGS`, and raise TypeError for any
+    other name: an argument this model does not understand (a misspelt or renamed one) must not vanish silently."""
+    unknown = sorted(set(kwargs) - set(accepted) - set(_IGNORED_FORWARD_KWARGS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown} for a CompreSSM model")
+    if kwargs.get("output_attentions"):
+        raise ValueError("CompreSSM models have no attention layers, so there are no attentions to output")
+    return {name: kwargs[name] for name in accepted if name in kwargs}
+
+
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Out-of-vocabulary ids raise ValueError naming the vocabulary size (checked where the read is free: CPU tensors
+    in eager mode; on accelerators the embedding lookup itself fails)."""
+    if input_ids.numel() == 0 or not host_reads_are_free(input_ids):
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"input_ids must lie in [0, {vocab_size - 1}] (config.vocab_size = {vocab_size}), got ids from {low} to "
+            f"{high}"
+        )
+
+
+def _step_mask(
+    attention_mask: torch.Tensor | None, batch_size: int, length: int, past_steps: int, device: torch.device
+) -> torch.Tensor | None:
+    """Step mask bool (batch, L) from an attention_mask (batch, L) or, with a cache, (batch, past + L), 1 = real step.
+
+    Shapes are always checked; the values (0/1 only) where the check is free (CPU tensors in eager mode). Elsewhere a
+    nonzero entry counts as a real step.
+    """
+    if attention_mask is None:
+        return None
+    lengths = (length,) if past_steps == 0 else (length, past_steps + length)
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] not in lengths:
+        expected = " or ".join(f"({batch_size}, {n})" for n in lengths)
+        raise ValueError(
+            f"attention_mask must be a 2-D padding mask of shape {expected} (batch, steps"
+            f"{' covering the cached and the new steps' if past_steps else ''}), got shape {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.dtype != torch.bool and host_reads_are_free(attention_mask):
+        invalid = (attention_mask != 0) & (attention_mask != 1)
+        if bool(invalid.any()):
+            raise ValueError(
+                "attention_mask must hold only 1 (real step) and 0 (padding), found "
+                f"{attention_mask[invalid][0].item()!r}; pass the 2-D padding mask, not additive attention biases"
+            )
+    return attention_mask[:, -length:].to(device=device, dtype=torch.bool)
 
 
 class CompreSSMModel(CompreSSMPreTrainedModel):
     """Backbone: token embedding (or Linear encoder when `config.input_dim` is set), LRU blocks, final norm."""
+
+    accepts_loss_kwargs = False  # computes no loss: the Trainer must not pass num_items_in_batch here
 
     def __init__(self, config: CompreSSMConfig):
         super().__init__(config)
@@ -447,6 +777,7 @@ class CompreSSMModel(CompreSSMPreTrainedModel):
             self.encoder = nn.Linear(config.input_dim, config.hidden_size)
         self.layers = nn.ModuleList(CompreSSMBlock(config, index) for index in range(config.num_hidden_layers))
         self.norm_f = _make_norm(config)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self):
@@ -458,7 +789,8 @@ class CompreSSMModel(CompreSSMPreTrainedModel):
         else:
             self.embeddings = new_embeddings
 
-    def _embed(self, input_ids, inputs_embeds, attention_mask) -> _Inputs:
+    def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
+        """Token ids int64 (batch, L) or inputs_embeds float (batch, L, H | input_dim) -> hidden states (batch, L, H)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if self.encoder is not None:
@@ -471,85 +803,98 @@ class CompreSSMModel(CompreSSMPreTrainedModel):
                 raise ValueError(
                     f"inputs_embeds must be (batch, length, {self.config.input_dim}), got {tuple(inputs_embeds.shape)}"
                 )
-            hidden_states = self.encoder(inputs_embeds.to(self.encoder.weight.dtype))
-        elif input_ids is not None:
+            return self.encoder(inputs_embeds.to(self.encoder.weight.dtype))
+        if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-            hidden_states = self.embeddings(input_ids)
-        else:
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
-                raise ValueError(
-                    f"inputs_embeds must be (batch, length, {self.config.hidden_size}), got {tuple(inputs_embeds.shape)}"
-                )
-            hidden_states = inputs_embeds
-        step_mask = None
-        if attention_mask is not None:
-            length = hidden_states.shape[1]
-            if attention_mask.dim() != 2 or attention_mask.shape[1] < length:
-                raise ValueError(
-                    f"attention_mask must be (batch, >= {length}), got shape {tuple(attention_mask.shape)}"
-                )
-            # During generation the mask covers past and new tokens: the new ones are the last `length` columns.
-            step_mask = attention_mask[:, -length:].to(device=hidden_states.device, dtype=torch.bool)
-            if bool(step_mask.all()):
-                step_mask = None
-        return _Inputs(hidden_states, step_mask)
+            _check_token_ids(input_ids, self.embeddings.num_embeddings)
+            return self.embeddings(input_ids)
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be (batch, length, {self.config.hidden_size}), got {tuple(inputs_embeds.shape)}"
+            )
+        return inputs_embeds
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: CompreSSMCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: CompreSSMCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """
         Args:
-            input_ids: int64 (batch, L) token ids, or
+            input_ids: int64 (batch, L) token ids in [0, vocab_size), or
             inputs_embeds: float (batch, L, H), or (batch, L, input_dim) when `config.input_dim` is set.
-            attention_mask: (batch, L) 1 for real steps, 0 for padding (left or right; with a cache, the mask may cover
-                past + new steps, its last L columns are used).
-            past_key_values: a `CompreSSMCache(config)` holding one recurrent state per layer
-                (complex64 (batch, N_i)); created when `use_cache` and None.
+            attention_mask: (batch, L) 1 for real steps, 0 for padding (left or right). With a cache that has consumed
+                P steps it may also be (batch, P + L), as `generate` passes it; its last L columns are used. A padded
+                step feeds nothing into the recurrence and leaves the state as it was; its output is read from that
+                held state. A row without any real step is allowed here (its outputs are those of the state it
+                starts from); `CompreSSMForSequenceClassification` refuses such rows.
+            cache: a `CompreSSMCache` holding one recurrent state per layer (complex64 (batch, N_i)) and the number of
+                steps consumed, continued and updated in place; created when `use_cache` and None. Also accepted
+                under its pre-5.24 name `past_key_values`.
+            use_cache: return the cache (default: `config.use_cache` in eval mode, or when a cache is passed).
         Returns:
-            BaseModelOutputWithPast(last_hidden_state (batch, L, H), past_key_values, hidden_states).
+            BaseModelOutputWithPast(last_hidden_state (batch, L, H), cache (named `past_key_values` before transformers
+            5.24), hidden_states: embeddings, each block's output, and the final normed output).
         """
+        _accepted_kwargs(kwargs)
+        cache = _resolve_cache_argument(cache, past_key_values)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        inputs = self._embed(input_ids, inputs_embeds, attention_mask)
-        if use_cache and past_key_values is None:
-            past_key_values = CompreSSMCache(self.config)
-        cache = past_key_values if use_cache else None
+        if use_cache is None:
+            use_cache = cache is not None or (self.config.use_cache and not self.training)
+        if use_cache and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            _warn_once("CompreSSM: gradient checkpointing runs without a cache (use_cache=False)")
+            use_cache = False
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = CompreSSMCache(self.config)
 
-        hidden_states = inputs.hidden_states
+        hidden_states = self._embed(input_ids, inputs_embeds)
+        batch_size, length = hidden_states.shape[:2]
+        past_steps = cache.seen_steps if cache is not None else 0
+        if cache is not None:
+            cache.check_compatible([block.lru.state_dim for block in self.layers], batch_size)
+        step_mask = _step_mask(attention_mask, batch_size, length, past_steps, hidden_states.device)
+
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for block in self.layers:
-            hidden_states = block(hidden_states, step_mask=inputs.step_mask, past_key_values=cache)
+            hidden_states = block(hidden_states, step_mask=step_mask, cache=cache)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm_f(hidden_states)
-        if isinstance(cache, CompreSSMCache):
-            cache.seen_steps += inputs.hidden_states.shape[1]
+        if cache is not None:
+            cache.seen_steps += length
         if output_hidden_states:
             all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
 
         if not return_dict:
             return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden_states
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{_CACHE_FIELD: cache}
         )
 
 
 class CompreSSMForCausalLM(CompreSSMPreTrainedModel, GenerationMixin):
-    """CompreSSMModel with a (tied) linear LM head; generation keeps one recurrent state per layer in the cache."""
+    """CompreSSMModel with a (tied) linear LM head; generation keeps one recurrent state per layer in the cache.
+
+    Loss contract of the HF Trainer: with `num_items_in_batch` (the number of target tokens in the whole accumulated,
+    all-rank batch) the loss is the summed token loss divided by it, so gradient accumulation and data parallelism give
+    the update of one large batch.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+    accepts_loss_kwargs = True
 
     def __init__(self, config: CompreSSMConfig):
         super().__init__(config)
@@ -572,15 +917,58 @@ class CompreSSMForCausalLM(CompreSSMPreTrainedModel, GenerationMixin):
         self.lm_head = new_embeddings
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        # generate() would build a plain DynamicCache, which cannot report a sequence length for state-only layers.
-        if (
-            model_kwargs.get("past_key_values") is None
-            and generation_config.use_cache is not False
-            and generation_config.cache_implementation in (None, "dynamic")
-        ):
-            model_kwargs["past_key_values"] = CompreSSMCache(self.config)
-            generation_config.cache_implementation = None
+        """`generate` gets a `CompreSSMCache` (a DynamicCache or static cache cannot hold recurrent states)."""
+        user_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if user_cache is None and generation_config.use_cache is not False:
+            if generation_config.cache_implementation not in (None, "dynamic"):
+                raise ValueError(
+                    f"cache_implementation={generation_config.cache_implementation!r} is not supported: a CompreSSM "
+                    "model keeps one recurrent state per layer in a CompreSSMCache (leave cache_implementation unset)"
+                )
+            model_kwargs[_CACHE_FIELD] = CompreSSMCache(self.config)
+            return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, **kwargs):
+        """Inputs of one generation step: the steps the cache has not consumed yet (every step without a cache).
+
+        The new steps are found from the cache's step count, not from generate's slicing hints (`cache_position`,
+        `next_sequence_length`), which differ between transformers releases; the cache arrives as `cache` (>= 5.24) or
+        `past_key_values`. The sequence so far is as long as the attention mask (generate extends it by one column per
+        new token); without a mask it is `input_ids`, preceded by the prompt embeddings when the prompt was given as
+        `inputs_embeds` only (then generate's `input_ids` holds the generated tokens alone). So generate can also
+        continue from a cache returned by an earlier call, given the whole sequence so far.
+        """
+        cache = _resolve_cache_argument(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
+        consumed = cache.seen_steps if cache is not None else 0
+        if attention_mask is not None:
+            total = attention_mask.shape[1]
+        elif inputs_embeds is not None and cache is None and input_ids.shape[1] > 0:
+            raise ValueError("generating from inputs_embeds without a cache needs the attention_mask of all steps")
+        elif inputs_embeds is not None and input_ids.shape[1] <= consumed:
+            total = inputs_embeds.shape[1] + input_ids.shape[1]  # input_ids holds the generated tokens only
+        else:
+            total = input_ids.shape[1]
+        model_inputs = {"attention_mask": attention_mask, "cache": cache}
+        if inputs_embeds is not None and consumed == 0:
+            # The prompt is given as embeddings: read them, followed (without a cache) by the tokens generated so far.
+            generated = total - inputs_embeds.shape[1]
+            if generated > 0:
+                generated_embeds = self.get_input_embeddings()(input_ids[:, -generated:]).to(inputs_embeds.dtype)
+                inputs_embeds = torch.cat([inputs_embeds, generated_embeds], dim=1)
+            model_inputs["inputs_embeds"] = inputs_embeds
+        else:
+            unseen = total - consumed
+            if not 0 < unseen <= input_ids.shape[1]:
+                raise ValueError(
+                    f"the cache has consumed {consumed} steps and the sequence has {total}: to continue from a cache, "
+                    "pass the whole sequence so far (or the new tokens with an attention_mask covering all steps)"
+                )
+            model_inputs["input_ids"] = input_ids[:, -unseen:]
+        for name in ("use_cache", "logits_to_keep", "output_hidden_states"):
+            if name in kwargs:
+                model_inputs[name] = kwargs[name]
+        return model_inputs
 
     def create_masks_for_generate(self, config=None, inputs_embeds=None, attention_mask=None, **kwargs):
         """The recurrence needs no attention mask matrix: keep the 2-D (batch, steps) padding mask as it is."""
@@ -591,24 +979,33 @@ class CompreSSMForCausalLM(CompreSSMPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: CompreSSMCache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: CompreSSMCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """
-        labels: int64 (batch, L), -100 ignored; shifted inside (predict token t+1 from positions <= t).
-        Returns CausalLMOutputWithPast(loss, logits (batch, L or logits_to_keep, vocab) float32, past_key_values).
+        Inputs as in `CompreSSMModel.forward`, plus:
+            labels: int64 (batch, L), -100 ignored; shifted inside (predict token t+1 from positions <= t).
+            logits_to_keep: compute logits for the last k positions only (0: all), or for the given indices.
+            num_items_in_batch (keyword): number of target tokens over the whole accumulated (and all-rank) batch,
+                passed by the Trainer; the loss is then the summed token loss divided by it. `shift_labels` and
+                `ignore_index` are passed on to transformers' causal-LM loss as well.
+        Returns:
+            CausalLMOutputWithPast(loss, logits float32 (batch, L or logits_to_keep, vocab), cache (named
+            `past_key_values` before transformers 5.24), hidden_states).
         """
+        loss_kwargs = _accepted_kwargs(kwargs, ("num_items_in_batch", "shift_labels", "ignore_index"))
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
+            cache=_resolve_cache_argument(cache, past_key_values),
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -618,18 +1015,31 @@ class CompreSSMForCausalLM(CompreSSMPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :]).float()
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        cache = getattr(outputs, _CACHE_FIELD)
         if not return_dict:
-            output = (logits, outputs.past_key_values, outputs.hidden_states)
-            output = tuple(v for v in output if v is not None)
+            output = tuple(v for v in (logits, cache, outputs.hidden_states) if v is not None)
             return ((loss,) + output) if loss is not None else output
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{_CACHE_FIELD: cache}
         )
 
 
 class CompreSSMForSequenceClassification(CompreSSMPreTrainedModel):
-    """CompreSSMModel, pooling over time (masked mean as in the paper, or last real step), then a linear head."""
+    """CompreSSMModel, pooling over time (masked mean as in the paper, or last real step), then a linear head.
+
+    Padding: without an attention_mask, token inputs equal to `config.pad_token_id` count as padding (transformers'
+    convention for decoder classifiers), both in the recurrence and in the pooling. A row without any real step has
+    nothing to pool: on CPU tensors in eager mode this raises ValueError; on accelerators and under torch.compile /
+    torch.export (where checking would synchronise or trace a data-dependent branch) the row's logits are NaN, never
+    silent zeros.
+
+    Loss contract of the HF Trainer: with `num_items_in_batch` (labels other than -100 over the whole accumulated,
+    all-rank batch) the loss is the summed loss divided by it, for every problem type, so gradient accumulation and
+    data parallelism give the update of one large batch.
+    """
+
+    accepts_loss_kwargs = True
 
     def __init__(self, config: CompreSSMConfig):
         super().__init__(config)
@@ -637,6 +1047,12 @@ class CompreSSMForSequenceClassification(CompreSSMPreTrainedModel):
         self.model = CompreSSMModel(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.model.set_input_embeddings(new_embeddings)
 
     def forward(
         self,
@@ -649,10 +1065,17 @@ class CompreSSMForSequenceClassification(CompreSSMPreTrainedModel):
         **kwargs,
     ) -> SequenceClassifierOutputWithPast | tuple:
         """
-        labels: int64 (batch,) class ids, float (batch,) for regression (num_labels=1), or float (batch, num_labels)
-        for multi-label. Returns SequenceClassifierOutputWithPast(loss, logits float32 (batch, num_labels)).
+        Inputs as in `CompreSSMModel.forward` (no cache), plus:
+            labels: int64 (batch,) class ids (-100 ignored), float (batch,) for regression (num_labels=1), or float
+                (batch, num_labels) for multi-label.
+            num_items_in_batch (keyword): passed by the Trainer; the loss is the summed loss divided by it.
+        Returns:
+            SequenceClassifierOutputWithPast(loss, logits float32 (batch, num_labels), hidden_states).
         """
+        loss_kwargs = _accepted_kwargs(kwargs, ("num_items_in_batch",))
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if attention_mask is None and input_ids is not None and self.config.pad_token_id is not None:
+            attention_mask = (input_ids != self.config.pad_token_id).to(torch.long)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -661,27 +1084,40 @@ class CompreSSMForSequenceClassification(CompreSSMPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        hidden_states = outputs.last_hidden_state.float()  # (batch, L, H)
-        if attention_mask is None:
-            mask = torch.ones(hidden_states.shape[:2], device=hidden_states.device)
-        else:
-            mask = attention_mask[:, -hidden_states.shape[1] :].to(hidden_states.device, torch.float32)
-        if self.config.pooling == "mean":
-            pooled = (hidden_states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
-        else:
-            positions = torch.arange(mask.shape[1], device=mask.device)
-            last = (positions[None, :] * (mask > 0)).max(dim=1).values
-            pooled = hidden_states[torch.arange(hidden_states.shape[0], device=mask.device), last]
+        pooled = self._pool(outputs.last_hidden_state.float(), attention_mask)
         logits = self.score(pooled.to(self.score.weight.dtype)).float()
         loss = None
         if labels is not None:
-            loss = self._classification_loss(logits, labels.to(logits.device))
+            loss = self._classification_loss(logits, labels.to(logits.device), **loss_kwargs)
         if not return_dict:
             output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + output) if loss is not None else output
         return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
-    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """hidden_states float32 (batch, L, H), attention_mask (batch, L) or None -> pooled float32 (batch, H)."""
+        if attention_mask is None:
+            return hidden_states.mean(dim=1) if self.config.pooling == "mean" else hidden_states[:, -1]
+        real = attention_mask.to(device=hidden_states.device, dtype=torch.bool)
+        counts = real.sum(dim=1)
+        if host_reads_are_free(counts) and bool((counts == 0).any()):
+            rows = torch.nonzero(counts == 0).flatten().tolist()
+            raise ValueError(
+                f"row(s) {rows} of the batch have no real step (attention_mask all 0, or only pad_token_id tokens): "
+                "there is nothing to classify"
+            )
+        if self.config.pooling == "mean":
+            # A row without real steps divides 0 by 0: NaN logits rather than silent zeros.
+            return (hidden_states * real[..., None]).sum(dim=1) / counts[:, None]
+        positions = torch.arange(real.shape[1], device=real.device)
+        last = (positions[None, :] * real).max(dim=1).values
+        pooled = hidden_states[torch.arange(hidden_states.shape[0], device=real.device), last]
+        return pooled.masked_fill((counts == 0)[:, None], float("nan"))
+
+    def _classification_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean loss over the labels (-100 ignored for class ids), or summed loss / num_items_in_batch."""
         problem_type = self.config.problem_type
         if problem_type is None:
             if self.num_labels == 1:
@@ -691,13 +1127,21 @@ class CompreSSMForSequenceClassification(CompreSSMPreTrainedModel):
             else:
                 problem_type = "multi_label_classification"
             self.config.problem_type = problem_type
+        reduction = "mean" if num_items_in_batch is None else "sum"
         if problem_type == "regression":
-            return F.mse_loss(logits.squeeze(-1), labels.float().view(-1)) if self.num_labels == 1 else F.mse_loss(
-                logits, labels.float()
-            )
-        if problem_type == "single_label_classification":
-            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
-        return F.binary_cross_entropy_with_logits(logits, labels.float())
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.view(-1), labels.float().view(-1), reduction=reduction)
+            else:
+                loss = F.mse_loss(logits, labels.float(), reduction=reduction)
+        elif problem_type == "single_label_classification":
+            loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), reduction=reduction)
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction=reduction)
+        if num_items_in_batch is not None:
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        return loss
 
 
 __all__ = [

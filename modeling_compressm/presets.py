@@ -6,17 +6,33 @@ The folder ships inside the pip package as `modeling_compressm.hub_configs`, so 
     from modeling_compressm.presets import load_preset, build_model_from_preset
     config = load_preset("digits")                      # CompreSSMConfig
     model = build_model_from_preset("tiny", seed=0)     # CompreSSMForCausalLM with the preset's sizes
+    model = build_model_for_tokenizer("tiny", tokenizer) # vocabulary and special token ids from the tokenizer
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from .configuration_compressm import CompreSSMConfig
 
-__all__ = ["PRESETS_DIR", "list_presets", "preset_path", "load_preset", "model_class_for_config", "build_model_from_preset"]
+__all__ = [
+    "PRESETS_DIR",
+    "list_presets",
+    "preset_path",
+    "load_preset",
+    "model_class_for_config",
+    "build_model_from_preset",
+    "build_model_for_tokenizer",
+]
+
+logger = logging.getLogger(__name__)
+TASKS = ("causal-lm", "classification")
+# config entries a model built for a tokenizer does not inherit (serialisation bookkeeping, labels of another task)
+_NOT_CARRIED_OVER = ("model_type", "transformers_version", "auto_map", "id2label", "label2id", "num_labels",
+                     "architectures")
 
 
 def _find_presets_dir() -> Path:
@@ -99,6 +115,75 @@ def build_model_from_preset(name: str, seed: int | None = None, **overrides):
     import torch
 
     config = load_preset(name, **overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return model_class_for_config(config)(config)
+
+
+def build_model_for_tokenizer(
+    preset: str | CompreSSMConfig,
+    tokenizer,
+    *,
+    task: str = "causal-lm",
+    labels: list[str] | None = None,
+    seed: int | None = None,
+    **overrides,
+):
+    """A freshly initialised token model whose vocabulary follows `tokenizer`.
+
+    The config's `vocab_size` becomes `len(tokenizer)` (a preset with another vocabulary is resized, and a warning
+    says so), and its bos/eos/pad token ids are the tokenizer's. The pad id is left unset when it equals the eos or bos
+    id (the embedding's `padding_idx` would freeze that token's embedding).
+
+    Args:
+        preset: preset name, path of a preset JSON file, or a `CompreSSMConfig` (not modified).
+        tokenizer: any transformers tokenizer.
+        task: "causal-lm" (`CompreSSMForCausalLM`) or "classification" (`CompreSSMForSequenceClassification`).
+        labels: class names for "classification" (index = label id); at least two.
+        seed: torch seed for the initialisation (None: the current RNG state).
+        overrides: config fields, e.g. `state_dims=[32, 32]`.
+    Returns:
+        the model (its config's `architectures` names its class).
+    """
+    import torch
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if isinstance(preset, CompreSSMConfig):
+        name = "the given config"
+        values = {key: value for key, value in preset.to_dict().items() if key not in _NOT_CARRIED_OVER}
+        if "num_hidden_layers" in overrides and "state_dims" not in overrides:
+            values["state_dims"] = values["state_dims"][0]
+        values.update(overrides)
+    else:
+        name = f"preset {os.path.splitext(os.path.basename(str(preset)))[0]!r}"
+        values = {key: value for key, value in load_preset(preset, **overrides).to_dict().items()
+                  if key not in _NOT_CARRIED_OVER}
+    if values.get("input_dim") is not None:
+        raise ValueError(
+            f"{name} takes continuous inputs (input_dim={values['input_dim']}); text needs a token preset such as "
+            "tiny, lm-small or lm-base"
+        )
+    vocab_size = len(tokenizer)
+    if values.get("vocab_size", 256) != vocab_size:
+        logger.warning(
+            "model vocabulary resized to follow the tokenizer: vocab_size %d of %s -> %d (len(tokenizer))",
+            values.get("vocab_size", 256), name, vocab_size,
+        )
+    values["vocab_size"] = vocab_size
+    special = {tokenizer.eos_token_id, tokenizer.bos_token_id} - {None}
+    values["bos_token_id"] = tokenizer.bos_token_id
+    values["eos_token_id"] = tokenizer.eos_token_id
+    values["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id not in special else None
+    if task == "causal-lm":
+        values["architectures"] = ["CompreSSMForCausalLM"]
+    else:
+        if not labels or len(labels) < 2:
+            raise ValueError(f"classification needs at least two labels, got {labels!r}")
+        values["architectures"] = ["CompreSSMForSequenceClassification"]
+        values["id2label"] = {index: str(label) for index, label in enumerate(labels)}
+        values["label2id"] = {str(label): index for index, label in enumerate(labels)}
+    config = CompreSSMConfig(**values)
     if seed is not None:
         torch.manual_seed(seed)
     return model_class_for_config(config)(config)

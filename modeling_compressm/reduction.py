@@ -9,10 +9,17 @@ Everything here works on the complex map (lam, B, C); D is a feed-through and is
 
 Functions:
     gramians(lam, B, C)                        -> P, Q           complex128 (N, N) each
+    balance(lam, B, C)                         -> Balancing      square-root factors and HSVs, computed once
     hankel_singular_values(lam, B, C)          -> sigma          float64 (N,), descending
-    balanced_truncation(lam, B, C, rank)       -> ReducedSystem  (lam_r, B_r, C_r, hsv), re-diagonalised
+    truncate(balancing, rank)                  -> ReducedSystem  (lam_r, B_r, C_r, hsv, project, lift), re-diagonalised
+    balanced_truncation(lam, B, C, rank)       -> ReducedSystem  balance + truncate in one call
+    hinf_error_bound(hsv, rank)                -> float          2 * sum(hsv[rank:]), the H-infinity error bound
+    gain_lower_bound(lam, B, C)                -> float          a lower bound of the H-infinity norm (layer gain)
     rank_for_energy(hsv, tau)                  -> int
     lru_parameters_from_system(lam, B)         -> nu_log, theta_log, gamma_log, B_normalised (LRU storage form)
+
+One reduction event factorises each layer once (`balance`): the Hankel singular values that pick the rank and the
+truncation to that rank come from the same factors.
 
 Guards raise `ReductionError` (a ValueError) so a caller can skip one layer and go on.
 """
@@ -27,7 +34,12 @@ import torch
 __all__ = [
     "ReductionError",
     "ReducedSystem",
+    "Balancing",
     "gramians",
+    "balance",
+    "truncate",
+    "hinf_error_bound",
+    "gain_lower_bound",
     "hankel_singular_values",
     "balanced_truncation",
     "rank_for_energy",
@@ -45,18 +57,42 @@ class ReductionError(ValueError):
 
 
 class ReducedSystem(NamedTuple):
-    """A reduced, re-diagonalised system and the Hankel singular values of the system it came from.
+    """A reduced, re-diagonalised system, the Hankel singular values of the system it came from, and the basis maps.
 
-    lam: complex128 (r,) eigenvalues, |lam| < 1.
-    B:   complex128 (r, H) input matrix (input gain included).
-    C:   complex128 (H, r) output matrix.
-    hsv: float64 (N,) Hankel singular values of the original system, descending.
+    lam:     complex128 (r,) eigenvalues, |lam| < 1.
+    B:       complex128 (r, H) input matrix (input gain included).
+    C:       complex128 (H, r) output matrix.
+    hsv:     float64 (N,) Hankel singular values of the original system, descending.
+    project: complex128 (r, N): new state = project @ old state (so B_r = project @ B).
+    lift:    complex128 (N, r): old state ~ lift @ new state (so C_r = C @ lift); project @ lift = I_r.
     """
 
     lam: torch.Tensor
     B: torch.Tensor
     C: torch.Tensor
     hsv: torch.Tensor
+    project: torch.Tensor
+    lift: torch.Tensor
+
+
+class Balancing(NamedTuple):
+    """Square-root balancing of one diagonal system (`balance`): everything a truncation to any rank needs.
+
+    lam, B, C:              the system, complex128 (N,), (N, H), (H, N).
+    controllability_factor: complex128 (N, N), Lc with P = Lc Lc^H.
+    observability_factor:   complex128 (N, N), Lo with Q = Lo Lo^H.
+    U, Vh:                  complex128 (N, N), SVD(Lo^H Lc) = U diag(hsv) Vh.
+    hsv:                    float64 (N,), the Hankel singular values, descending.
+    """
+
+    lam: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    controllability_factor: torch.Tensor
+    observability_factor: torch.Tensor
+    U: torch.Tensor
+    hsv: torch.Tensor
+    Vh: torch.Tensor
 
 
 def _as_system(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
@@ -88,7 +124,10 @@ def gramians(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> tuple[torch
     Returns:
         P, Q: complex128 (N, N), Hermitian positive semi-definite.
     """
-    lam, B, C = _as_system(lam, B, C)
+    return _gramians(*_as_system(lam, B, C))
+
+
+def _gramians(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     outer = lam[:, None] * lam.conj()[None, :]
     P = (B @ B.conj().T) / (1.0 - outer)
     Q = (C.conj().T @ C) / (1.0 - outer.conj())
@@ -106,13 +145,25 @@ def _psd_factor(matrix: torch.Tensor) -> torch.Tensor:
     return eigenvectors * eigenvalues.clamp_min(0.0).sqrt()[None, :]
 
 
-def _balancing_svd(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
-    P, Q = gramians(lam, B, C)
+def balance(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> Balancing:
+    """Gramians, their square-root factors and SVD(Lo^H Lc) of the diagonal system: computed once per layer and event.
+
+    Args:
+        lam: complex (N,), |lam| < 1.   B: complex (N, H).   C: complex (H, N).
+    Returns:
+        Balancing (complex128 / float64 tensors on the inputs' device); `.hsv` are the Hankel singular values.
+    Raises:
+        ReductionError: NaN/Inf input, |lam| >= 1, or non-finite singular values.
+    """
+    lam, B, C = _as_system(lam, B, C)
+    P, Q = _gramians(lam, B, C)
     controllability_factor = _psd_factor(P)
     observability_factor = _psd_factor(Q)
     # Square-root method: SVD of Lo^H Lc (conjugate transpose, not a plain transpose).
     U, sigma, Vh = torch.linalg.svd(observability_factor.conj().T @ controllability_factor)
-    return controllability_factor, observability_factor, U, sigma, Vh
+    if not torch.isfinite(sigma).all():
+        raise ReductionError("Hankel singular values are not finite")
+    return Balancing(lam, B, C, controllability_factor, observability_factor, U, sigma, Vh)
 
 
 def hankel_singular_values(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -125,11 +176,65 @@ def hankel_singular_values(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) 
     Raises:
         ReductionError: NaN/Inf input or |lam| >= 1.
     """
-    return _balancing_svd(lam, B, C)[3]
+    return balance(lam, B, C).hsv
 
 
-def balanced_truncation(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, rank: int) -> ReducedSystem:
-    """Reduce the diagonal system to `rank` states by balanced truncation, then re-diagonalise it.
+def hinf_error_bound(hsv: torch.Tensor, rank: int) -> float:
+    """The balanced-truncation bound ||G - G_r||_inf <= 2 * sum(hsv[rank:]) (hsv float (N,), descending)."""
+    return 2.0 * float(hsv[rank:].sum())
+
+
+def gain_lower_bound(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, peaks: int = 16, iterations: int = 12) -> float:
+    """A lower bound of the H-infinity norm ||G||_inf = max_w sigma_max(C (e^{iw} - diag(lam))^{-1} B).
+
+    sigma_max(G(e^{iw})) is estimated by power iteration at w = 0, pi and the phases of the `peaks` modes with the
+    largest single-mode peak |c_i| |b_i| / (1 - |lam_i|) (where near-unit-modulus modes put the maximum); every
+    estimate is a Rayleigh quotient, so the result never exceeds the true norm. Cost O(iterations * peaks * N * H).
+
+    Args:
+        lam: complex (N,), |lam| < 1.   B: complex (N, H).   C: complex (H, N).
+    Returns:
+        float >= 0.
+    """
+    lam, B, C = (t.detach().to(torch.complex128) for t in (lam, B, C))
+    strength = B.abs().pow(2).sum(1).sqrt() * C.abs().pow(2).sum(0).sqrt() / (1.0 - lam.abs()).clamp_min(1e-12)
+    chosen = torch.argsort(strength, descending=True)[: min(peaks, lam.shape[0])]
+    phases = torch.cat([torch.angle(lam[chosen]), lam.real.new_tensor([0.0, math.pi])])
+    resolvent = 1.0 / (torch.exp(1j * phases)[:, None] - lam[None, :])  # (K, N)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    vectors = torch.randn(phases.shape[0], B.shape[1], 2, generator=generator, dtype=torch.float64)
+    vectors = torch.view_as_complex(vectors).to(lam.device)
+    gain = torch.zeros((), dtype=torch.float64, device=lam.device)
+    for _ in range(iterations):
+        vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        outputs = (resolvent * (vectors @ B.T)) @ C.T  # G(w) v, (K, H)
+        gain = torch.maximum(gain, outputs.norm(dim=1).max())
+        vectors = (resolvent.conj() * (outputs @ C.conj())) @ B.conj()  # G(w)^H G(w) v
+    return float(gain)
+
+
+def _is_zero_system(hsv: torch.Tensor) -> bool:
+    return not float(hsv[0]) > torch.finfo(torch.float64).tiny
+
+
+def _truncate_zero_system(balancing: Balancing, rank: int) -> ReducedSystem:
+    """All Hankel singular values are zero: the layer's map u -> Re(C h) is identically zero (B or C vanished).
+
+    Any subset of the (distinct) diagonal modes then realises the same zero map, so keep the `rank` modes with the
+    largest ||b_i|| + ||c_i|| (the directions training can still move) unchanged; the basis maps are selections.
+    """
+    lam, B, C = balancing.lam, balancing.B, balancing.C
+    score = B.abs().pow(2).sum(1).sqrt() + C.abs().pow(2).sum(0).sqrt()
+    keep = torch.sort(torch.argsort(score, descending=True, stable=True)[:rank]).values
+    selection = torch.zeros(rank, lam.shape[0], dtype=torch.complex128, device=lam.device)
+    selection[torch.arange(rank, device=lam.device), keep] = 1.0
+    return ReducedSystem(
+        lam=lam[keep], B=B[keep], C=C[:, keep], hsv=balancing.hsv, project=selection, lift=selection.conj().T
+    )
+
+
+def truncate(balancing: Balancing, rank: int) -> ReducedSystem:
+    """Reduce a balanced system (`balance`) to `rank` states, then re-diagonalise it.
 
     Square-root balancing with P = Lc Lc^H, Q = Lo Lo^H and SVD(Lo^H Lc) = U S V^H gives the truncated balancing
     transform T_r = Lc V_r S_r^{-1/2}, T_r^+ = S_r^{-1/2} U_r^H Lo^H (T_r^+ T_r = I_r), so
@@ -137,36 +242,42 @@ def balanced_truncation(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, ran
         A_r = T_r^+ diag(lam) T_r,   B_r = T_r^+ B,   C_r = C T_r.
 
     A_r is dense; its eigendecomposition A_r = V diag(lam_r) V^{-1} maps it back to diagonal form:
-    B_r <- V^{-1} B_r, C_r <- C_r V. The H-infinity error of the complex map is at most 2 * sum(hsv[rank:]).
+    B_r <- V^{-1} B_r, C_r <- C_r V. The basis maps are project = V^{-1} T_r^+ (r, N) and lift = T_r V (N, r).
+    The H-infinity error of the complex map is at most 2 * sum(hsv[rank:]).
+
+    A system whose Hankel singular values are all zero (B or C vanished: the layer outputs nothing) is truncated
+    by keeping `rank` of its modes, which realises the same zero map.
 
     Args:
-        lam: complex (N,), |lam| < 1.   B: complex (N, H).   C: complex (H, N).
+        balancing: `balance(lam, B, C)` of the system, N states.
         rank: number of states to keep, 1 <= rank <= N.
     Returns:
-        ReducedSystem(lam complex128 (rank,), B complex128 (rank, H), C complex128 (H, rank), hsv float64 (N,)).
+        ReducedSystem(lam complex128 (rank,), B (rank, H), C (H, rank), hsv float64 (N,), project (rank, N),
+        lift (N, rank)).
     Raises:
-        ReductionError: bad rank, NaN/Inf, a kept Hankel singular value of zero, a reduced eigenvalue with
-            |lam| >= 1 - STABILITY_MARGIN, or an eigenvector matrix with condition number > MAX_EIGENVECTOR_CONDITION.
+        ReductionError: bad rank, a kept Hankel singular value of zero (while others are not), a reduced eigenvalue
+            with |lam| >= 1 - STABILITY_MARGIN, or an eigenvector matrix with condition number >
+            MAX_EIGENVECTOR_CONDITION.
     """
-    lam, B, C = _as_system(lam, B, C)
+    lam, B, C = balancing.lam, balancing.B, balancing.C
+    sigma = balancing.hsv
     n = lam.shape[0]
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= n:
         raise ReductionError(f"rank must be an int in [1, {n}], got {rank!r}")
-    controllability_factor, observability_factor, U, sigma, Vh = _balancing_svd(lam, B, C)
+    if _is_zero_system(sigma):
+        return _truncate_zero_system(balancing, rank)
     kept = sigma[:rank]
-    if not torch.isfinite(sigma).all():
-        raise ReductionError("Hankel singular values are not finite")
     if kept[-1] <= torch.finfo(torch.float64).eps * max(kept[0].item(), 1e-300):
+        nonzero = int((sigma > torch.finfo(torch.float64).eps * sigma[0]).sum())
         raise ReductionError(
-            f"rank {rank} keeps a numerically zero Hankel singular value ({kept[-1].item():.3g}); choose a smaller rank"
+            f"rank {rank} keeps a numerically zero Hankel singular value ({kept[-1].item():.3g}); only {nonzero} "
+            f"state(s) carry energy, choose a rank <= {nonzero}"
         )
     inv_sqrt = kept.rsqrt().to(torch.complex128)
-    transform = controllability_factor @ Vh[:rank].conj().T * inv_sqrt[None, :]  # (N, r)
-    inverse_transform = inv_sqrt[:, None] * (U[:, :rank].conj().T @ observability_factor.conj().T)  # (r, N)
+    transform = balancing.controllability_factor @ balancing.Vh[:rank].conj().T * inv_sqrt[None, :]  # (N, r)
+    inverse_transform = inv_sqrt[:, None] * (balancing.U[:, :rank].conj().T @ balancing.observability_factor.conj().T)
 
     A_r = inverse_transform @ (lam[:, None] * transform)
-    B_r = inverse_transform @ B
-    C_r = C @ transform
 
     lam_r, eigenvectors = torch.linalg.eig(A_r)
     condition = torch.linalg.cond(eigenvectors).real.item()
@@ -175,15 +286,35 @@ def balanced_truncation(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, ran
             f"re-diagonalising the reduced system is ill-conditioned (cond(V) = {condition:.3g} > "
             f"{MAX_EIGENVECTOR_CONDITION:.0e})"
         )
-    B_diag = torch.linalg.solve(eigenvectors, B_r)
-    C_diag = C_r @ eigenvectors
+    project = torch.linalg.solve(eigenvectors, inverse_transform)  # V^{-1} T_r^+, (r, N)
+    lift = transform @ eigenvectors  # T_r V, (N, r)
+    B_diag = project @ B
+    C_diag = C @ lift
     for name, tensor in (("lam", lam_r), ("B", B_diag), ("C", C_diag)):
         if not torch.isfinite(torch.view_as_real(tensor)).all():
             raise ReductionError(f"reduced {name} contains NaN or Inf")
     max_modulus = lam_r.abs().max().item()
     if max_modulus >= 1.0 - STABILITY_MARGIN:
         raise ReductionError(f"reduced system is not stable enough: max |lam| = {max_modulus:.9f}")
-    return ReducedSystem(lam=lam_r, B=B_diag, C=C_diag, hsv=sigma)
+    return ReducedSystem(lam=lam_r, B=B_diag, C=C_diag, hsv=sigma, project=project, lift=lift)
+
+
+def balanced_truncation(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, rank: int) -> ReducedSystem:
+    """Reduce the diagonal system to `rank` states by balanced truncation: `truncate(balance(lam, B, C), rank)`.
+
+    Args:
+        lam: complex (N,), |lam| < 1.   B: complex (N, H).   C: complex (H, N).
+        rank: number of states to keep, 1 <= rank <= N.
+    Returns:
+        ReducedSystem (see `truncate`).
+    Raises:
+        ReductionError: see `balance` and `truncate`.
+    """
+    lam, B, C = _as_system(lam, B, C)
+    n = lam.shape[0]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= n:
+        raise ReductionError(f"rank must be an int in [1, {n}], got {rank!r}")
+    return truncate(balance(lam, B, C), rank)
 
 
 def rank_for_energy(hsv: torch.Tensor, tau: float) -> int:

@@ -3,12 +3,27 @@
 import logging
 import os
 
-# Triton kernels run on CPU tensors only in interpreter mode, which must be set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # importing torch does not import triton
+
+# Without a GPU the Triton kernels run on CPU tensors in triton's interpreter, which must be chosen before triton is
+# imported; with CUDA the kernel tests run the compiled kernels (TRITON_INTERPRET stays as the caller set it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Buffers the kernels write start as NaN, so an element a kernel fails to write fails the comparisons.
+os.environ.setdefault("COMPRESSM_KERNELS_POISON", "1")
 
 import pytest
-import torch
 from transformers.utils import logging as hf_logging
+
+
+# Markers of transformers' own test modules, which tests/test_modeling_common.py runs on our models.
+TRANSFORMERS_TEST_MARKERS = ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test",
+                             "torch_compile_test", "is_pipeline_test", "is_training_test", "order", "slow")
+
+
+def pytest_configure(config):
+    for marker in TRANSFORMERS_TEST_MARKERS:
+        config.addinivalue_line("markers", f"{marker}: marker of transformers' test suite")
 
 
 @pytest.fixture(autouse=True)

@@ -3,47 +3,28 @@ resume, rollback, failing layers, gradient accumulation with clipping and bf16."
 
 import json
 import logging
-import os
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 
 import modeling_compressm.modeling_compressm as modeling
-from tasks import SignTask
+from tasks import SignTask, one_thread, tiny_classifier, training_arguments  # noqa: F401 (fixture)
 from modeling_compressm import (
     CompreSSMCallback,
-    CompreSSMConfig,
-    CompreSSMForSequenceClassification,
     CompreSSMTrainer,
     ReductionError,
     prepare_model_for_resume,
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: thread start-up dominates, and 2 threads on a busy 2-core machine are ~100x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def make_model(state_dims=16, seed=0):
-    torch.manual_seed(seed)
-    config = CompreSSMConfig(input_dim=1, hidden_size=16, num_hidden_layers=2, state_dims=state_dims, num_labels=2)
-    return CompreSSMForSequenceClassification(config)
+pytestmark = pytest.mark.usefixtures("one_thread")
+make_model = tiny_classifier
 
 
 def make_args(tmp_path, name="run", **overrides):
-    values = dict(
-        output_dir=str(tmp_path / name), max_steps=40, per_device_train_batch_size=16, learning_rate=3e-3,
-        logging_steps=5, report_to="none", disable_tqdm=True, save_strategy="no", use_cpu=True, seed=0,
-        lr_scheduler_type="linear",
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
+    return training_arguments(tmp_path / name, **{"max_steps": 40, "logging_steps": 5, "lr_scheduler_type": "linear",
+                                                  **overrides})
 
 
 class Recorder(TrainerCallback):
@@ -103,7 +84,7 @@ def test_training_shrinks_logs_and_keeps_learning(tmp_path):
     model = make_model()
     recorder = Recorder()
     callback = CompreSSMCallback(tau=0.05, start_step=10, end_step=30, interval=10)
-    trainer = Trainer(
+    trainer = CompreSSMTrainer(
         model=model, args=make_args(tmp_path, max_steps=80), train_dataset=SignTask(512),
         callbacks=[recorder, callback],
     )
@@ -121,7 +102,7 @@ def test_training_shrinks_logs_and_keeps_learning(tmp_path):
     assert model.config.state_dims == events[-1]["dims_after"]
     assert [layer.state_dim for layer in model.lru_layers()] == model.config.state_dims
     assert model.reduction_history == events
-    json.dumps(events)  # JSON-serialisable
+    json.dumps([event.to_dict() for event in events])  # JSON-serialisable
 
     # Metrics went through Trainer.log: into log_history and to callbacks that run before ours (integrations).
     logged = {step: logs for step, logs in recorder.logs if "compressm/total_state_dim" in logs}
@@ -130,6 +111,8 @@ def test_training_shrinks_logs_and_keeps_learning(tmp_path):
     assert logged[30]["compressm/state_dim_layer1"] == model.config.state_dims[1]
     assert logged[30]["compressm/reductions"] == 3
     assert logged[10]["compressm/kept_energy_layer0"] == pytest.approx(events[0]["kept_energy"][0])
+    assert logged[10]["compressm/hinf_bound_rel_layer1"] == pytest.approx(events[0].hinf_bound_relative[1])
+    assert all(0 < value for value in events[0].hinf_bound_relative)
     assert any("compressm/total_state_dim" in entry for entry in trainer.state.log_history)
     # ...without swallowing the Trainer's own loss logs at the reduction steps
     steps_with_loss = [step for step, _ in losses(trainer)]
@@ -190,20 +173,27 @@ def _final_parameters(model):
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("trainer_cls", ["CompreSSMTrainer", "Trainer+prepare_model_for_resume"])
+@pytest.mark.parametrize(
+    "trainer_cls", ["CompreSSMTrainer", "CompreSSMTrainer+restored_callback_state", "Trainer+prepare_model_for_resume"]
+)
 def test_checkpoint_after_reduction_and_exact_resume(tmp_path, trainer_cls):
     def run(output, resume=None):
         model = make_model()
         callback = CompreSSMCallback(tau=0.05, start_step=10, end_step=20, interval=10)
-        args = make_args(tmp_path, output, max_steps=30, save_strategy="steps", save_steps=15)
-        if trainer_cls == "CompreSSMTrainer":
+        restore = trainer_cls.endswith("restored_callback_state")
+        args = make_args(tmp_path, output, max_steps=30, save_strategy="steps", save_steps=15,
+                         restore_callback_states_from_checkpoint=restore)
+        if trainer_cls.startswith("CompreSSMTrainer"):
             trainer = CompreSSMTrainer(model=model, args=args, train_dataset=SignTask(256), callbacks=[callback])
         else:
             if resume is not None:
                 prepare_model_for_resume(model, resume)
             trainer = Trainer(model=model, args=args, train_dataset=SignTask(256), callbacks=[callback])
         trainer.train(resume_from_checkpoint=resume)
-        return model, callback, trainer
+        # with restore_callback_states_from_checkpoint the Trainer runs a new callback built from the saved state
+        (running,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CompreSSMCallback)]
+        assert (running is callback) == (not restore or resume is None)
+        return model, running, trainer
 
     full_model, full_callback, _ = run("full")
     assert [event["step"] for event in full_callback.history] == [10, 20]
@@ -283,7 +273,7 @@ def _rollback_run(tmp_path, greater_is_better):
         rollback_tolerance=0.0, greater_is_better=greater_is_better,
     )
     args = make_args(tmp_path, max_steps=30, eval_strategy="steps", eval_steps=10, per_device_eval_batch_size=64)
-    trainer = Trainer(
+    trainer = CompreSSMTrainer(
         model=model, args=args, train_dataset=SignTask(256), eval_dataset=SignTask(64, seed=2),
         compute_metrics=StateSizeMetric(model), callbacks=[Before(), callback, After()],
     )
@@ -295,7 +285,7 @@ def test_rollback_restores_exactly_and_stops(tmp_path):
     # greater_is_better=True: the smaller state after the reduction is a "degradation" -> rolled back at step 10
     model, callback, snapshots = _rollback_run(tmp_path, greater_is_better=True)
     assert callback.stopped
-    assert [event.get("type") for event in callback.history] == [None, "rollback"]
+    assert [event.kind for event in callback.history] == ["reduction", "rollback"]
     event, rollback = callback.history
     assert event["rolled_back"] and event["metric_before"] == 32.0 and event["metric_after"] < 32.0
     assert rollback["dims_after"] == [16, 16] and rollback["dims_before"] == event["dims_after"]
@@ -313,7 +303,7 @@ def test_rollback_restores_exactly_and_stops(tmp_path):
 def test_rollback_policy_keeps_an_improving_reduction(tmp_path):
     model, callback, _ = _rollback_run(tmp_path, greater_is_better=False)
     assert not callback.stopped
-    reductions = [event for event in callback.history if event.get("type") != "rollback"]
+    reductions = [event for event in callback.history if event.kind != "rollback"]
     assert len(reductions) >= 2 and all(event.get("verified") for event in reductions[:-1])
     assert not any(event["rolled_back"] for event in reductions)
     assert sum(model.config.state_dims) < 32
@@ -329,18 +319,18 @@ def test_rollback_requires_evaluation(tmp_path):
 
 # ------------------------------------------------------------------------------------------- failure paths
 def test_failing_layer_is_skipped_with_warning(tmp_path, monkeypatch, caplog):
-    original = modeling.balanced_truncation
+    original = modeling.truncate
 
-    def flaky(lam, B, C, rank):
-        if lam.shape[0] == 12:  # layer 1
+    def flaky(balancing, rank):
+        if balancing.lam.shape[0] == 12:  # layer 1
             raise ReductionError("injected failure")
-        return original(lam, B, C, rank)
+        return original(balancing, rank)
 
-    monkeypatch.setattr(modeling, "balanced_truncation", flaky)
+    monkeypatch.setattr(modeling, "truncate", flaky)
     model = make_model(state_dims=[16, 12])
     recorder = Recorder()
     callback = CompreSSMCallback(tau=0.05, start_step=5, end_step=5, interval=5, gate=1.0)
-    trainer = Trainer(model=model, args=make_args(tmp_path, max_steps=10), train_dataset=SignTask(128),
+    trainer = CompreSSMTrainer(model=model, args=make_args(tmp_path, max_steps=10), train_dataset=SignTask(128),
                       callbacks=[recorder, callback])
     with caplog.at_level(logging.WARNING):
         trainer.train()
@@ -397,7 +387,9 @@ def test_unbound_callback_logs_to_state(tmp_path):
     assert len(callback.history) == 1 and model.reduction_history == callback.history
     assert state.log_history[-1]["step"] == 2
     assert state.log_history[-1]["compressm/total_state_dim"] == sum(model.config.state_dims) < 32
-    saved = callback.state()
+    saved = json.loads(json.dumps(callback.state()))  # goes into trainer_state.json: must survive JSON
+    assert [event["step"] for event in saved["attributes"]["reducer_state"]["history"]] == [2]
+    assert saved["attributes"]["reducer_state"]["state_dims"] == model.config.state_dims
     restored = CompreSSMCallback(**saved["args"])
     assert restored.state()["args"] == saved["args"]
-    assert os.fspath(tmp_path)  # tmp_path unused beyond args
+    assert restored.rank_policy == callback.rank_policy and restored.schedule == callback.schedule

@@ -43,3 +43,22 @@ def test_invalid_values_raise_naming_the_field(kwargs, field):
     with pytest.raises(ValueError) as error:
         CompreSSMConfig(**kwargs)
     assert field in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"vocab_size": 50, "pad_token_id": 50}, "pad_token_id"),
+        ({"vocab_size": 50, "bos_token_id": 77}, "bos_token_id"),
+        ({"vocab_size": 50, "eos_token_id": [3, 50]}, "eos_token_id"),
+        ({"vocab_size": 50, "pad_token_id": -1}, "pad_token_id"),
+    ],
+)
+def test_special_token_ids_outside_the_vocabulary_are_rejected(kwargs, field):
+    with pytest.raises(ValueError, match=rf"{field} must be a token id in \[0, 49\] \(vocab_size = 50\)"):
+        CompreSSMConfig(**kwargs)
+
+
+def test_special_token_ids_inside_the_vocabulary_are_kept():
+    config = CompreSSMConfig(vocab_size=50, pad_token_id=0, bos_token_id=49, eos_token_id=[1, 2])
+    assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (0, 49, [1, 2])

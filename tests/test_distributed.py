@@ -1,6 +1,8 @@
-"""CompreSSMCallback under DistributedDataParallel: `torchrun --nproc_per_node 2` (gloo, CPU) runs tests/ddp_worker.py,
-which reduces the model three times during training; afterwards every rank must hold the same sizes and identical
-parameters (gradients are still averaged through the rebuilt DDP reducer) and training must have continued."""
+"""Reductions under DistributedDataParallel: `torchrun --nproc_per_node 2` (gloo, CPU) runs tests/ddp_worker.py, which
+reduces the model three times during Trainer training, resumes a second run from a checkpoint saved after two
+reductions, and reduces a plain DDP loop with CompreSSMReducer. Every rank must hold the same sizes and identical
+parameters (gradients are still averaged through the rebuilt DDP reducer), training must have continued, and the
+resumed run must end where the uninterrupted one did."""
 
 import json
 import os
@@ -41,3 +43,13 @@ def test_ddp_reduction_keeps_ranks_in_sync(tmp_path):
     assert report["changed_after_last"] > 1e-4
     assert [entry["step"] for entry in report["compressm_logs"]] == [5, 10, 15]
     assert len(report["losses"]) == 6 and all(loss == loss for loss in report["losses"])
+    # checkpoint after two reductions, resumed by a fresh full-size model on both ranks
+    assert report["checkpoint_dims"] == report["events"][1]["dims_after"]
+    assert report["resumed_events"] == [5, 10, 15] and report["resumed_dims"] == final_dims
+    assert report["resumed_max_param_diff_across_ranks"] == 0.0
+    assert report["resumed_max_diff_to_full"] < 1e-5
+    # plain PyTorch loop over DistributedDataParallel with CompreSSMReducer
+    plain = report["plain"]
+    assert plain["events"] == [3, 6] and sum(plain["dims"]) < 32
+    assert plain["max_param_diff"] == 0.0
+    assert all(loss == loss for loss in plain["losses"]) and plain["losses"][-1] < plain["losses"][0]

@@ -20,6 +20,8 @@ from modeling_compressm import (
     reduction,
 )
 
+from generation_checks import cache_of
+
 
 def lm_config(**overrides):
     values = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, state_dims=[12, 7])
@@ -54,7 +56,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain = CompreSSMForCausalLM(config).train()
     checkpointed = CompreSSMForCausalLM(config).train()
     checkpointed.load_state_dict(plain.state_dict())
-    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(checkpointed, "activation_checkpointing_enable"):  # transformers >= 5 (the older name is deprecated)
+        checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert all(block.gradient_checkpointing for block in checkpointed.model.layers)
     ids = torch.randint(0, 40, (2, 11))
     for model in (plain, checkpointed):
@@ -67,65 +72,16 @@ def test_prefix_then_single_steps_equal_the_full_forward(lm):
     ids = torch.randint(0, 40, (2, 13))
     full = lm(ids, use_cache=False).logits
     prefix = lm(ids[:, :6], use_cache=True)
-    cache = prefix.past_key_values
+    cache = cache_of(prefix)
     assert isinstance(cache, CompreSSMCache) and cache.get_seq_length() == 6
     pieces = [prefix.logits]
     for t in range(6, 13):
-        step = lm(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        step = lm(ids[:, t : t + 1], cache=cache, use_cache=True)
         pieces.append(step.logits)
     assert cache.get_seq_length() == 13
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
     # Layers have different state sizes and the cache holds one state per layer.
-    assert [layer.recurrent_states[0].shape[-1] for layer in cache.layers] == [12, 7]
-
-
-def test_greedy_generate_matches_step_by_step_argmax(lm):
-    prompt = torch.randint(1, 40, (2, 5))
-    generated = lm.generate(prompt, max_new_tokens=6, do_sample=False)
-    tokens = prompt
-    for _ in range(6):
-        next_token = lm(tokens, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-        tokens = torch.cat([tokens, next_token], dim=1)
-    assert torch.equal(generated, tokens)
-
-
-def test_left_padded_generation_equals_unpadded(lm):
-    prompt = torch.randint(1, 40, (1, 5))
-    reference = lm.generate(prompt, max_new_tokens=5, do_sample=False)
-    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], dim=1)
-    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)], dim=1)
-    generated = lm.generate(padded, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    assert torch.equal(generated[:, 3:], reference)
-
-
-def test_batched_left_padding_matches_each_sequence_alone(lm):
-    short, long = torch.randint(1, 40, (1, 4)), torch.randint(1, 40, (1, 7))
-    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long], 0)
-    mask = torch.ones_like(batch)
-    mask[0, :3] = 0
-    generated = lm.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    assert torch.equal(generated[0, 3:], lm.generate(short, max_new_tokens=4, do_sample=False)[0])
-    assert torch.equal(generated[1], lm.generate(long, max_new_tokens=4, do_sample=False)[0])
-
-
-def test_beam_search_runs_and_cache_reorders_states(lm):
-    prompt = torch.randint(1, 40, (2, 4))
-    out = lm.generate(prompt, max_new_tokens=5, num_beams=3, do_sample=False)
-    assert out.shape == (2, 9)
-    cache = lm(torch.randint(1, 40, (3, 4)), use_cache=True).past_key_values
-    before = [layer.recurrent_states[0].clone() for layer in cache.layers]
-    order = torch.tensor([2, 0, 0])
-    cache.reorder_cache(order)
-    for layer, state in zip(cache.layers, before):
-        assert torch.equal(layer.recurrent_states[0], state[order])
-
-
-def test_greedy_beam_of_one_equals_greedy(lm):
-    prompt = torch.randint(1, 40, (1, 4))
-    assert torch.equal(
-        lm.generate(prompt, max_new_tokens=4, num_beams=1, do_sample=False),
-        lm.generate(prompt, max_new_tokens=4, do_sample=False),
-    )
+    assert [cache.get_state(i).shape[-1] for i in range(2)] == [12, 7]
 
 
 def test_classifier_mean_pooling_ignores_padding(classifier):
@@ -136,6 +92,23 @@ def test_classifier_mean_pooling_ignores_padding(classifier):
     assert torch.allclose(classifier(inputs_embeds=padded, attention_mask=mask).logits, logits, atol=1e-5)
     out = classifier(inputs_embeds=torch.randn(4, 20, 1), labels=torch.tensor([0, 1, 2, 1]))
     assert out.logits.shape == (4, 3) and out.loss.ndim == 0
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_classifier_without_a_mask_treats_pad_tokens_as_padding(pooling, side):
+    """transformers' convention for decoder classifiers: without an attention_mask, pad_token_id marks padding."""
+    config = CompreSSMConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2, state_dims=[6, 4], num_labels=3,
+                             pad_token_id=0, pooling=pooling)
+    model = CompreSSMForSequenceClassification(config).eval()
+    ids = torch.randint(1, 30, (2, 9))
+    if side == "right":
+        ids[0, 6:] = 0
+    else:
+        ids[0, :3] = 0
+    with_mask = model(ids, attention_mask=(ids != 0).long()).logits
+    torch.testing.assert_close(model(ids).logits, with_mask)
+    torch.testing.assert_close(model(ids[:1][ids[:1] != 0][None]).logits[0], with_mask[0], atol=1e-5, rtol=1e-5)
 
 
 def test_classifier_last_pooling_and_regression():
@@ -242,6 +215,18 @@ def test_reduced_model_round_trips_with_identical_logits(lm, tmp_path, transform
     assert "mismatch" not in joined and "newly initialized" not in joined and "not used" not in joined
 
 
+def test_from_pretrained_returns_the_loading_info_and_restores_the_history(lm, tmp_path):
+    lm.reduce([4, 3])
+    lm.save_pretrained(tmp_path)
+    loaded, info = CompreSSMForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(loaded, CompreSSMForCausalLM) and loaded.config.state_dims == [4, 3]
+    assert {"missing_keys", "unexpected_keys", "mismatched_keys"} <= set(info)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert loaded.reduction_history == lm.reduction_history and len(loaded.reduction_history) == 1
+    via_auto, _ = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert via_auto.reduction_history == lm.reduction_history
+
+
 def test_classifier_round_trips_through_auto_class(classifier, tmp_path):
     classifier.reduce([3, None])
     classifier.save_pretrained(tmp_path)
@@ -266,7 +251,29 @@ def test_set_state_dims_rebuilds_at_checkpoint_sizes(lm, tmp_path):
 
 
 def test_cache_is_rejected_after_a_reduction(lm):
-    cache = lm(torch.randint(0, 40, (1, 4)), use_cache=True).past_key_values
+    cache = cache_of(lm(torch.randint(0, 40, (1, 4)), use_cache=True))
     lm.reduce([3, 3])
     with pytest.raises(ValueError, match="reduction"):
-        lm(torch.randint(0, 40, (1, 1)), past_key_values=cache, use_cache=True)
+        lm(torch.randint(0, 40, (1, 1)), cache=cache, use_cache=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists only with a CUDA device")
+def test_cuda_forward_and_decoding_step_do_not_synchronise_with_the_host():
+    """On CUDA no input check or dispatch decision may read device memory: torch raises on any synchronising call."""
+    model = CompreSSMForCausalLM(lm_config(pad_token_id=0)).cuda().eval()
+    classifier = CompreSSMForSequenceClassification(lm_config(pad_token_id=0, num_labels=2)).cuda().eval()
+    ids = torch.randint(1, 40, (2, 9), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, 5] = 0
+    next_ids = torch.randint(1, 40, (2, 1), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            cache = cache_of(model(ids, attention_mask=mask, use_cache=True))
+            model(next_ids, attention_mask=torch.cat([mask, torch.ones_like(next_ids)], 1), cache=cache)
+            classifier(ids)
+            classifier(ids, attention_mask=mask)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -148,3 +148,30 @@ def test_lru_parameter_mapping_inverts_the_parametrisation():
     with pytest.raises(ReductionError, match="moduli"):
         lru_parameters_from_system(torch.tensor([1.0 + 0j]), B[:1])
     assert math.isfinite(theta_log.min().item())
+
+
+def test_basis_maps_relate_old_and_new_states():
+    """ReducedSystem.project (r, N) maps old states to new ones and lift (N, r) back: at full rank the reduced
+    recurrence follows project @ h exactly; at any rank B_r = project B, C_r = C lift and project lift = I."""
+    lam, B, C = random_stable_system(10, 3, seed=4)
+    full = balanced_truncation(lam, B, C, 10)
+    u = torch.randn(2, 40, 3, dtype=torch.float64)
+    old_states = sequential_diagonal_scan(u.to(torch.complex128) @ B.T, lam)  # (batch, L, N)
+    new_states = sequential_diagonal_scan(u.to(torch.complex128) @ full.B.T, full.lam)  # (batch, L, N)
+    torch.testing.assert_close(new_states, old_states @ full.project.T, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(full.lift @ full.project, torch.eye(10, dtype=torch.complex128), rtol=0, atol=1e-8)
+    reduced = balanced_truncation(lam, B, C, 4)
+    assert reduced.project.shape == (4, 10) and reduced.lift.shape == (10, 4)
+    assert reduced.project.dtype == reduced.lift.dtype == torch.complex128
+    torch.testing.assert_close(reduced.project @ reduced.lift, torch.eye(4, dtype=torch.complex128), rtol=0, atol=1e-8)
+    torch.testing.assert_close(reduced.B, reduced.project @ B.to(torch.complex128), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(reduced.C, C.to(torch.complex128) @ reduced.lift, rtol=1e-10, atol=1e-10)
+
+
+def test_all_zero_hankel_singular_values_keep_a_zero_map():
+    lam, B, C = random_stable_system(8, 3, seed=5)
+    C = torch.zeros_like(C)  # unobservable: the map is identically zero, every HSV is zero
+    assert rank_for_energy(hankel_singular_values(lam, B, C), 0.05) == 1
+    reduced = balanced_truncation(lam, B, C, 2)  # used to fail with "choose a smaller rank" for rank 1 too
+    assert reduced.lam.shape == (2,) and torch.count_nonzero(reduced.C) == 0
+    assert set(reduced.lam.tolist()) <= set(lam.tolist())

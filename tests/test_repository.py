@@ -40,25 +40,27 @@ def test_no_top_level_kernels_package_is_installed():
 def test_checkout_kernels_folder_is_inert_under_the_name_kernels():
     """From a checkout (repository root on sys.path, as under `python -m pytest`), transformers' probe for the
     hub-kernels library imports the folder `kernels/` by that name. It must stay empty: a second copy of the kernel
-    modules would re-register the `compressm_kernels::*` ops, and settings patched on `compressm_kernels.lru_scan`
-    would then no longer reach them."""
+    modules would re-register the `compressm_kernels::*` ops, and settings put in force through
+    `compressm_kernels.kernel_settings` would then no longer reach them."""
     code = (
         "import sys\n"
         "import compressm_kernels\n"
-        "from compressm_kernels import lru_scan\n"
         "from transformers.utils import is_kernels_available\n"
         "assert not is_kernels_available()\n"
         "probed = sys.modules.get('kernels')\n"
         "assert probed is not None and probed.__file__.startswith(sys.argv[1]), probed\n"
         "assert not hasattr(probed, 'diagonal_scan'), 'the folder was loaded a second time as kernels'\n"
-        "assert 'kernels.lru_scan' not in sys.modules\n"
-        "if lru_scan.TRITON_AVAILABLE:  # the registered op must still run this module's launch helpers\n"
+        "assert not [m for m in sys.modules if m.startswith('kernels.')], 'kernel modules loaded twice'\n"
+        "if compressm_kernels.TRITON_AVAILABLE:  # the registered op must still run this copy's launch code\n"
         "    import torch\n"
-        "    calls, original = [], lru_scan._scan_config\n"
-        "    lru_scan._scan_config = lambda n: calls.append(n) or original(n)\n"
+        "    calls = []\n"
+        "    def counting(kernel, grid, kwargs):\n"
+        "        calls.append(grid)\n"
+        "        kernel[grid](**kwargs)\n"
         "    x = torch.randn(1, 5, 3)\n"
-        "    compressm_kernels.diagonal_scan(x, x, torch.rand(3) / 2, torch.rand(3) / 2)\n"
-        "    assert calls, 'the compressm_kernels ops run another copy of lru_scan'\n"
+        "    with compressm_kernels.kernel_settings(launcher=counting):\n"
+        "        compressm_kernels.diagonal_scan(x, x, torch.rand(3) / 2, torch.rand(3) / 2)\n"
+        "    assert calls, 'the compressm_kernels ops run another copy of the kernel modules'\n"
         "print('OK')\n"
     )
     result = subprocess.run(

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modeling_compressm import cli
+from modeling_compressm import recipe
 from modeling_compressm.data import DigitsSequenceDataset, load_digits_sequences
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_paper.py"
@@ -36,10 +36,9 @@ def test_train_preset_datasets_take_the_permutation():
     from modeling_compressm.presets import load_preset
 
     config = load_preset("digits")
-    train, test, kind = cli._load_datasets(config, 0, permutation_seed=0)
-    plain_train, _, _ = cli._load_datasets(config, 0)
+    train, test = recipe.digits_datasets(config, permutation_seed=0)
+    plain_train, _ = recipe.digits_datasets(config)
     reference, reference_test = DigitsSequenceDataset.splits(seed=0, permutation_seed=0)
-    assert kind == "classification"
     assert np.array_equal(train.inputs.numpy(), reference.inputs.numpy())
     assert np.array_equal(test.inputs.numpy(), reference_test.inputs.numpy())
     assert not np.array_equal(train.inputs.numpy(), plain_train.inputs.numpy())

@@ -1,0 +1,412 @@
+"""Reduction events and the history file `compressm_history.json`: one event type, one reader, one writer.
+
+`ReductionEvent` is what the reducer returns, what the callback logs, what checkpoints store, what the model card
+renders and what the CLI summarises. The history file is read and written only here (`read_history`,
+`write_history`); it carries a format name and a `version` and is validated field by field on load, so a damaged or
+foreign file fails with a `HistoryError` that names the file and the field instead of crashing later.
+
+File layout (version 1):
+
+    {"format": "compressm-history", "version": 1, "state_dims": [31, 40], "events": [{...}, ...]}
+
+Files written before the version field existed (a bare {"state_dims": [...], "events": [...]}) are read as
+version 0: their events used the key "type": "rollback" for rollbacks and policy "manual" for `model.reduce`.
+
+Copied next to the weights of `trust_remote_code` checkpoints, so it imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+HISTORY_FILE = "compressm_history.json"
+HISTORY_FORMAT = "compressm-history"
+HISTORY_VERSION = 1
+EVENT_KINDS = ("reduction", "rollback", "manual", "restored")
+LAYER_STATUSES = ("reduced", "unchanged", "failed")
+
+__all__ = [
+    "HISTORY_FILE",
+    "HISTORY_VERSION",
+    "EVENT_KINDS",
+    "ReductionEvent",
+    "History",
+    "HistoryError",
+    "read_history",
+    "write_history",
+    "coerce_events",
+    "history_problems",
+    "event_metrics",
+]
+
+
+class HistoryError(ValueError):
+    """A history (file or list of events) that does not follow the schema; the message names the source and field."""
+
+    def __init__(self, source: str, where: str, problem: str):
+        self.source, self.where, self.problem = source, where, problem
+        super().__init__(f"{source}: {where}: {problem}" if where else f"{source}: {problem}")
+
+
+# ----------------------------------------------------------------------------------------------------- checks
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _dims(value, where: str, source: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(_is_int(item) and item >= 1 for item in value):
+        raise HistoryError(source, where, f"expected a non-empty list of positive ints, got {value!r}")
+    return list(value)
+
+
+def _per_layer(value, where: str, source: str, layers: int, check, expected: str):
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != layers:
+        raise HistoryError(source, where, f"expected a list of {layers} entries (one per layer), got {value!r}")
+    for index, item in enumerate(value):
+        if not check(item):
+            raise HistoryError(source, f"{where}[{index}]", f"expected {expected}, got {item!r}")
+    return list(value)
+
+
+def _optional(value, where: str, source: str, check, expected: str):
+    if value is not None and not check(value):
+        raise HistoryError(source, where, f"expected {expected} or null, got {value!r}")
+    return value
+
+
+def _finite_or_none(item) -> bool:
+    return item is None or (_is_number(item) and math.isfinite(item))
+
+
+def _hsv_list(item) -> bool:
+    return item is None or (isinstance(item, list) and all(_is_number(v) and math.isfinite(v) and v >= 0 for v in item))
+
+
+# ------------------------------------------------------------------------------------------------------ event
+@dataclass
+class ReductionEvent:
+    """One entry of a model's reduction history.
+
+    Attributes:
+        step: optimizer step of the event (int), or None for events outside a training loop (`model.reduce`).
+        kind: "reduction" (scheduled or `reducer.reduce_now`), "rollback" (undid the previous event), "manual"
+            (`model.reduce`), "restored" (weights, sizes and history of a checkpoint were loaded, e.g. by
+            `load_best_model_at_end`).
+        policy: "tolerance", "fixed", "rollback", "manual" or None.
+        dims_before / dims_after: per-layer state sizes (lists of ints).
+        status: per layer "reduced" | "unchanged" | "failed".        errors: per layer the error text or None.
+        kept_energy: per layer the share of the HSV sum kept (1.0 for layers left alone, None where unknown).
+        hinf_bound: per layer the H-infinity error bound 2 * sum(discarded HSVs) of the reduced layer (None if the
+            layer did not change).
+        hinf_bound_relative: the same bound divided by a lower bound of the layer's H-infinity gain
+            (`reduction.gain_lower_bound`), so an upper bound of the relative change of the layer's map.
+        hsv: per layer the Hankel singular values the decision was based on (lists of floats), or None.
+        ranks_requested: per layer the size the policy asked for.      wall_time_s: seconds the event took.
+        tau / fraction: the policy setting used.      rolled_back: a later rollback undid this event.
+        verified: rollback policy: the event passed its check.
+        metric_name / metric_before / metric_after / relative_degradation: rollback policy check.
+        restored_from: "restored" events: the checkpoint folder.
+        extra: fields this version does not know (kept as they were when a newer file is read and written back).
+
+    For code written against the earlier dict events, fields can also be read as `event["step"]` / `event.get(...)`.
+    """
+
+    step: int | None
+    kind: str = "reduction"
+    policy: str | None = None
+    dims_before: list[int] = field(default_factory=list)
+    dims_after: list[int] = field(default_factory=list)
+    status: list[str] | None = None
+    errors: list[str | None] | None = None
+    kept_energy: list[float | None] | None = None
+    hinf_bound: list[float | None] | None = None
+    hinf_bound_relative: list[float | None] | None = None
+    hsv: list[list[float] | None] | None = None
+    ranks_requested: list[int | None] | None = None
+    wall_time_s: float | None = None
+    tau: float | None = None
+    fraction: float | None = None
+    rolled_back: bool = False
+    verified: bool | None = None
+    metric_name: str | None = None
+    metric_before: float | None = None
+    metric_after: float | None = None
+    relative_degradation: float | None = None
+    restored_from: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    # -------------------------------------------------------------------------------------------- conversion
+    def to_dict(self) -> dict:
+        """JSON-serialisable dict; optional fields that are None (and an empty `extra`) are left out."""
+        data = {}
+        for item in dataclasses.fields(self):
+            if item.name == "extra":
+                continue
+            value = getattr(self, item.name)
+            if value is None and item.name not in ("step", "policy"):
+                continue
+            data[item.name] = [list(v) if isinstance(v, list) else v for v in value] if isinstance(value, list) else value
+        for key, value in self.extra.items():
+            data.setdefault(key, value)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "event", source: str = "history") -> "ReductionEvent":
+        """Validate and convert one event dict (current or version-0 layout). Raises HistoryError naming the field."""
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise HistoryError(source, where, f"expected an object, got {type(data).__name__}")
+        data = dict(data)
+        known = {item.name for item in dataclasses.fields(cls)} - {"extra"}
+        legacy_type = data.pop("type", None)
+        if "kind" not in data:
+            if legacy_type is not None:
+                data["kind"] = legacy_type
+            elif data.get("policy") == "manual" and data.get("step") is None:
+                data["kind"] = "manual"
+        step = data.get("step")
+        if step is not None and not (_is_int(step) and step >= 0):
+            raise HistoryError(source, f"{where}.step", f"expected an int >= 0 or null, got {step!r}")
+        kind = data.get("kind", "reduction")
+        if kind not in EVENT_KINDS:
+            raise HistoryError(source, f"{where}.kind", f"expected one of {list(EVENT_KINDS)}, got {kind!r}")
+        if "dims_before" not in data or "dims_after" not in data:
+            missing = "dims_before" if "dims_before" not in data else "dims_after"
+            raise HistoryError(source, f"{where}.{missing}", "missing")
+        before = _dims(data["dims_before"], f"{where}.dims_before", source)
+        after = _dims(data["dims_after"], f"{where}.dims_after", source)
+        if len(after) != len(before):
+            raise HistoryError(
+                source, f"{where}.dims_after", f"has {len(after)} layers but dims_before has {len(before)}"
+            )
+        layers = len(before)
+        values = dict(
+            step=step,
+            kind=kind,
+            policy=_optional(data.get("policy"), f"{where}.policy", source, lambda v: isinstance(v, str), "a string"),
+            dims_before=before,
+            dims_after=after,
+            status=_per_layer(data.get("status"), f"{where}.status", source, layers,
+                              lambda v: v in LAYER_STATUSES, f"one of {list(LAYER_STATUSES)}"),
+            errors=_per_layer(data.get("errors"), f"{where}.errors", source, layers,
+                              lambda v: v is None or isinstance(v, str), "a string or null"),
+            kept_energy=_per_layer(data.get("kept_energy"), f"{where}.kept_energy", source, layers,
+                                   lambda v: v is None or (_is_number(v) and 0.0 <= v <= 1.0 + 1e-9),
+                                   "a number in [0, 1] or null"),
+            hinf_bound=_per_layer(data.get("hinf_bound"), f"{where}.hinf_bound", source, layers,
+                                  _finite_or_none, "a finite number or null"),
+            hinf_bound_relative=_per_layer(data.get("hinf_bound_relative"), f"{where}.hinf_bound_relative", source,
+                                           layers, _finite_or_none, "a finite number or null"),
+            hsv=_per_layer(data.get("hsv"), f"{where}.hsv", source, layers, _hsv_list,
+                           "a list of non-negative finite numbers or null"),
+            ranks_requested=_per_layer(data.get("ranks_requested"), f"{where}.ranks_requested", source, layers,
+                                       lambda v: v is None or (_is_int(v) and v >= 1), "a positive int or null"),
+            wall_time_s=_optional(data.get("wall_time_s"), f"{where}.wall_time_s", source,
+                                  lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+            tau=_optional(data.get("tau"), f"{where}.tau", source, _is_number, "a number"),
+            fraction=_optional(data.get("fraction"), f"{where}.fraction", source, _is_number, "a number"),
+            rolled_back=data.get("rolled_back", False),
+            verified=_optional(data.get("verified"), f"{where}.verified", source,
+                               lambda v: isinstance(v, bool), "true/false"),
+            metric_name=_optional(data.get("metric_name"), f"{where}.metric_name", source,
+                                  lambda v: isinstance(v, str), "a string"),
+            metric_before=_optional(data.get("metric_before"), f"{where}.metric_before", source, _is_number, "a number"),
+            metric_after=_optional(data.get("metric_after"), f"{where}.metric_after", source, _is_number, "a number"),
+            relative_degradation=_optional(data.get("relative_degradation"), f"{where}.relative_degradation", source,
+                                           _is_number, "a number"),
+            restored_from=_optional(data.get("restored_from"), f"{where}.restored_from", source,
+                                    lambda v: isinstance(v, str), "a string"),
+        )
+        if not isinstance(values["rolled_back"], bool):
+            raise HistoryError(source, f"{where}.rolled_back", f"expected true/false, got {values['rolled_back']!r}")
+        extra = {key: value for key, value in data.items() if key not in known}
+        return cls(**values, extra=extra)
+
+    # ---------------------------------------------------------------------------------- dict-style read access
+    def __getitem__(self, key: str):
+        if key == "type":  # version-0 name: "rollback" for rollbacks, absent otherwise
+            return "rollback" if self.kind == "rollback" else None
+        if key != "extra" and key in self.__dataclass_fields__:
+            return getattr(self, key)
+        if key in self.extra:
+            return self.extra[key]
+        raise KeyError(key)
+
+    def get(self, key: str, default=None):
+        try:
+            value = self[key]
+        except KeyError:
+            return default
+        return default if value is None else value
+
+
+def coerce_events(events, source: str = "history") -> list[ReductionEvent]:
+    """ReductionEvents from a list of events or event dicts (validated); raises HistoryError naming the entry."""
+    if not isinstance(events, (list, tuple)):
+        raise HistoryError(source, "events", f"expected a list of events, got {type(events).__name__}")
+    return [ReductionEvent.from_dict(event, where=f"events[{index}]", source=source) for index, event in enumerate(events)]
+
+
+def history_problems(events: list[ReductionEvent], state_dims: list[int] | None = None) -> list[str]:
+    """Inconsistencies between events that do not make a history unreadable (reported as warnings by callers):
+    an event that does not start from the sizes the previous one ended at, or `state_dims` that are not the sizes
+    the last event ended at."""
+    problems = []
+    for index in range(1, len(events)):
+        event, previous = events[index], events[index - 1]
+        if event.kind != "restored" and event.dims_before != previous.dims_after:
+            problems.append(
+                f"events[{index}] starts from {event.dims_before} but events[{index - 1}] ended at {previous.dims_after}"
+            )
+    if state_dims is not None and events and list(events[-1].dims_after) != list(state_dims):
+        problems.append(f"state_dims {list(state_dims)} are not the sizes the last event ended at ({events[-1].dims_after})")
+    return problems
+
+
+def _check_rollbacks(events: list[ReductionEvent], source: str) -> None:
+    """A rollback must directly follow the event it undid (marked rolled_back) and return to its starting sizes."""
+    for index, event in enumerate(events):
+        if event.kind != "rollback":
+            continue
+        previous = events[index - 1] if index > 0 else None
+        if previous is None or not previous.rolled_back or previous.kind not in ("reduction", "manual"):
+            raise HistoryError(
+                source, f"events[{index}]",
+                "a 'rollback' event must directly follow the reduction it undid (marked rolled_back=true); this one "
+                "does not, so the file is not a history this package wrote",
+            )
+        if event.dims_after != previous.dims_before:
+            raise HistoryError(
+                source, f"events[{index}].dims_after",
+                f"a rollback returns to the sizes before the undone event ({previous.dims_before}), got {event.dims_after}",
+            )
+
+
+# ------------------------------------------------------------------------------------------------ history file
+@dataclass
+class History:
+    """Contents of a history file: events, the state sizes of the weights it was saved with, format version."""
+
+    events: list[ReductionEvent]
+    state_dims: list[int] | None
+    version: int
+    path: str | None = None
+
+
+def parse_history(data: Any, source: str = "history") -> History:
+    """Validate a decoded history document (see the module docstring). Raises HistoryError naming the field."""
+    if not isinstance(data, dict):
+        raise HistoryError(
+            source, "", f"expected a JSON object with 'version', 'state_dims' and 'events', got a {type(data).__name__}"
+        )
+    version = data.get("version", 0)
+    if not _is_int(version) or version < 0:
+        raise HistoryError(source, "version", f"expected a non-negative int, got {version!r}")
+    if version > HISTORY_VERSION:
+        raise HistoryError(
+            source, "version",
+            f"written by a newer release (version {version}; this one reads up to {HISTORY_VERSION}): upgrade compressm",
+        )
+    if version >= 1 and data.get("format") != HISTORY_FORMAT:
+        raise HistoryError(source, "format", f"expected {HISTORY_FORMAT!r}, got {data.get('format')!r}")
+    state_dims = data.get("state_dims")
+    if state_dims is not None or version >= 1:
+        state_dims = _dims(state_dims, "state_dims", source)
+    if "events" not in data:
+        raise HistoryError(source, "events", "missing")
+    events = coerce_events(data["events"], source=source)
+    for index, event in enumerate(events):
+        if state_dims is not None and len(event.dims_after) != len(state_dims):
+            raise HistoryError(
+                source, f"events[{index}].dims_after",
+                f"has {len(event.dims_after)} layers but state_dims has {len(state_dims)}",
+            )
+    _check_rollbacks(events, source)
+    return History(events=events, state_dims=state_dims, version=version)
+
+
+def read_history(path: str) -> History:
+    """Read and validate a history file. Raises FileNotFoundError if it is missing, HistoryError if it is invalid."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise HistoryError(path, "", f"not valid JSON ({error})") from None
+    except UnicodeDecodeError as error:
+        raise HistoryError(path, "", f"not UTF-8 text ({error})") from None
+    history = parse_history(data, source=path)
+    history.path = path
+    return history
+
+
+def history_document(events, state_dims: list[int]) -> dict:
+    """The JSON document `write_history` writes (events validated)."""
+    events = coerce_events(list(events), source="model.reduction_history")
+    return {
+        "format": HISTORY_FORMAT,
+        "version": HISTORY_VERSION,
+        "state_dims": _dims(list(state_dims), "state_dims", "model.config"),
+        "events": [event.to_dict() for event in events],
+    }
+
+
+def write_history(path: str, events, state_dims: list[int]) -> None:
+    """Write the history file atomically (a temporary file in the same folder, then `os.replace`).
+
+    Args:
+        path: target file.   events: ReductionEvents or event dicts (validated; HistoryError names a bad entry).
+        state_dims: the per-layer state sizes of the weights saved next to it.
+    """
+    document = history_document(events, state_dims)
+    path = os.fspath(path)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(document, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------------------------------- logging
+def event_metrics(event: ReductionEvent, reductions: int | None = None) -> dict:
+    """Flat `compressm/...` metrics of one event, for `Trainer.log` or any experiment tracker.
+
+    Keys: state_dim_layer{i}, total_state_dim, kept_energy_layer{i}, hinf_bound_layer{i}, hinf_bound_rel_layer{i},
+    hsv_sum_layer{i} (when the event has HSVs), failed_layers, wall_time_s, reductions (events so far, if given),
+    rolled_back (rollback events).
+    """
+    metrics = {f"compressm/state_dim_layer{index}": dim for index, dim in enumerate(event.dims_after)}
+    metrics["compressm/total_state_dim"] = sum(event.dims_after)
+    for name, values in (
+        ("kept_energy", event.kept_energy),
+        ("hinf_bound", event.hinf_bound),
+        ("hinf_bound_rel", event.hinf_bound_relative),
+    ):
+        for index, value in enumerate(values or []):
+            if value is not None:
+                metrics[f"compressm/{name}_layer{index}"] = float(value)
+    for index, values in enumerate(event.hsv or []):
+        if values is not None:
+            metrics[f"compressm/hsv_sum_layer{index}"] = float(sum(values))
+    if event.status is not None:
+        metrics["compressm/failed_layers"] = sum(status == "failed" for status in event.status)
+    if event.wall_time_s is not None:
+        metrics["compressm/wall_time_s"] = float(event.wall_time_s)
+    if reductions is not None:
+        metrics["compressm/reductions"] = reductions
+    if event.kind == "rollback":
+        metrics["compressm/rolled_back"] = 1
+    return metrics

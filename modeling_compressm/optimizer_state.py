@@ -1,0 +1,173 @@
+"""Optimizer state across a change of state size: one repair function per mode, and a guard against stale state.
+
+A reduction replaces the values of an LRU layer's SSM parameters (nu_log, theta_log, gamma_log, B_re, B_im, C_re, C_im)
+by those of a smaller system in another basis; the Parameter objects stay the same, so an optimizer keeps pointing
+at them, but whatever state it holds for them (Adam's moments) has the old shape and the old basis.
+
+* `repair_optimizer_state(optimizer, changes, mode)` fixes that through the function registered for `mode`:
+  "reset" deletes the state of the changed parameters (the optimizer re-initialises it at its next step). Further
+  modes (e.g. mapping B/C moments through `LayerChange.project` / `lift`) plug in with
+  `register_optimizer_state_repair(name, function)`; the reducer loop does not change.
+* `watch_for_stale_state(parameters)`: when a model was reduced without its optimizer, the next `optimizer.step()`
+  that finds old-shaped state for those parameters raises `StaleOptimizerStateError` saying what to do, instead of
+  a tensor-size error from inside the optimizer.
+* `replace_parameters_in_optimizer(optimizer, mapping)`: for distributed wrappers that must create new Parameter
+  objects (re-sharding), put the new ones in the old ones' place in their param groups, keeping group
+  hyper-parameters.
+
+Copied next to the weights of `trust_remote_code` checkpoints (model.reduce uses it), so it imports only torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+__all__ = [
+    "LayerChange",
+    "StaleOptimizerStateError",
+    "OPTIMIZER_STATE_REPAIRS",
+    "register_optimizer_state_repair",
+    "optimizer_state_repair",
+    "repair_optimizer_state",
+    "reset_optimizer_state",
+    "unwrap_optimizer",
+    "replace_parameters_in_optimizer",
+    "watch_for_stale_state",
+]
+
+
+@dataclass
+class LayerChange:
+    """What happened to one LRU layer's parameters in a reduction (or a re-allocation).
+
+    layer: layer index.
+    parameters: name -> the nn.Parameter, now holding the new values (state size r).
+    previous: name -> the values before (state size N), same dtype/device.
+    project: complex128 (r, N), new state = project @ old state; None when the layer was re-allocated rather than
+        reduced (no basis relation between old and new values).
+    lift: complex128 (N, r), old state ~ lift @ new state; None likewise.
+    """
+
+    layer: int
+    parameters: dict
+    previous: dict = field(default_factory=dict)
+    project: torch.Tensor | None = None
+    lift: torch.Tensor | None = None
+
+
+class StaleOptimizerStateError(RuntimeError):
+    """The optimizer holds state of the old shape for a parameter that a reduction shrank."""
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer that owns `.state` (accelerate's AcceleratedOptimizer wraps it as `.optimizer`)."""
+    seen = 0
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and seen < 8:
+        optimizer, seen = optimizer.optimizer, seen + 1
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"expected a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
+    return optimizer
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, changes: list[LayerChange]) -> None:
+    """Mode "reset": delete the state (moments, step) of every changed parameter; the optimizer starts it afresh.
+
+    Re-diagonalisation mixes the states, so slicing the old moments would be wrong."""
+    for change in changes:
+        for parameter in change.parameters.values():
+            optimizer.state.pop(parameter, None)
+
+
+OPTIMIZER_STATE_REPAIRS: dict[str, Callable[[torch.optim.Optimizer, list[LayerChange]], None]] = {
+    "reset": reset_optimizer_state,
+}
+
+
+def register_optimizer_state_repair(name: str, function: Callable) -> None:
+    """Make `function(torch_optimizer, changes: list[LayerChange]) -> None` available as optimizer_state=`name`."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    if not callable(function):
+        raise TypeError(f"function must be callable, got {type(function).__name__}")
+    OPTIMIZER_STATE_REPAIRS[name] = function
+
+
+def optimizer_state_repair(name: str) -> Callable:
+    """The repair function registered for `name`; ValueError listing the known modes otherwise."""
+    if name not in OPTIMIZER_STATE_REPAIRS:
+        raise ValueError(f"optimizer_state must be one of {sorted(OPTIMIZER_STATE_REPAIRS)}, got {name!r}")
+    return OPTIMIZER_STATE_REPAIRS[name]
+
+
+def repair_optimizer_state(optimizer, changes: list[LayerChange], mode: str = "reset") -> None:
+    """Repair the optimizer state of the changed parameters with the function registered for `mode`.
+
+    Args:
+        optimizer: a torch optimizer or a wrapper with `.optimizer` (accelerate); None does nothing.
+        changes: one LayerChange per changed layer.   mode: a name in OPTIMIZER_STATE_REPAIRS.
+    """
+    repair = optimizer_state_repair(mode)
+    if optimizer is None or not changes:
+        return
+    repair(unwrap_optimizer(optimizer), changes)
+    for change in changes:
+        for parameter in change.parameters.values():
+            _STALE.pop(id(parameter), None)
+
+
+def replace_parameters_in_optimizer(optimizer, mapping: dict) -> int:
+    """Put new Parameter objects in place of old ones in the optimizer's param groups (same position, same group and
+    hyper-parameters); the state of a replaced parameter is dropped. Returns how many entries were replaced.
+
+    Args:
+        optimizer: torch optimizer or wrapper.   mapping: {old Parameter: new Parameter} (identity-keyed).
+    """
+    inner = unwrap_optimizer(optimizer)
+    by_id = {id(old): new for old, new in mapping.items()}
+    replaced = 0
+    for group in inner.param_groups:
+        for index, parameter in enumerate(group["params"]):
+            new = by_id.get(id(parameter))
+            if new is not None and new is not parameter:
+                inner.state.pop(parameter, None)
+                group["params"][index] = new
+                replaced += 1
+    return replaced
+
+
+# --------------------------------------------------------------------------------------------- stale-state guard
+_STALE: dict[int, tuple[torch.nn.Parameter, str]] = {}
+_HOOK = None
+
+
+def _check_stale_state(optimizer, args, kwargs):
+    """Global optimizer step pre-hook: raise for watched parameters whose state has another shape."""
+    if not _STALE:
+        return None
+    for key, (parameter, name) in list(_STALE.items()):
+        state = optimizer.state.get(parameter) if hasattr(optimizer.state, "get") else None
+        if not state:
+            continue
+        for state_name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameter.shape:
+                raise StaleOptimizerStateError(
+                    f"{type(optimizer).__name__} holds {state_name!r} of shape {tuple(value.shape)} for {name}, which "
+                    f"a reduction changed to {tuple(parameter.shape)}. Pass the optimizer to the reduction "
+                    "(model.reduce(ranks, optimizer=optimizer) or CompreSSMReducer(model, optimizer)) so its state "
+                    "is repaired, or delete that state (optimizer.state.pop(parameter)) yourself."
+                )
+        del _STALE[key]  # state matches the new shape: nothing left to watch
+    return None
+
+
+def watch_for_stale_state(named_parameters: dict) -> None:
+    """Watch parameters that were reduced without their optimizer (name -> Parameter); see the module docstring."""
+    global _HOOK
+    for name, parameter in named_parameters.items():
+        _STALE[id(parameter)] = (parameter, name)
+    if _HOOK is None:
+        _HOOK = register_optimizer_step_pre_hook(_check_stale_state)

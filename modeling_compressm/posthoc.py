@@ -1,0 +1,172 @@
+"""Work on a saved CompreSSM checkpoint without training: reduce it by balanced truncation (`compressm reduce`) and
+generate text with it (`compressm generate`).
+
+    from modeling_compressm.posthoc import reduce_checkpoint, generate_text
+
+    result = reduce_checkpoint("my-model", tau=0.1, output_dir="my-model-small")
+    print(result["report"])                       # per-layer HSV report: size, rank, kept energy, error bound
+    print(generate_text("my-model-small", "The state", max_new_tokens=40))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+__all__ = ["load_checkpoint", "hsv_report", "reduce_checkpoint", "generate_text"]
+
+
+def load_checkpoint(path: str):
+    """The CompreSSM model saved in folder `path` (class from its config's `architectures`), in eval mode.
+
+    Raises:
+        ValueError when `path` is not a folder with a CompreSSM `config.json`.
+    """
+    from .presets import model_class_for_config
+
+    config_path = os.path.join(str(path), "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{path!r} is not a saved model folder (no config.json); give the folder `compressm train` or "
+                         "save_pretrained wrote")
+    with open(config_path, encoding="utf-8") as handle:
+        try:
+            model_type = json.load(handle).get("model_type")
+        except (ValueError, AttributeError):
+            raise ValueError(f"{config_path!r} is not a valid JSON config") from None
+    if model_type != "compressm":
+        raise ValueError(f"{path!r} holds a {model_type!r} model, not a CompreSSM ('compressm') model")
+    from .configuration_compressm import CompreSSMConfig
+
+    config = CompreSSMConfig.from_pretrained(path)
+    return model_class_for_config(config).from_pretrained(path).eval()
+
+
+def hsv_report(model, tau: float, min_dim: int = 1) -> tuple[list[int | None], str]:
+    """Ranks for tolerance `tau` per layer and a plain-text table of the Hankel singular values.
+
+    Returns:
+        (ranks: one entry per layer, the new size or None where the layer keeps its size; report text with, per
+         layer, the state size, the rank, the kept HSV energy, the largest and the largest dropped HSV, and the
+         dropped energy Σ dropped σ / Σ σ, which is also the H∞ error bound 2·Σ dropped σ relative to 2·Σ σ)
+    """
+    from .reduction import rank_for_energy
+
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= float(tau) < 1.0:
+        raise ValueError(f"tau must lie in [0, 1), got {tau!r}")
+    if isinstance(min_dim, bool) or not isinstance(min_dim, int) or min_dim < 1:
+        raise ValueError(f"min dim must be a positive int, got {min_dim!r}")
+    ranks, rows = [], [("layer", "N", "rank", "kept energy", "σ max", "largest dropped σ", "dropped energy")]
+    for index, hsv in enumerate(model.hankel_singular_values()):
+        values = hsv.detach().double().sort(descending=True).values
+        size = int(values.numel())
+        rank = min(size, max(min_dim, rank_for_energy(values, float(tau))))
+        total = float(values.sum())
+        kept = float(values[:rank].sum()) / total if total > 0 else 1.0
+        dropped = float(values[rank]) if rank < size else 0.0
+        ranks.append(rank if rank < size else None)
+        rows.append((str(index), str(size), str(rank), f"{kept:.4f}", f"{float(values[0]):.3g}",
+                     f"{dropped:.3g}" if rank < size else "-", f"{1.0 - kept:.4f}"))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-+-".join("-" * width for width in widths))
+    return ranks, "\n".join(lines)
+
+
+def reduce_checkpoint(path: str, tau: float, *, output_dir: str | None = None, min_dim: int = 1) -> dict:
+    """Shrink a saved model by balanced truncation at tolerance `tau` and save it with an updated model card.
+
+    The other files of the folder (tokenizer, `train_summary.json`, ...) are carried over; the summary gains a
+    "posthoc_reductions" entry. The folder is written whole (a temporary folder put in place at the end), so a
+    failure leaves `output_dir` as it was.
+
+    Args:
+        path: a folder written by `compressm train` or `save_pretrained`.
+        tau: tolerance in [0, 1): each layer keeps the fewest states holding (1 - tau) of its HSV sum.
+        output_dir: where to save; None overwrites `path`.
+        min_dim: least state size per layer.
+    Returns:
+        {"report" (text), "ranks", "dims_before", "dims_after", "changed" (bool), "output_dir"}
+    """
+    from .output_folder import SUMMARY_FILE, training_info, write_output_folder
+
+    model = load_checkpoint(path)
+    ranks, report = hsv_report(model, tau, min_dim)
+    dims_before = list(model.config.state_dims)
+    model.reduce(ranks)  # records a "manual" event in model.reduction_history
+    dims_after = list(model.config.state_dims)
+    summary_path = os.path.join(path, SUMMARY_FILE)
+    summary = None
+    if os.path.isfile(summary_path):
+        with open(summary_path, encoding="utf-8") as handle:
+            summary = json.load(handle)
+        summary.setdefault("posthoc_reductions", []).append(
+            {"tau": float(tau), "min_dim": min_dim, "dims_before": dims_before, "dims_after": dims_after}
+        )
+        info = training_info(summary)
+        info["Metrics"]["state dims"] = f"{summary['dims_before']} -> {summary['dims_after']} (end of training)"
+        info["Post-hoc reduction"] = {
+            f"tau={entry['tau']:g}": f"{entry['dims_before']} -> {entry['dims_after']}"
+            for entry in summary["posthoc_reductions"]
+        }
+        model.compressm_training_info = info
+
+    def write(folder):
+        for name in os.listdir(path):
+            source = os.path.join(path, name)
+            if os.path.isfile(source):
+                shutil.copy2(source, os.path.join(folder, name))
+        model.save_pretrained(folder)
+        if summary is not None:
+            with open(os.path.join(folder, SUMMARY_FILE), "w", encoding="utf-8") as handle:
+                json.dump(summary, handle, indent=1)
+                handle.write("\n")
+
+    target = write_output_folder(output_dir if output_dir is not None else path, write)
+    return {"report": report, "ranks": ranks, "dims_before": dims_before, "dims_after": dims_after,
+            "changed": dims_after != dims_before, "output_dir": target}
+
+
+def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, do_sample: bool = False,
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                  tokenizer: str | None = None) -> str:
+    """The prompt and its continuation by the causal LM saved in `path` (greedy unless `do_sample`).
+
+    Args:
+        tokenizer: a tokenizer folder, Hub id or "bytes" when `path` holds none.
+    Raises:
+        ValueError when the folder holds no causal LM or no tokenizer, or for bad sampling settings.
+    """
+    import torch
+
+    from .tokenization import load_tokenizer
+
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError("the prompt must be a non-empty string")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max new tokens must be a positive int, got {max_new_tokens!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    model = load_checkpoint(path)
+    if type(model).__name__ != "CompreSSMForCausalLM":
+        raise ValueError(f"{path!r} holds a {type(model).__name__}; generate needs a causal LM")
+    if tokenizer is None:
+        if not any(os.path.isfile(os.path.join(path, name))
+                   for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
+            raise ValueError(f"{path!r} holds no tokenizer; pass --tokenizer (a folder, a Hub id or 'bytes')")
+        tokenizer = path
+    tokenizer = load_tokenizer(tokenizer)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model only {model.config.vocab_size}")
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    if inputs["input_ids"].shape[1] == 0:
+        raise ValueError("the prompt tokenizes to no tokens")
+    torch.manual_seed(seed)
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), max_new_tokens=max_new_tokens,
+            do_sample=do_sample, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+            else tokenizer.eos_token_id, **sampling,
+        )
+    return tokenizer.decode(output[0], skip_special_tokens=True)

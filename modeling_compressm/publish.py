@@ -1,0 +1,63 @@
+"""Upload a finished `compressm train` output folder (model, tokenizer, card, metrics, remote code) to the Hugging Face
+Hub in one commit, through transformers' `PushToHubMixin.push_to_hub`.
+
+`model.push_to_hub` alone would upload only what `model.save_pretrained` writes; the output folder also holds the
+tokenizer and the run's metrics, so the folder itself is pushed: `push_to_hub` creates the repo, asks the Hub for its
+current card, "saves" by copying the folder into its upload folder and commits every file. The CompreSSM card of the
+folder replaces the Hub's card unless that one was written by hand (the rule `save_pretrained` follows).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from transformers.utils import PushToHubMixin
+
+__all__ = ["push_folder_to_hub", "check_hub_access"]
+
+
+class _FolderUpload(PushToHubMixin):
+    """`PushToHubMixin` over a folder written earlier: `save_pretrained` copies its files."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def save_pretrained(self, save_directory, **kwargs):
+        for name in sorted(os.listdir(self.folder)):
+            source = os.path.join(self.folder, name)
+            if os.path.isfile(source):
+                shutil.copy2(source, os.path.join(save_directory, name))
+        return sorted(os.listdir(save_directory))
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        # push_to_hub has just written the Hub's card (or transformers' placeholder) over README.md
+        from .model_card import _is_replaceable
+
+        ours = os.path.join(self.folder, "README.md")
+        target = os.path.join(working_dir, "README.md")
+        if os.path.isfile(ours) and _is_replaceable(target):
+            shutil.copy2(ours, target)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
+
+
+def check_hub_access() -> None:
+    """Raise ValueError (one line) when an upload cannot work: offline mode, or no Hugging Face token."""
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError("--push-to-hub needs the Hugging Face Hub, but offline mode is on (HF_HUB_OFFLINE=1)")
+    if not get_token():
+        raise ValueError("--push-to-hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
+
+
+def push_folder_to_hub(folder: str, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                       commit_message: str = "Upload CompreSSM model") -> str:
+    """Push every file of `folder` (not its subfolders) to the Hub model repo `repo_id` in one commit.
+
+    Returns:
+        the commit URL from `huggingface_hub`.
+    """
+    if not os.path.isdir(folder):
+        raise ValueError(f"folder {folder!r} does not exist")
+    return _FolderUpload(folder).push_to_hub(repo_id, private=private, token=token, commit_message=commit_message)

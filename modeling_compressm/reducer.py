@@ -1,0 +1,501 @@
+"""`CompreSSMReducer`: in-training balanced truncation for any training loop (plain PyTorch, accelerate, Trainer).
+
+    reducer = CompreSSMReducer(model, optimizer, tau=0.05, interval=20, end_step=0.1, max_steps=2000)
+    for step in range(1, max_steps + 1):
+        loss = model(**batch).loss
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+        event = reducer.step(step)          # reduces in place when scheduled; a ReductionEvent or None
+
+At an event the reducer factorises every layer once (`reduction.balance`), picks sizes from the Hankel singular
+values (`schedule.RankPolicy`), truncates through `model.reduce` with those same factors, and then keeps the training
+run consistent:
+
+* parameters keep their identity (a reduction swaps fresh tensors into the same Parameter objects), so the optimizer
+  keeps holding exactly the model's parameters, its param groups and their hyper-parameters are untouched, and so is
+  any learning-rate scheduler; an autograd graph of the previous step that the loop still holds (`loss`) does not
+  break the next backward;
+* the optimizer state of the changed parameters is repaired by the function registered for `optimizer_state`
+  (`optimizer_state.py`; "reset" deletes it);
+* distributed wrappers (DDP; FSDP2 through `distributed.register_strategy`) go through a `distributed` strategy:
+  rank 0 decides, every rank applies the same change, the wrapper is rebuilt, collectives time out;
+* a layer whose factorisation or truncation fails is left alone and the others still reduce;
+* policy "rollback": every event is tentative until `resolve_pending(keep)` accepts it or restores the exact state
+  before it (weights, sizes, optimizer state) and stops further reductions;
+* `state_dict()` / `load_state_dict()` carry the history, the stop flag and a pending rollback check for resume.
+
+No Trainer code and no reduction math live here (see `callback.py` and `reduction.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .distributed import strategy_for, wrapper_chain
+from .events import ReductionEvent, coerce_events
+from .optimizer_state import (
+    LayerChange,
+    optimizer_state_repair,
+    repair_optimizer_state,
+    replace_parameters_in_optimizer,
+    unwrap_optimizer,
+)
+from .reduction import ReductionError, balance
+from .schedule import DEFAULTS, RankPolicy, ReductionSchedule
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "compressm-reducer"
+STATE_VERSION = 1
+
+
+def compressm_model_of(model):
+    """The CompreSSM model inside DDP / accelerate / torch.compile wrappers (TypeError if there is none)."""
+    for module in reversed(wrapper_chain(model)):  # innermost first: torch.compile forwards attribute lookups
+        if hasattr(module, "lru_layers") and hasattr(module, "reduce") and hasattr(module, "set_state_dims"):
+            return module
+    raise TypeError(
+        f"expected a CompreSSM model (or a DDP / accelerate / torch.compile wrapper of one), got {type(model).__name__}"
+    )
+
+
+@dataclass
+class _Outcome:
+    """What the deciding rank did at an event (picklable: sent to the other ranks)."""
+
+    dims_after: list[int]
+    status: list[str]
+    errors: list[str | None]
+    kept_energy: list[float | None]
+    hinf_bound: list[float | None]
+    hinf_bound_relative: list[float | None]
+    ranks_requested: list[int]
+    hsv: list[list[float] | None]
+    project: list[torch.Tensor | None] = field(default_factory=list)
+    lift: list[torch.Tensor | None] = field(default_factory=list)
+
+
+@dataclass
+class PendingCheck:
+    """Rollback policy: an event that is not accepted yet, and the exact state before it (CPU copies).
+
+    event: the tentative ReductionEvent.   snapshot: {"state_dims", "model" (name -> tensor), "optimizer"
+    (param index -> state dict)}.   metric_name / metric_before: the metric the check compares, when known.
+    """
+
+    event: ReductionEvent
+    snapshot: dict
+    metric_name: str | None = None
+    metric_before: float | None = None
+
+
+class CompreSSMReducer:
+    """Shrink a CompreSSM model in place while it trains (see the module docstring for a loop).
+
+    Args:
+        model: a CompreSSM model, bare or wrapped (DistributedDataParallel, accelerate's prepared model,
+            torch.compile). Under torch.distributed with more than one process it must be the DDP-wrapped model.
+        optimizer: the optimizer training it (torch, or accelerate's AcceleratedOptimizer); None when there is none
+            (an optimizer that was left out fails with `StaleOptimizerStateError` at its next step).
+        policy, tau, fraction, gate, min_dim, total_budget: rank policy (`schedule.RankPolicy`).
+        start_step, end_step, interval: schedule (`schedule.ReductionSchedule`); ints are optimizer steps, floats in
+            (0, 1] fractions of `max_steps`.
+        max_steps: length of the run in optimizer steps (needed when the schedule uses fractions).
+        optimizer_state: optimizer-state repair mode (`optimizer_state.OPTIMIZER_STATE_REPAIRS`, "reset" deletes it).
+        log_hsv: store each layer's HSVs in the events.
+        collective_timeout: seconds a distributed collective may wait before failing with a clear error.
+    Defaults come from `schedule.DEFAULTS`.
+    """
+
+    def __init__(
+        self,
+        model,
+        optimizer=None,
+        *,
+        policy: str = DEFAULTS.policy,
+        tau: float = DEFAULTS.tau,
+        fraction: float = DEFAULTS.fraction,
+        start_step: int | float = DEFAULTS.start_step,
+        end_step: int | float = DEFAULTS.end_step,
+        interval: int | float = DEFAULTS.interval,
+        max_steps: int | None = None,
+        gate: float = DEFAULTS.gate,
+        min_dim: int = DEFAULTS.min_dim,
+        total_budget: int | None = DEFAULTS.total_budget,
+        optimizer_state: str = DEFAULTS.optimizer_state,
+        log_hsv: bool = DEFAULTS.log_hsv,
+        collective_timeout: float = DEFAULTS.collective_timeout,
+    ):
+        self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget)
+        self.schedule = ReductionSchedule(start_step, end_step, interval)
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+            raise ValueError(f"max_steps must be None or a positive int, got {max_steps!r}")
+        optimizer_state_repair(optimizer_state)
+        if not isinstance(log_hsv, bool):
+            raise ValueError(f"log_hsv must be a bool, got {log_hsv!r}")
+        if not isinstance(collective_timeout, (int, float)) or isinstance(collective_timeout, bool) or not (
+            collective_timeout > 0
+        ):
+            raise ValueError(f"collective_timeout must be a positive number of seconds, got {collective_timeout!r}")
+        self.max_steps = max_steps
+        self.optimizer_state = optimizer_state
+        self.log_hsv = log_hsv
+        self.collective_timeout = float(collective_timeout)
+
+        self.wrapped_model = model
+        self.model = compressm_model_of(model)
+        self.rank_policy.check_budget(self.state_dims)
+        self.optimizer = optimizer
+        if optimizer is not None:
+            self._check_optimizer(optimizer)
+        self.strategy = strategy_for(model, optimizer, self.collective_timeout)
+        self.stopped = False  # after a rollback: no further reductions
+        self.pending: PendingCheck | None = None
+        if max_steps is not None and not self.schedule.steps(max_steps):
+            logger.warning(
+                "CompreSSMReducer: the schedule (start_step=%r, end_step=%r, interval=%r) has no event in a run of %d "
+                "steps: nothing will be reduced", start_step, end_step, interval, max_steps,
+            )
+
+    # ---------------------------------------------------------------------------------------------- properties
+    @property
+    def policy(self) -> str:
+        return self.rank_policy.policy
+
+    @property
+    def state_dims(self) -> list[int]:
+        return [layer.state_dim for layer in self.model.lru_layers()]
+
+    @property
+    def history(self) -> list[ReductionEvent]:
+        """The model's reduction history (the same list object as `model.reduction_history`)."""
+        return self.model.reduction_history
+
+    def _check_optimizer(self, optimizer) -> None:
+        inner = unwrap_optimizer(optimizer)
+        held = {id(parameter) for group in inner.param_groups for parameter in group["params"]}
+        ssm = [p for layer in self.model.lru_layers() for p in layer.ssm_parameters() if p.requires_grad]
+        if ssm and not any(id(parameter) in held for parameter in ssm):
+            raise ValueError(
+                "the optimizer holds none of the model's SSM parameters: pass the optimizer that trains this model"
+            )
+
+    # ------------------------------------------------------------------------------------------------- events
+    def is_due(self, step: int) -> bool:
+        """Whether the schedule asks for an event after optimizer step `step` (ignores a pending check / stop).
+        Raises ValueError when the schedule uses fractions of max_steps and the reducer was built without it."""
+        if self.schedule.needs_max_steps and self.max_steps is None:
+            raise ValueError(
+                f"the schedule (start_step={self.schedule.start_step!r}, end_step={self.schedule.end_step!r}, "
+                f"interval={self.schedule.interval!r}) uses fractions of the run's length: pass "
+                "CompreSSMReducer(..., max_steps=...) or give absolute steps as ints"
+            )
+        return self.schedule.is_due(int(step), self.max_steps)
+
+    def step(self, step: int) -> ReductionEvent | None:
+        """Call after optimizer step `step` (1-based global step): reduce in place if an event is scheduled now.
+
+        Returns the ReductionEvent, or None (no event scheduled, nothing changed, stopped after a rollback, or a
+        rollback check still pending)."""
+        if self.stopped or self.pending is not None or not self.is_due(step):
+            return None
+        return self.reduce_now(step)
+
+    def reduce_now(self, step: int | None = None, metric_before: float | None = None,
+                   metric_name: str | None = None) -> ReductionEvent | None:
+        """Run one reduction event now, scheduled or not.
+
+        Args:
+            step: the optimizer step to record (None outside a loop).
+            metric_before / metric_name: rollback policy: the metric value the later check compares against.
+        Returns:
+            the ReductionEvent (also appended to `history`), or None when every layer was left as it was.
+        """
+        if self.stopped:
+            raise RuntimeError("this reducer stopped after a rollback; it makes no further reductions")
+        if self.pending is not None:
+            raise RuntimeError("the previous event awaits its rollback check: call resolve_pending(keep) first")
+        step = None if step is None else int(step)
+        snapshot = self._take_snapshot() if self.policy == "rollback" else None
+        started = time.perf_counter()
+        dims_before = self.state_dims
+        outcome, changes = self._reduce(step)
+        if not any(status != "unchanged" for status in outcome.status):
+            return None
+        event = ReductionEvent(
+            step=step,
+            kind="reduction",
+            policy=self.policy,
+            dims_before=dims_before,
+            dims_after=list(outcome.dims_after),
+            status=list(outcome.status),
+            errors=list(outcome.errors),
+            kept_energy=list(outcome.kept_energy),
+            hinf_bound=list(outcome.hinf_bound),
+            hinf_bound_relative=list(outcome.hinf_bound_relative),
+            hsv=list(outcome.hsv) if self.log_hsv else None,
+            ranks_requested=list(outcome.ranks_requested),
+            wall_time_s=time.perf_counter() - started,
+            tau=self.rank_policy.tau if self.policy != "fixed" else None,
+            fraction=self.rank_policy.fraction if self.policy == "fixed" else None,
+            metric_name=metric_name if metric_before is not None else None,
+            metric_before=metric_before,
+        )
+        self.history.append(event)
+        if snapshot is not None and changes:
+            self.pending = PendingCheck(event, snapshot, metric_name, metric_before)
+        return event
+
+    def _reduce(self, step) -> tuple[_Outcome, list[LayerChange]]:
+        """One event on every rank: decide (decider), share, apply, re-register, repair the optimizer."""
+        model, strategy = self.model, self.strategy
+        changes: list[LayerChange] = []
+        with strategy.gathered(model):
+            outcome = None
+            if strategy.is_decider:
+                outcome, changes = self._decide_and_apply(step)
+            outcome = strategy.share(outcome, "the reduction decision", step)
+            reduced = [index for index, status in enumerate(outcome.status) if status == "reduced"]
+            if reduced and not strategy.is_decider:
+                strategy.before_change(model)
+                layers = model.lru_layers()
+                for index in reduced:
+                    previous = layers[index].resize_state(outcome.dims_after[index], initialise=False)
+                    parameters = {name: getattr(layers[index], name) for name in layers[index].SSM_PARAMETER_NAMES}
+                    changes.append(LayerChange(index, parameters, previous, outcome.project[index], outcome.lift[index]))
+                model.config.state_dims = [layer.state_dim for layer in layers]
+            if reduced:
+                strategy.share_parameters(model, reduced, step)
+        if reduced:
+            self._after_change(changes, self.optimizer_state)
+        return outcome, changes
+
+    def _after_change(self, changes: list[LayerChange], mode: str) -> None:
+        """Every rank, after parameters changed shape: re-register with the wrapper, then repair the optimizer."""
+        mapping = self.strategy.after_change(self.model)
+        if mapping and self.optimizer is not None:
+            replace_parameters_in_optimizer(self.optimizer, mapping)
+        repair_optimizer_state(self.optimizer, changes, mode)
+
+    def _decide_and_apply(self, step) -> tuple[_Outcome, list[LayerChange]]:
+        """Deciding rank: balance each layer once, pick sizes, truncate with the same factors."""
+        model = self.model
+        layers = model.lru_layers()
+        current = [layer.state_dim for layer in layers]
+        balancings, errors = [], [None] * len(layers)
+        for index, layer in enumerate(layers):
+            try:
+                balancings.append(balance(*layer.to_lti()[:3]))
+            except ReductionError as error:
+                balancings.append(None)
+                errors[index] = f"Hankel singular values failed: {error}"
+                logger.warning("CompreSSMReducer: step %s: layer %d left at %d states (%s)", step, index,
+                               current[index], errors[index])
+        hsv = [balancing.hsv if balancing is not None else None for balancing in balancings]
+        ranks = self.rank_policy.select(hsv, current)
+        targets = [rank if hsv[index] is not None and rank < current[index] else None for index, rank in enumerate(ranks)]
+        report = None
+        if any(target is not None for target in targets):
+            self.strategy.before_change(model)
+            report = model.reduce(targets, record=False, balancings=balancings)
+        status, kept, bound, relative = [], [], [], []
+        project, lift = [], []
+        changes = []
+        for index in range(len(layers)):
+            entry = report[index] if report is not None else None
+            if errors[index] is not None:
+                status.append("failed")
+            elif entry is not None and entry["status"] != "unchanged":
+                status.append(entry["status"])
+                errors[index] = entry["error"]
+            else:
+                status.append("unchanged")
+            reduced = status[-1] == "reduced"
+            kept.append(entry["kept_energy"] if reduced else (1.0 if status[-1] == "unchanged" else None))
+            bound.append(entry["hinf_bound"] if reduced else None)
+            relative.append(entry["hinf_bound_relative"] if reduced else None)
+            project.append(entry["change"].project.detach().cpu() if reduced else None)
+            lift.append(entry["change"].lift.detach().cpu() if reduced else None)
+            if reduced:
+                changes.append(entry["change"])
+                self._report_layer(step, index, current[index], targets[index], hsv[index], relative[-1], kept[-1])
+            elif status[-1] == "failed" and entry is not None and entry["status"] == "failed":
+                logger.warning("CompreSSMReducer: step %s: layer %d left at %d states (reduction to %d failed: %s)",
+                               step, index, current[index], targets[index], errors[index])
+        outcome = _Outcome(
+            dims_after=[layer.state_dim for layer in layers],
+            status=status,
+            errors=errors,
+            kept_energy=kept,
+            hinf_bound=bound,
+            hinf_bound_relative=relative,
+            ranks_requested=list(ranks),
+            hsv=[values.tolist() if values is not None else None for values in hsv],
+            project=project,
+            lift=lift,
+        )
+        return outcome, changes
+
+    @staticmethod
+    def _report_layer(step, index, old, new, hsv, relative, kept) -> None:
+        if hsv is not None and not float(hsv[0]) > 0:
+            logger.warning(
+                "CompreSSMReducer: step %s: layer %d has only zero Hankel singular values (its B or C vanished, so its "
+                "state-space branch outputs nothing): kept %d of its %d modes unchanged", step, index, new, old,
+            )
+        else:
+            logger.info(
+                "CompreSSMReducer: step %s: layer %d %d -> %d states, kept HSV energy %.4f, H-infinity error bound "
+                "%.3g x the layer's gain", step, index, old, new, kept, relative,
+            )
+
+    # ----------------------------------------------------------------------------------------------- rollback
+    def _take_snapshot(self) -> dict:
+        """CPU copies of the weights, the sizes and the optimizer state (by parameter position)."""
+        snapshot = {
+            "state_dims": self.state_dims,
+            "model": {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.model.state_dict().items()},
+            "optimizer": None,
+        }
+        if self.optimizer is not None:
+            inner = unwrap_optimizer(self.optimizer)
+            states, devices = {}, {}
+            for position, parameter in enumerate(p for group in inner.param_groups for p in group["params"]):
+                entry = inner.state.get(parameter)
+                if entry:
+                    states[position] = {
+                        key: value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
+                        for key, value in entry.items()
+                    }
+                    devices[position] = {
+                        key: str(value.device) for key, value in entry.items() if isinstance(value, torch.Tensor)
+                    }
+            snapshot["optimizer"] = states
+            snapshot["optimizer_devices"] = devices
+        return snapshot
+
+    def _restore_snapshot(self, snapshot: dict) -> list[int]:
+        model = self.model
+        dims_before = self.state_dims
+        self.strategy.before_change(model)
+        changes = model.set_state_dims(list(snapshot["state_dims"]), initialise=False)
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                tensor.copy_(snapshot["model"][name].to(tensor.device))
+        for parameter in model.parameters():
+            parameter.grad = None
+        self._after_change(changes, "reset")
+        if self.optimizer is not None and snapshot.get("optimizer") is not None:
+            inner = unwrap_optimizer(self.optimizer)
+            devices = snapshot.get("optimizer_devices") or {}
+            parameters = [p for group in inner.param_groups for p in group["params"]]
+            for position, parameter in enumerate(parameters):
+                inner.state.pop(parameter, None)
+                entry = snapshot["optimizer"].get(position)
+                if entry:
+                    where = devices.get(position, {})
+                    inner.state[parameter] = {
+                        key: value.to(where.get(key, parameter.device), copy=True)
+                        if isinstance(value, torch.Tensor) else value
+                        for key, value in entry.items()
+                    }
+        return dims_before
+
+    def resolve_pending(self, keep: bool, step: int | None = None, *, metric_after: float | None = None,
+                        relative_degradation: float | None = None) -> ReductionEvent | None:
+        """Rollback policy: accept the pending event (`keep=True`) or restore the exact state before it and stop.
+
+        Under torch.distributed rank 0's `keep` is used on every rank.
+        Returns the "rollback" event when the event was undone, else None.
+        """
+        if self.pending is None:
+            raise RuntimeError("no reduction awaits a rollback check")
+        keep = self.strategy.share_flag(keep, "the rollback decision", step)
+        pending, self.pending = self.pending, None
+        event = pending.event
+        if metric_after is not None:
+            event.metric_after = float(metric_after)
+        if relative_degradation is not None:
+            event.relative_degradation = float(relative_degradation)
+        if keep:
+            event.verified = True
+            return None
+        dims_before = self._restore_snapshot(pending.snapshot)
+        event.rolled_back = True
+        self.stopped = True
+        rollback = ReductionEvent(
+            step=step,
+            kind="rollback",
+            policy=self.policy,
+            dims_before=dims_before,
+            dims_after=self.state_dims,
+            metric_name=event.metric_name,
+            metric_before=event.metric_before,
+            metric_after=event.metric_after,
+            relative_degradation=event.relative_degradation,
+        )
+        self.history.append(rollback)
+        return rollback
+
+    # -------------------------------------------------------------------------------------------------- state
+    def state_dict(self, include_snapshot: bool = True) -> dict:
+        """Everything a resumed run needs: sizes, history (event dicts), stop flag, pending rollback check.
+
+        The pending check carries CPU tensors (weights and optimizer state before the event) unless
+        `include_snapshot=False`. Save it with `torch.save` next to the model and optimizer state dicts."""
+        pending = None
+        if self.pending is not None:
+            pending = {
+                "event_index": next(
+                    (index for index, event in enumerate(self.history) if event is self.pending.event), None
+                ),
+                "metric_name": self.pending.metric_name,
+                "metric_before": self.pending.metric_before,
+                "snapshot": self.pending.snapshot if include_snapshot else None,
+            }
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "state_dims": self.state_dims,
+            "history": [event.to_dict() for event in self.history],
+            "stopped": self.stopped,
+            "pending": pending,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`: re-sizes the model to the saved sizes (load the model and optimizer state dicts
+        after this), sets the history, the stop flag and a pending rollback check."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a CompreSSMReducer state dict (expected format {STATE_FORMAT!r})")
+        if not isinstance(state.get("version"), int) or state["version"] > STATE_VERSION:
+            raise ValueError(f"unsupported CompreSSMReducer state version {state.get('version')!r}")
+        events = coerce_events(state.get("history", []), source="reducer state")
+        dims = state.get("state_dims")
+        changes = self.model.set_state_dims(list(dims)) if dims != self.state_dims else []
+        if changes:
+            self._after_change(changes, "reset")
+        self.model.reduction_history = events
+        self.stopped = bool(state.get("stopped", False))
+        self.pending = None
+        self.restore_pending(state.get("pending"))
+
+    def restore_pending(self, pending: dict | None, source: str = "the saved reducer state") -> None:
+        """Re-arm a rollback check saved by `state_dict()` ({"event_index", "metric_name", "metric_before",
+        "snapshot"}). Without its snapshot the event can no longer be undone: it is accepted and reductions stop,
+        with a warning naming `source`."""
+        if pending is None:
+            return
+        index = pending.get("event_index")
+        if pending.get("snapshot") is None or index is None or not 0 <= index < len(self.history):
+            logger.warning(
+                "CompreSSMReducer: %s has a rollback check pending but not the state before that event: the event "
+                "can no longer be undone, so it is accepted and reductions stop", source,
+            )
+            self.stopped = True
+            return
+        self.pending = PendingCheck(
+            self.history[index], pending["snapshot"], pending.get("metric_name"), pending.get("metric_before")
+        )

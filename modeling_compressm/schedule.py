@@ -1,0 +1,238 @@
+"""When to reduce and to which sizes: the defaults, the schedule, the rank policy and the rollback rule.
+
+No model, optimizer or Trainer code here: these are plain settings objects, validated at construction, that the
+reducer core (`reducer.py`) and the Trainer adapter (`callback.py`) share.
+
+* `DEFAULTS` is the one place that holds the default settings of `CompreSSMReducer` and `CompreSSMCallback`.
+* `ReductionSchedule`: events at steps s > 0 with start <= s <= end and (s - start) % interval == 0; each of
+  start/end/interval is an int (absolute optimizer step) or a float in (0, 1] (a fraction of `max_steps`).
+* `RankPolicy`: per-layer sizes from Hankel singular values (`rank_selection.select_ranks`), with layers whose
+  factorisation failed left out (they keep their size and their states count against `total_budget`).
+* `RollbackRule`: whether an evaluation metric degraded by more than a tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .rank_selection import POLICIES, select_ranks
+
+
+@dataclass(frozen=True)
+class ReductionDefaults:
+    """Default settings of CompreSSMReducer / CompreSSMCallback (one place; change them here only)."""
+
+    policy: str = "tolerance"
+    tau: float = 0.01
+    fraction: float = 0.25
+    start_step: int | float = 0
+    end_step: int | float = 0.1
+    interval: int | float = 100
+    gate: float = 0.95
+    min_dim: int = 1
+    total_budget: int | None = None
+    optimizer_state: str = "reset"
+    log_hsv: bool = True
+    rollback_metric: str = "eval_loss"
+    rollback_tolerance: float = 0.01
+    greater_is_better: bool | None = None
+    # Seconds a collective of a distributed reduction may wait for the other ranks before failing.
+    collective_timeout: float = 1800.0
+
+
+DEFAULTS = ReductionDefaults()
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_point(name: str, value) -> None:
+    if not _is_number(value):
+        raise ValueError(f"{name} must be an int (absolute step) or a float in (0, 1] (fraction of max_steps), got {value!r}")
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise ValueError(
+            f"a float {name} is a fraction of max_steps and must lie in (0, 1], got {value!r} "
+            "(pass an int for an absolute step)"
+        )
+
+
+@dataclass(frozen=True)
+class ReductionSchedule:
+    """Steps at which reduction events happen.
+
+    start_step: first step at which an event may happen (int >= 0, or a float fraction of max_steps).
+    end_step: last such step (int, or a float in (0, 1]: fraction of max_steps).
+    interval: steps between events (int >= 1, or a float in (0, 1]: fraction of max_steps, at least 1 step).
+    """
+
+    start_step: int | float = DEFAULTS.start_step
+    end_step: int | float = DEFAULTS.end_step
+    interval: int | float = DEFAULTS.interval
+
+    def __post_init__(self):
+        if _is_int(self.start_step) and self.start_step < 0:
+            raise ValueError(f"start_step must be an int >= 0, got {self.start_step!r}")
+        _check_point("start_step", self.start_step)
+        _check_point("end_step", self.end_step)
+        if _is_int(self.interval) and self.interval < 1:
+            raise ValueError(f"interval must be an int >= 1 or a float in (0, 1], got {self.interval!r}")
+        _check_point("interval", self.interval)
+        if _is_int(self.start_step) and _is_int(self.end_step) and self.end_step < self.start_step:
+            raise ValueError(f"end_step ({self.end_step}) must be >= start_step ({self.start_step})")
+
+    @property
+    def needs_max_steps(self) -> bool:
+        return any(isinstance(value, float) for value in (self.start_step, self.end_step, self.interval))
+
+    def resolve(self, max_steps: int | None) -> tuple[int, int, int]:
+        """(start, end, interval) as absolute steps for a run of `max_steps` optimizer steps."""
+        if self.needs_max_steps and (not _is_int(max_steps) or max_steps < 1):
+            raise ValueError(
+                "start_step / end_step / interval given as fractions need the run's max_steps (a positive int), got "
+                f"max_steps={max_steps!r}"
+            )
+
+        def absolute(value, minimum):
+            if isinstance(value, float):
+                return max(minimum, int(math.floor(value * max_steps + 1e-9)))
+            return int(value)
+
+        return absolute(self.start_step, 0), absolute(self.end_step, 0), absolute(self.interval, 1)
+
+    def is_due(self, step: int, max_steps: int | None) -> bool:
+        """Whether an event is scheduled after optimizer step `step`."""
+        start, end, interval = self.resolve(max_steps)
+        return step > 0 and start <= step <= end and (step - start) % interval == 0
+
+    def steps(self, max_steps: int | None) -> list[int]:
+        """All scheduled steps (for checks and messages)."""
+        start, end, interval = self.resolve(max_steps)
+        first = start if start > 0 else interval
+        return list(range(first, end + 1, interval)) if first <= end else []
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    """How many states each layer keeps at an event.
+
+    policy: "tolerance" (keep (1 - tau) of each layer's HSV sum), "fixed" (remove `fraction` of the states per event)
+        or "rollback" (tolerance sizes; the event is checked afterwards, see RollbackRule).
+    gate: a layer is reduced only if its new size < gate * current size.   min_dim: least size a reduction produces.
+    total_budget: optional total state size over all layers, shared by normalised HSV energy.
+    """
+
+    policy: str = DEFAULTS.policy
+    tau: float = DEFAULTS.tau
+    fraction: float = DEFAULTS.fraction
+    gate: float = DEFAULTS.gate
+    min_dim: int = DEFAULTS.min_dim
+    total_budget: int | None = DEFAULTS.total_budget
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if not _is_number(self.tau) or not 0.0 <= float(self.tau) < 1.0:
+            raise ValueError(f"tau must be a number in [0, 1), got {self.tau!r}")
+        if not _is_number(self.fraction) or not 0.0 < float(self.fraction) < 1.0:
+            raise ValueError(f"fraction must be a number strictly between 0 and 1, got {self.fraction!r}")
+        if not _is_number(self.gate) or not 0.0 < float(self.gate) <= 1.0:
+            raise ValueError(f"gate must be a number in (0, 1], got {self.gate!r}")
+        if not _is_int(self.min_dim) or self.min_dim < 1:
+            raise ValueError(f"min_dim must be an int >= 1, got {self.min_dim!r}")
+        if self.total_budget is not None:
+            if not _is_int(self.total_budget) or self.total_budget < 1:
+                raise ValueError(f"total_budget must be None or a positive int, got {self.total_budget!r}")
+            if self.total_budget < self.min_dim:
+                raise ValueError(
+                    f"total_budget={self.total_budget} is smaller than min_dim={self.min_dim}: not even one layer fits"
+                )
+
+    def check_budget(self, state_dims: list[int]) -> None:
+        """Raise if `total_budget` cannot hold min(min_dim, N_i) states in every layer (known once the model is)."""
+        if self.total_budget is None:
+            return
+        floor = sum(min(self.min_dim, dim) for dim in state_dims)
+        if self.total_budget < floor:
+            raise ValueError(
+                f"total_budget={self.total_budget} is smaller than the {floor} states that min_dim={self.min_dim} keeps "
+                f"in the model's {len(state_dims)} layers (sizes {list(state_dims)}): raise total_budget or lower min_dim"
+            )
+
+    def select(self, hsv_per_layer: list[torch.Tensor | None], current_dims: list[int]) -> list[int]:
+        """New size per layer. Layers whose HSVs are None (their factorisation failed) keep their size; the budget
+        available to the others is what those layers do not already hold.
+
+        Args:
+            hsv_per_layer: per layer float64 (N_i,) Hankel singular values, or None.
+            current_dims: current sizes N_i.
+        Returns:
+            list of ints (== N_i where the layer is left alone).
+        """
+        healthy = [index for index, hsv in enumerate(hsv_per_layer) if hsv is not None]
+        ranks = list(current_dims)
+        if not healthy:
+            return ranks
+        budget = self.total_budget
+        if budget is not None:
+            held_by_failed = sum(dim for index, dim in enumerate(current_dims) if index not in healthy)
+            floor = sum(min(self.min_dim, current_dims[index]) for index in healthy)
+            budget = max(budget - held_by_failed, floor)
+        chosen = select_ranks(
+            [hsv_per_layer[index] for index in healthy], [current_dims[index] for index in healthy],
+            policy=self.policy, tau=self.tau, fraction=self.fraction, gate=self.gate, min_dim=self.min_dim,
+            total_budget=budget,
+        )
+        for index, rank in zip(healthy, chosen):
+            ranks[index] = rank
+        return ranks
+
+
+@dataclass(frozen=True)
+class RollbackRule:
+    """Whether a reduction degraded an evaluation metric by more than `tolerance` (relative to the value before).
+
+    metric: metric name ("eval_" is prefixed if missing).   tolerance: relative degradation (>= 0) that triggers a
+    rollback.   greater_is_better: None infers it from the name (names ending in "loss" are lower-is-better).
+    """
+
+    metric: str = DEFAULTS.rollback_metric
+    tolerance: float = DEFAULTS.rollback_tolerance
+    greater_is_better: bool | None = DEFAULTS.greater_is_better
+
+    def __post_init__(self):
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ValueError(f"rollback_metric must be a non-empty string, got {self.metric!r}")
+        if not _is_number(self.tolerance) or not self.tolerance >= 0 or not math.isfinite(self.tolerance):
+            raise ValueError(f"rollback_tolerance must be a finite number >= 0, got {self.tolerance!r}")
+        if self.greater_is_better is not None and not isinstance(self.greater_is_better, bool):
+            raise ValueError(f"greater_is_better must be None or a bool, got {self.greater_is_better!r}")
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric if self.metric.startswith("eval_") else f"eval_{self.metric}"
+
+    @property
+    def lower_is_better(self) -> bool:
+        if self.greater_is_better is not None:
+            return not self.greater_is_better
+        return self.metric_name.endswith("loss")
+
+    def relative_degradation(self, before: float, after: float) -> float:
+        degradation = (after - before) if self.lower_is_better else (before - after)
+        return degradation / max(abs(before), 1e-12)
+
+    def degraded(self, before: float, after: float) -> bool:
+        return bool(self.relative_degradation(before, after) > self.tolerance)
+
+
+def settings_dict(schedule: ReductionSchedule, policy: RankPolicy) -> dict:
+    """The schedule and policy settings as constructor keyword arguments."""
+    return {**asdict(policy), **asdict(schedule)}
