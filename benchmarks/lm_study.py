@@ -227,149 +227,46 @@ class DigitsTask:
 
 
 # ======================================================================================== reduction + moment mapping
-def balancing_maps(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, rank: int):
-    """The change of basis of `reduction.balanced_truncation(lam, B, C, rank)`, recomputed with the same operations.
-
-    Returns (project complex128 (r, N), lift complex128 (N, r)): new B = project @ old B, new C = old C @ lift,
-    project @ lift = I_r. (The reducer rewrite will return these on ReducedSystem; until then they are rebuilt here
-    and checked against the reduced layer before use.)
-    """
-    from modeling_compressm.reduction import _as_system, _balancing_svd
-
-    lam, B, C = _as_system(lam, B, C)
-    controllability, observability, U, sigma, Vh = _balancing_svd(lam, B, C)
-    inv_sqrt = sigma[:rank].rsqrt().to(torch.complex128)
-    transform = controllability @ Vh[:rank].conj().T * inv_sqrt[None, :]
-    inverse = inv_sqrt[:, None] * (U[:, :rank].conj().T @ observability.conj().T)
-    _, eigenvectors = torch.linalg.eig(inverse @ (lam[:, None] * transform))
-    return torch.linalg.solve(eigenvectors, inverse), transform @ eigenvectors
-
-
-def _map_complex_moments(state_re: dict, state_im: dict, left: torch.Tensor | None, right: torch.Tensor | None):
-    """Map Adam moments of a complex matrix stored as (re, im) through X -> left @ X @ right (complex128 maps).
-
-    exp_avg maps linearly; exp_avg_sq as the variance of the image of independent entries:
-    var(Re Y) = Re(M)^2 var(Re X) + Im(M)^2 var(Im X) (and swapped for Im Y), for the map M on each side.
-    """
-    def apply(x):
-        if left is not None:
-            x = left @ x
-        if right is not None:
-            x = x @ right
-        return x
-
-    def apply_sq(sq_re, sq_im):
-        out_re, out_im = sq_re, sq_im
-        if left is not None:
-            a, b = left.real.pow(2), left.imag.pow(2)
-            out_re, out_im = a @ out_re + b @ out_im, b @ out_re + a @ out_im
-        if right is not None:
-            a, b = right.real.pow(2), right.imag.pow(2)
-            out_re, out_im = out_re @ a + out_im @ b, out_re @ b + out_im @ a
-        return out_re, out_im
-
-    dtype = state_re["exp_avg"].dtype
-    m = apply(torch.complex(state_re["exp_avg"].double(), state_im["exp_avg"].double()))
-    v_re, v_im = apply_sq(state_re["exp_avg_sq"].double(), state_im["exp_avg_sq"].double())
-    new_re = {"step": state_re["step"], "exp_avg": m.real.to(dtype).contiguous(), "exp_avg_sq": v_re.to(dtype).contiguous()}
-    new_im = {"step": state_im["step"], "exp_avg": m.imag.to(dtype).contiguous(), "exp_avg_sq": v_im.to(dtype).contiguous()}
-    return new_re, new_im
-
-
 @torch.no_grad()
-def _equalise_state_norms(layer) -> torch.Tensor:
+def equalise_state_norms(layer, optimizer=None) -> torch.Tensor:
     """Rescale every state of `layer` so its stored B row and C column have equal norms (B_i *= s_i, C_:i /= s_i;
-    the layer's input-output map is unchanged). Returns s, float64 (N,)."""
+    the layer's input-output map is unchanged), as at LRU initialisation; the optimizer's moments of B and C (if any)
+    are rescaled with them. Returns s, float64 (N,)."""
     b_norm = torch.complex(layer.B_re.double(), layer.B_im.double()).norm(dim=1)
     c_norm = torch.complex(layer.C_re.double(), layer.C_im.double()).norm(dim=0)
     scale = (c_norm / b_norm.clamp_min(1e-30)).sqrt().clamp(1e-3, 1e3)
-    layer.B_re.mul_(scale[:, None].to(layer.B_re.dtype))
-    layer.B_im.mul_(scale[:, None].to(layer.B_im.dtype))
-    layer.C_re.div_(scale[None, :].to(layer.C_re.dtype))
-    layer.C_im.div_(scale[None, :].to(layer.C_im.dtype))
+    for names, factor in ((("B_re", "B_im"), scale[:, None]), (("C_re", "C_im"), 1.0 / scale[None, :])):
+        for name in names:
+            parameter = getattr(layer, name)
+            parameter.mul_(factor.to(parameter.dtype))
+            state = optimizer.state.get(parameter, {}) if optimizer is not None else {}
+            for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
+                if key in state:
+                    state[key].mul_(factor.pow(power).to(state[key].dtype))
     return scale
 
 
-@torch.no_grad()
 def reduce_with_optimizer(model, optimizer, ranks: list[int | None], moments: str = "reset",
                           gauge: str = "balanced") -> dict:
-    """`model.reduce(ranks)` plus repair of the optimizer state of the reduced layers.
+    """`model.reduce(ranks, optimizer=optimizer, optimizer_state=moments)`, then the state scaling `gauge`.
 
-    moments:
-        "reset"    delete the Adam state of every SSM parameter of a reduced layer (the callback's behaviour).
-        "project"  carry it through the change of basis: B moments by `project` (with the gain gamma), C moments by
-                   `lift`, per-state moments (nu, theta, gamma) as participation-weighted averages of the old
-                   states' moments (weights |project_ij * lift_ji|); the step count is kept.
-        "dual"     like "project", but first moments map as gradients (covectors): B by lift^H, C by project^H.
-    gauge: "balanced" keeps the reduction's own state scaling (balanced, then unit eigenvectors); "equal-norm"
-        rescales each new state so its B row and C column have equal norms (as at LRU initialisation).
-    Returns {"status": per-layer statuses, "mapped": per-layer bool, "map_error": per-layer float or None}.
+    moments: "reset" deletes the Adam state of every SSM parameter of a reduced layer (the package default);
+        "project" carries it through the reduction's change of basis (`modeling_compressm.optim.project_optimizer_state`).
+    gauge: "balanced" keeps the reduction's own state scaling (balanced, then unit-norm eigenvectors); "equal-norm"
+        rescales each new state so its B row and C column have equal norms (`equalise_state_norms`).
+    Returns {"status": per-layer statuses, "mapped": per-layer bool (state carried over)}.
     """
     if gauge not in ("balanced", "equal-norm"):
         raise ValueError(f"gauge must be 'balanced' or 'equal-norm', got {gauge!r}")
-    if moments not in ("reset", "project", "dual"):
-        raise ValueError(f"moments must be 'reset', 'project' or 'dual', got {moments!r}")
+    report = model.reduce(list(ranks), record=False, optimizer=optimizer, optimizer_state=moments)
     layers = model.lru_layers()
-    saved = []
-    for layer, rank in zip(layers, ranks):
-        if rank is None or rank >= layer.state_dim or moments == "reset":
-            saved.append(None)
-            continue
-        lam, B, C, _ = layer.to_lti()
-        state = {name: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in optimizer.state.get(p, {}).items()}
-                 for name, p in zip(("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "C_im"),
-                                    layer.ssm_parameters())}
-        saved.append((lam.detach().clone(), B.detach().clone(), C.detach().clone(),
-                      torch.exp(layer.gamma_log.detach().double()), state))
-    report = model.reduce(list(ranks), record=False)
-    result = {"status": [entry["status"] for entry in report], "mapped": [], "map_error": []}
-    for layer, entry, keep in zip(layers, report, saved):
-        if entry["status"] != "reduced":
-            result["mapped"].append(False)
-            result["map_error"].append(None)
-            continue
-        scale = _equalise_state_norms(layer) if gauge == "equal-norm" else None
-        mapped, error = False, None
-        if keep is not None and all(keep[4].get(name) for name in ("B_re", "B_im", "C_re", "C_im", "nu_log")):
-            lam_old, B_old, C_old, gain_old, state = keep
-            project, lift = balancing_maps(lam_old, B_old, C_old, layer.state_dim)
-            if scale is not None:
-                project = scale.to(project.dtype)[:, None] * project
-                lift = lift / scale.to(lift.dtype)[None, :]
-            _, B_new, C_new, _ = layer.to_lti()
-            error = max(float((project @ B_old.to(torch.complex128) - B_new).abs().max() / B_new.abs().max()),
-                        float((C_old.to(torch.complex128) @ lift - C_new).abs().max() / C_new.abs().max()))
-            if error < 1e-3:
-                gain_new = torch.exp(layer.gamma_log.detach().double())
-                if moments == "project":
-                    b_map, c_map = project, lift
-                else:
-                    b_map, c_map = lift.conj().T, project.conj().T
-                # stored B = B~ / gain: a moment of stored B is gain_old * (...) in B~ coordinates
-                b_left = b_map * gain_old[None, :].to(b_map.dtype) / gain_new[:, None].to(b_map.dtype)
-                new_b = _map_complex_moments(state["B_re"], state["B_im"], b_left, None)
-                new_c = _map_complex_moments(state["C_re"], state["C_im"], None, c_map)
-                weights = (project * lift.T).abs()
-                weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-300)  # (r, N)
-                parameters = dict(zip(("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "C_im"),
-                                      layer.ssm_parameters()))
-                for name in ("nu_log", "theta_log", "gamma_log"):
-                    old = state[name]
-                    dtype = old["exp_avg"].dtype
-                    optimizer.state[parameters[name]] = {
-                        "step": old["step"],
-                        "exp_avg": (weights.to(torch.float64) @ old["exp_avg"].double()).to(dtype),
-                        "exp_avg_sq": (weights.to(torch.float64) @ old["exp_avg_sq"].double()).to(dtype),
-                    }
-                for name, value in zip(("B_re", "B_im", "C_re", "C_im"), new_b + new_c):
-                    optimizer.state[parameters[name]] = value
-                mapped = True
-        if not mapped:
-            for parameter in layer.ssm_parameters():
-                optimizer.state.pop(parameter, None)
-        result["mapped"].append(mapped)
-        result["map_error"].append(error)
-    return result
+    mapped = []
+    for layer, entry in zip(layers, report):
+        reduced = entry["status"] == "reduced"
+        if reduced and gauge == "equal-norm":
+            equalise_state_norms(layer, optimizer)
+        mapped.append(reduced and layer.B_re in optimizer.state)
+    return {"status": [entry["status"] for entry in report], "mapped": mapped}
 
 
 def choose_ranks(hsv: list[torch.Tensor], dims: list[int], policy: str, tau: float, gate: float, min_dim: int,
@@ -405,13 +302,14 @@ def hsv_probe(model, taus=(0.02, 0.05, 0.1, 0.2), fractions=(0.25, 0.5)) -> list
     """Per layer: sorted HSVs, ranks for `taus`, the per-state importance sqrt(P_ii Q_ii) (the diagonal coordinates
     persist over training while no reduction happens, so its ranking can be compared between times) and orthonormal
     bases of the dominant balanced subspaces of rank fraction * N (for overlap with a later probe)."""
-    from modeling_compressm.reduction import _balancing_svd, gramians, rank_for_energy
+    from modeling_compressm.reduction import balance, gramians, rank_for_energy
 
     out = []
     for layer in model.lru_layers():
         lam, B, C, _ = layer.to_lti()
         P, Q = gramians(lam, B, C)
-        controllability, _, _, sigma, Vh = _balancing_svd(lam, B, C)
+        balancing = balance(lam, B, C)
+        controllability, sigma, Vh = balancing.controllability_factor, balancing.hsv, balancing.Vh
         n = sigma.numel()
         bases = {}
         for fraction in fractions:

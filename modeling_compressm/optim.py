@@ -16,7 +16,9 @@ Groups (empty ones are left out), each tagged with "name" and "lr_factor" so sch
     "ssm"       LRU parameters named in `ssm_parameter_names`                     -> ssm_weight_decay, lr * ssm_lr_factor
 
 A reduction (`model.reduce`, `CompreSSMCallback`) keeps the Parameter objects and only changes their shapes, so the
-groups stay valid after it; only the optimizer *state* of reduced parameters has to be repaired.
+groups stay valid after it; only the optimizer *state* of reduced parameters has to be repaired. Importing this
+module registers the repair mode `optimizer_state="project"` (`project_optimizer_state`): instead of deleting the
+Adam moments of a reduced layer it carries them through the reduction's change of basis.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ import torch
 from torch import nn
 
 from .modeling_compressm import CompreSSMLRU
+from .optimizer_state import LayerChange, register_optimizer_state_repair, reset_optimizer_state
 
 __all__ = [
     "LRU_PARAMETER_NAMES",
     "DEFAULT_SSM_PARAMETER_NAMES",
     "compressm_parameter_groups",
     "compressm_adamw",
+    "project_optimizer_state",
 ]
 
 # Every parameter an LRU layer owns.
@@ -163,3 +167,114 @@ def compressm_adamw(
         ssm_parameter_names=ssm_parameter_names,
     )
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay, **adamw_kwargs)
+
+
+# ------------------------------------------------------------------------------------ optimizer state across a reduction
+# State entries that average gradients (map linearly) and that average squared gradients (map as variances).
+_FIRST_MOMENTS = ("exp_avg", "momentum_buffer")
+_SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
+_STATE_NAMES = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "C_im")
+
+
+def _split_state(state: dict, old_shape: torch.Size) -> tuple[dict, dict, dict] | None:
+    """(first moments, second moments, other entries) of one parameter's state; None if some tensor entry of the old
+    shape is of an unknown kind (it cannot be mapped)."""
+    first, second, other = {}, {}, {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape == old_shape:
+            if key in _FIRST_MOMENTS:
+                first[key] = value
+            elif key in _SECOND_MOMENTS:
+                second[key] = value
+            else:
+                return None
+        else:
+            other[key] = value
+    return first, second, other
+
+
+def _map_pair(first_re, first_im, second_re, second_im, left=None, right=None):
+    """Map the moments of a complex matrix X = X_re + i X_im through X -> left @ X @ right (complex maps).
+
+    First moments map linearly. Second moments map as the variances of the image of independent entries: for
+    Y = M X, var(Re Y) = Re(M)^2 var(Re X) + Im(M)^2 var(Im X) and var(Im Y) = Im(M)^2 var(Re X) + Re(M)^2 var(Im X).
+    """
+    out = ({}, {}, {}, {})
+    for key in first_re:
+        value = torch.complex(first_re[key].double(), first_im[key].double())
+        if left is not None:
+            value = left @ value
+        if right is not None:
+            value = value @ right
+        out[0][key], out[1][key] = value.real, value.imag
+    for key in second_re:
+        re, im = second_re[key].double(), second_im[key].double()
+        if left is not None:
+            a, b = left.real.square(), left.imag.square()
+            re, im = a @ re + b @ im, b @ re + a @ im
+        if right is not None:
+            a, b = right.real.square(), right.imag.square()
+            re, im = re @ a + im @ b, re @ b + im @ a
+        out[2][key], out[3][key] = re, im
+    return out
+
+
+@torch.no_grad()
+def project_optimizer_state(optimizer: torch.optim.Optimizer, changes: list[LayerChange]) -> None:
+    """Repair mode "project": carry the optimizer state of reduced layers through the change of basis.
+
+    With `project` (r, N) and `lift` (N, r) of the reduction (new B~ = project @ old B~, new C = old C @ lift) and the
+    input gains g = exp(gamma_log) before/after (the stored B is B~ / g):
+
+    * B_re/B_im: first moments (exp_avg, momentum_buffer) map by diag(1/g_new) @ project @ diag(g_old); second
+      moments (exp_avg_sq, max_exp_avg_sq) as the variances of that linear image (see `_map_pair`);
+    * C_re/C_im: likewise through `lift` on the right;
+    * nu_log, theta_log, gamma_log (one value per state, no linear relation between old and new states): every new
+      state gets the average of the old states' moments weighted by their participation |project_ij * lift_ji|;
+    * scalar entries (Adam's `step`) are kept, so bias correction continues where it was.
+
+    The moments are mapped as displacements of the parameters (like the parameters themselves), which keeps Adam's
+    update direction m / sqrt(v) consistent with the new basis. A layer is reset instead (its state deleted, as mode
+    "reset" does) when it was re-allocated rather than reduced, when some of its SSM parameters have no state yet, or
+    when a state entry is of a kind not listed above.
+    """
+    for change in changes:
+        parameters = change.parameters
+        states = {name: optimizer.state.get(parameters[name]) for name in _STATE_NAMES if name in parameters}
+        usable = (change.project is not None and change.lift is not None and len(states) == len(_STATE_NAMES)
+                  and all(states.values()) and all(name in change.previous for name in _STATE_NAMES))
+        split = {}
+        if usable:
+            for name, state in states.items():
+                split[name] = _split_state(state, change.previous[name].shape)
+                usable = usable and split[name] is not None
+        if not usable:
+            reset_optimizer_state(optimizer, [change])
+            continue
+        device = parameters["B_re"].device
+        project = change.project.to(device=device, dtype=torch.complex128)
+        lift = change.lift.to(device=device, dtype=torch.complex128)
+        gain_old = torch.exp(change.previous["gamma_log"].to(device=device, dtype=torch.float64))
+        gain_new = torch.exp(parameters["gamma_log"].detach().to(torch.float64))
+        b_map = project * (gain_old[None, :] / gain_new[:, None]).to(torch.complex128)
+        weights = (project * lift.T).abs()
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-300)  # (r, N), rows sum to 1
+        new_states = {}
+        for (re_name, im_name), maps in ((("B_re", "B_im"), {"left": b_map}), (("C_re", "C_im"), {"right": lift})):
+            (first_re, second_re, other_re), (first_im, second_im, other_im) = split[re_name], split[im_name]
+            mapped = _map_pair(first_re, first_im, second_re, second_im, **maps)
+            new_states[re_name] = {**other_re, **mapped[0], **mapped[2]}
+            new_states[im_name] = {**other_im, **mapped[1], **mapped[3]}
+        for name in ("nu_log", "theta_log", "gamma_log"):
+            first, second, other = split[name]
+            new_states[name] = {**other, **{key: weights @ value.double() for key, value in {**first, **second}.items()}}
+        for name, state in new_states.items():
+            parameter = parameters[name]
+            optimizer.state[parameter] = {
+                key: (value.to(dtype=parameter.dtype).contiguous() if torch.is_tensor(value) and value.dim() > 0
+                      else value)
+                for key, value in state.items()
+            }
+
+
+register_optimizer_state_repair("project", project_optimizer_state)

@@ -157,3 +157,59 @@ def test_trainer_with_compressm_optimizer_and_callback_reduces_and_keeps_groups(
     rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
     assert rates["ssm"] == pytest.approx(0.5 * rates["decay"])
     assert optimizer.state[model.lru_layers()[0].B_re]["exp_avg"].shape == (8, 8)
+
+
+def _adam_after_one_step(model):
+    optimizer = compressm_adamw(model, learning_rate=1e-2, weight_decay=0.1)
+    batch = torch.randint(0, 32, (4, 10), generator=torch.Generator().manual_seed(1))
+    model(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return optimizer, batch
+
+
+def test_project_carries_b_and_c_moments_through_the_change_of_basis():
+    model = make_lm(state_dims=12)
+    optimizer, _ = _adam_after_one_step(model)
+    layer = model.lru_layers()[0]
+    # Plant first moments equal to the parameters themselves: mapped like the parameters, they must come out equal
+    # to the reduced parameters (B through project with the gains, C through lift).
+    for name in ("B_re", "B_im", "C_re", "C_im"):
+        optimizer.state[getattr(layer, name)]["exp_avg"] = getattr(layer, name).detach().clone()
+    optimizer.state[layer.nu_log]["exp_avg"] = torch.full((12,), 0.25)
+    optimizer.state[layer.B_re]["exp_avg_sq"] = torch.ones(12, 8)
+    optimizer.state[layer.B_im]["exp_avg_sq"] = torch.ones(12, 8)
+    step_before = optimizer.state[layer.B_re]["step"].clone()
+    report = model.reduce([5, None], optimizer=optimizer, optimizer_state="project")
+    assert report[0]["status"] == "reduced"
+    state = optimizer.state
+    for name in ("B_re", "B_im", "C_re", "C_im"):
+        torch.testing.assert_close(state[getattr(layer, name)]["exp_avg"], getattr(layer, name).detach(),
+                                   rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state[layer.nu_log]["exp_avg"], torch.full((5,), 0.25))  # participation average
+    project = report[0]["change"].project
+    gain_old = torch.exp(report[0]["change"].previous["gamma_log"].double())
+    gain_new = torch.exp(layer.gamma_log.detach().double())
+    b_map = project * (gain_old[None, :] / gain_new[:, None])
+    expected_var = (b_map.real.square() + b_map.imag.square()).sum(dim=1, keepdim=True).expand(5, 8)
+    torch.testing.assert_close(state[layer.B_re]["exp_avg_sq"].double(), expected_var, rtol=1e-5, atol=0)
+    assert torch.equal(state[layer.B_re]["step"], step_before)
+    # layer 1 was not reduced: its state is untouched (same shape, still there)
+    assert state[model.lru_layers()[1].B_re]["exp_avg"].shape == (12, 8)
+
+
+def test_project_state_trains_on_and_resets_layers_without_state():
+    model = make_lm(state_dims=12)
+    optimizer, batch = _adam_after_one_step(model)
+    second = model.lru_layers()[1]
+    for parameter in second.ssm_parameters():
+        optimizer.state.pop(parameter)  # nothing to carry for this layer
+    model.reduce([6, 6], optimizer=optimizer, optimizer_state="project")
+    first = model.lru_layers()[0]
+    assert optimizer.state[first.C_im]["exp_avg_sq"].shape == (8, 6)
+    assert (optimizer.state[first.C_im]["exp_avg_sq"] >= 0).all()
+    assert all(parameter not in optimizer.state for parameter in second.ssm_parameters())
+    model(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()  # no shape error, no stale-state error
+    assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
+    assert optimizer.state[second.B_re]["exp_avg"].shape == (6, 8)
