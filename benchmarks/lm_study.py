@@ -783,12 +783,14 @@ def build_report(rows: list[dict]) -> tuple[list[str], dict]:
                 continue
             values = [_metric(r)[1] for r in members]
             cost = [r["state_time"] / r["state_time_full"] for r in members]
+            full_steps = {r["max_steps"] for r in group if r["arm"] == "baseline"}
+            tail_comparable = all("train_loss_tail" in r and r["max_steps"] in full_steps for r in members)
             lines.append(
                 f"| {arm} | {_fmt(values)} | {_fmt([r['eval_loss'] for r in members])} "
                 f"| {', '.join(f'{v:.4f}' for v in values)} | {'; '.join(str(r['dims_after']) for r in members)} "
                 f"| {_fmt(cost, 3)} | {statistics.mean(r['train_seconds'] for r in members):.0f} "
                 f"| {statistics.mean(r['tokens_per_second'] for r in members):.0f} "
-                f"| {_fmt([r['train_loss_tail'] for r in members]) if all('train_loss_tail' in r for r in members) else '-'} |")
+                f"| {_fmt([r['train_loss_tail'] for r in members]) if tail_comparable else '-'} |")
             arms.append({"arm": arm, "seeds": [r["seed"] for r in members], name: values,
                          "eval_loss": [r["eval_loss"] for r in members], "dims": [r["dims_after"] for r in members],
                          "state_time_fraction": cost, "train_seconds": [r["train_seconds"] for r in members],
@@ -845,7 +847,10 @@ def build_report(rows: list[dict]) -> tuple[list[str], dict]:
     for tag in sorted({r.get("tag", "") for r in ablation}):
         group = [r for r in ablation if r.get("tag", "") == tag]
         name = _metric(group[0])[0]
-        lines += ["", f"### ablation `{tag}` ({group[0]['task']}, {group[0]['max_steps']} steps)", "",
+        blocks = sorted({r.get("eval_blocks", 256) for r in group})
+        rates = sorted({r.get("knobs", {}).get("learning_rate") for r in group})
+        lines += ["", f"### ablation `{tag}` ({group[0]['task']}, {group[0]['max_steps']} steps, learning rate "
+                  f"{', '.join(f'{x:g}' for x in rates)}, eval on {', '.join(map(str, blocks))} held-out blocks)", "",
                   f"| variant | changed knobs | seeds | {name} (mean ± std) | per seed | final dims | state-time "
                   "| vs from-scratch curve at the same total size (per seed) | train-loss gap after last event "
                   "(next 50 / last 100 steps) |",
@@ -939,6 +944,8 @@ RECIPES: dict[str, dict] = {
                      "num_events": 4, "moments": "reset", "gauge": "balanced"},
     # the run: tolerance tau=0.05 per layer, events in the first 10%, moments reset
     "paper": {**VARIANTS["paper"]},
+    "half-late": {"policy": "budget", "final_fraction": 0.5, "reduce_start": 0.05, "reduce_end": 0.2, "num_events": 4,
+                  "moments": "project", "gauge": "equal-norm"},
     # a quarter of the states (where the from-scratch curve is steep: 32 per layer loses ~0.04 bpb, 16 ~0.11)
     "quarter": {"policy": "budget", "final_fraction": 0.25, "reduce_start": 0.025, "reduce_end": 0.1, "num_events": 4,
                 "moments": "project", "gauge": "equal-norm"},
