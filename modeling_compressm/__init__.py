@@ -15,6 +15,7 @@ from .callback import CompreSSMCallback, CompreSSMTrainer
 from .checkpoints import prepare_model_for_resume
 from .configuration_compressm import CompreSSMConfig
 from .events import HistoryError, ReductionEvent, event_metrics
+from .fsdp_strategy import FSDP2Strategy as _FSDP2Strategy  # noqa: F401 - registers the reducer's FSDP2 strategy
 from .modeling_compressm import (
     CompreSSMCache,
     CompreSSMForCausalLM,

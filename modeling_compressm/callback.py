@@ -9,6 +9,8 @@ check. Around that it does only Trainer plumbing:
   `Trainer`. Unbound, metrics go to `state.log_history` only; under torch.distributed an unbound callback stops
   before step 1 (the reducer needs the DDP-wrapped model, which only the Trainer holds). A callback bound to a
   Trainer that is not the one now training raises at `train()` instead of logging to the wrong run.
+* FSDP: the Trainer's FSDP (`TrainingArguments(fsdp=...)`) is refused with a message naming the supported path
+  (`CompreSSMReducer` in a plain or accelerate loop, docs/fsdp.md).
 * checkpoints: `CompreSSMTrainer` re-sizes the model before a checkpoint's weights are loaded (resume and
   `load_best_model_at_end`), writes checkpoints atomically, and stores a pending rollback check in them; with a plain
   `Trainer`, `prepare_model_for_resume(model, checkpoint)` re-sizes for resume, and the callback re-sizes for
@@ -35,6 +37,7 @@ from .checkpoints import (
     save_pending_check,
 )
 from .distributed import distributed_world_size, rebuild_ddp_reducer
+from .fsdp import is_fsdp2
 from .events import coerce_events, event_metrics
 from .model_card import refresh_card_spectrum
 from .optimizer_state import optimizer_state_repair
@@ -44,6 +47,22 @@ from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, RollbackRule
 logger = logging.getLogger(__name__)
 
 __all__ = ["CompreSSMCallback", "CompreSSMTrainer", "prepare_model_for_resume", "rebuild_ddp_reducer"]
+
+
+TRAINER_FSDP_MESSAGE = (
+    "CompreSSMCallback does not support the Trainer's FSDP (TrainingArguments(fsdp=...)): on resume the Trainer shards "
+    "the model at its initial sizes before loading a checkpoint saved at reduced sizes, which CompreSSMTrainer cannot "
+    "re-size. Train FSDP2 models in a plain PyTorch or accelerate loop with CompreSSMReducer(model, optimizer, ...), "
+    "which supports fully_shard and accelerate's FSDP2 plugin (docs/fsdp.md), or use the Trainer with DDP"
+)
+
+
+def _check_no_trainer_fsdp(args, model=None) -> None:
+    """Raise the TRAINER_FSDP_MESSAGE error for Trainer arguments that ask for FSDP or a model sharded by FSDP."""
+    asked = bool(getattr(args, "fsdp", None)) if args is not None else False
+    sharded = model is not None and is_fsdp2(model)
+    if asked or sharded:
+        raise NotImplementedError(TRAINER_FSDP_MESSAGE)
 
 
 @contextlib.contextmanager
@@ -175,6 +194,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         wrapped (DDP) model the reducer works on. `CompreSSMTrainer` does this itself; returns self."""
         if not isinstance(trainer, Trainer):
             raise TypeError(f"bind expects a transformers.Trainer, got {type(trainer).__name__}")
+        _check_no_trainer_fsdp(trainer.args)
         self._trainer = trainer
         return self
 
@@ -217,6 +237,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
 
     # --------------------------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        _check_no_trainer_fsdp(args, model)
         trainer = self._running_trainer(optimizer)
         if distributed_world_size() > 1 and trainer is None:
             raise RuntimeError(

@@ -18,6 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .schedule import DEFAULTS
+
 __all__ = [
     "DEFAULT_TIMEOUT",
     "DistributedReductionError",
@@ -26,9 +28,10 @@ __all__ = [
     "timed_broadcast_object",
 ]
 
-# How long one collective of a reduction may wait for the other ranks. Rank `src` computes the reduction while the
-# others wait in the first collective after it, so this bounds the reduction time of the slowest layer too.
-DEFAULT_TIMEOUT = timedelta(minutes=5)
+# How long one collective of a reduction may wait for the other ranks (`schedule.DEFAULTS.collective_timeout`). Rank
+# `src` computes the reduction while the others wait in the first collective after it, so this bounds the reduction
+# time of the slowest layer too.
+DEFAULT_TIMEOUT = timedelta(seconds=DEFAULTS.collective_timeout)
 
 
 class DistributedReductionError(RuntimeError):

@@ -1,7 +1,8 @@
 """Reducing a CompreSSM model that is sharded with FSDP2 (`torch.distributed.fsdp.fully_shard`).
 
 Distributed plumbing only: no reduction math lives here (that is `reduction.py`, driven through the model's
-`reduce` / the layers' `load_system`), and no policy (that is the reducer's).
+`reduce` / the layers' `load_system`), and no policy (that is the reducer's). `CompreSSMReducer` drives FSDP2 models
+through `fsdp_strategy.FSDP2Strategy`, whose gathered phase is `full_lru_parameters`.
 
 Under FSDP2 every parameter is a DTensor sharded on dim 0 across the ranks, owned by an `FSDPParam` of the
 `FSDPParamGroup` of the module `fully_shard` was applied to (a block, or the root). A reduction changes the shape
@@ -16,9 +17,10 @@ DTensor spec) and the all-gather buffers of an `FSDPParam` are sized once. `full
    or value) on rank `src`, broadcasts them, and gives each changed parameter a fresh `FSDPParam` in the same slot
    of the same group (re-sharded with the same placement and mesh); unchanged parameters get their old sharded
    DTensor back (with its gradient and optimizer state);
-3. swaps the replaced parameters in the optimizer's param groups in place (same optimizer object, so an LR
-   scheduler and accelerate's `AcceleratedOptimizer` stay attached; hyper-parameters kept); the state of a
-   parameter whose shape changed is dropped, the state of every other parameter is kept.
+3. swaps the replaced parameters in the optimizer's param groups in place
+   (`optimizer_state.replace_parameters_in_optimizer`: same optimizer object, so an LR scheduler and accelerate's
+   `AcceleratedOptimizer` stay attached; hyper-parameters kept); the state of a parameter whose shape changed is
+   dropped, the state of every other parameter is kept.
 
 Every collective here waits with a timeout (`collectives.py`) and raises `DistributedReductionError` naming the step
 that did not complete, so a stopped or crashed rank gives a clear error instead of a hang.
@@ -28,7 +30,8 @@ Functions:
     full_lru_parameters(model, optimizer, src, ...)   context manager -> FullParameterSession
     gather_lru_systems(model, ...)                    -> list of (lam, B, C) full systems, identical on every rank
     apply_reduced_systems(model, systems, ...)        -> FullParameterSession (systems of rank `src` win)
-    replace_optimizer_parameters(optimizer, mapping)  -> None (in place)
+    gather_shards(local, dim, full_size, group, ...)  -> a dim-0-style sharded tensor's full value (timed all-gather)
+    fsdp_classes(), check_fsdp_param_api()            the FSDP2 internals this module relies on, checked
 
 Tested with torch 2.13 (CPU, gloo, 2 processes). The FSDP2 internals this relies on are checked at use and a
 `DistributedReductionError` says so if a torch release changed them.
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Iterator, Sequence
@@ -53,6 +57,8 @@ from .collectives import (
     timed_broadcast,
     timed_broadcast_object,
 )
+from .distributed import compressm_model_of
+from .optimizer_state import replace_parameters_in_optimizer, unwatch_stale_state
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -62,11 +68,13 @@ __all__ = [
     "full_lru_parameters",
     "gather_lru_systems",
     "apply_reduced_systems",
-    "replace_optimizer_parameters",
+    "gather_shards",
+    "fsdp_classes",
+    "check_fsdp_param_api",
 ]
 
 # --------------------------------------------------------------------------------------------- torch internals
-def _fsdp_classes():
+def fsdp_classes():
     """(FSDPModule, FSDPParam, TrainingState) of this torch, or raise a DistributedReductionError."""
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -80,34 +88,15 @@ def _fsdp_classes():
 
 
 def is_fsdp2(model: nn.Module) -> bool:
-    """Whether `model` (or a module inside it) was sharded with FSDP2's `fully_shard`."""
+    """Whether `model` (or a module inside it) was sharded with FSDP2's `fully_shard`. Imports nothing: a process
+    that never imported torch.distributed.fsdp holds no FSDP2 module."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False
     try:
         from torch.distributed.fsdp import FSDPModule
-    except ImportError:
+    except ImportError:  # torch < 2.6
         return False
     return any(isinstance(module, FSDPModule) for module in model.modules())
-
-
-def _unwrap_model(model: nn.Module) -> nn.Module:
-    """The CompreSSM model inside DDP / accelerate / torch.compile wrappers (FSDP2 does not wrap)."""
-    for _ in range(8):
-        if hasattr(model, "lru_layers"):
-            return model
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            break
-        model = inner
-    raise TypeError(f"expected a CompreSSM model (with lru_layers()), got {type(model).__name__}")
-
-
-def _torch_optimizer(optimizer):
-    """The torch optimizer that owns `.state` (accelerate's AcceleratedOptimizer wraps it as `.optimizer`)."""
-    for _ in range(8):
-        inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            break
-        optimizer = inner
-    return optimizer
 
 
 # ------------------------------------------------------------------------------------------------- the slots
@@ -127,7 +116,7 @@ class _Slot:
 
 def _fsdp_param_slots(model: nn.Module) -> dict[tuple[int, str], tuple[object, int, object]]:
     """(id(module), param_name) -> (FSDPParamGroup, index, FSDPParam) for every parameter FSDP2 manages."""
-    FSDPModule, _, _ = _fsdp_classes()
+    FSDPModule, _, _ = fsdp_classes()
     found, seen_groups = {}, set()
     for module in model.modules():
         if not isinstance(module, FSDPModule):
@@ -175,17 +164,27 @@ def _collect_slots(model: nn.Module) -> list[_Slot]:
     return slots
 
 
+def gather_shards(local: torch.Tensor, dim: int, full_size: int, group, what: str, timeout: timedelta) -> torch.Tensor:
+    """Concatenate every rank's shard along `dim` (torch.chunk layout, as FSDP2 and DTensor's Shard use: rank i holds
+    rows [i * c, (i + 1) * c) with c = ceil(full_size / world), the last ones short or empty), on every rank."""
+    chunk = -(-full_size // dist.get_world_size(group))
+    if local.shape[dim] != chunk:  # pad to the common size of the all-gather
+        padded_shape = list(local.shape)
+        padded_shape[dim] = chunk
+        padded = local.new_zeros(padded_shape)
+        padded.narrow(dim, 0, local.shape[dim]).copy_(local)
+        local = padded
+    pieces = timed_all_gather(local.contiguous(), group, what, timeout)
+    return torch.cat(pieces, dim=dim).narrow(dim, 0, full_size).contiguous()
+
+
 def _gather_full(slot: _Slot, timeout: timedelta) -> torch.Tensor:
     """Full value of a sharded parameter on every rank, from each rank's padded shard (timed all-gather)."""
     fsdp_param = slot.fsdp_param
     shard_dim = fsdp_param.fsdp_placement.dim
     local = fsdp_param._sharded_param_data.view(fsdp_param.padded_sharded_param_size).to(fsdp_param.device)
-    pieces = timed_all_gather(
-        local, fsdp_param.mesh_info.shard_process_group,
-        f"all-gather of LRU layer {slot.layer} parameter {slot.name!r}", timeout,
-    )
-    full = torch.cat(pieces, dim=shard_dim).narrow(shard_dim, 0, fsdp_param._orig_size[shard_dim])
-    return full.contiguous()
+    return gather_shards(local, shard_dim, fsdp_param._orig_size[shard_dim], fsdp_param.mesh_info.shard_process_group,
+                          f"all-gather of LRU layer {slot.layer} parameter {slot.name!r}", timeout)
 
 
 def _register(module: nn.Module, name: str, parameter: nn.Parameter) -> None:
@@ -196,9 +195,9 @@ _FSDP_PARAM_ARGUMENTS = ("param", "module_info", "mesh_info", "post_forward_mesh
                          "mp_policy", "offload_policy")
 
 
-def _check_fsdp_param_api() -> None:
+def check_fsdp_param_api() -> None:
     """Fail before any collective if this torch's FSDPParam constructor is not the one `_new_fsdp_param` calls."""
-    _, FSDPParam, _ = _fsdp_classes()
+    _, FSDPParam, _ = fsdp_classes()
     accepted = inspect.signature(FSDPParam.__init__).parameters
     required = {name for name, p in accepted.items() if name != "self" and p.default is inspect.Parameter.empty}
     if not set(_FSDP_PARAM_ARGUMENTS) <= set(accepted) or not required <= set(_FSDP_PARAM_ARGUMENTS):
@@ -214,7 +213,7 @@ def _new_fsdp_param(slot: _Slot, full: torch.Tensor):
     The FSDPParam constructor shards `full` (its dim-0 chunk for this rank, padded) and registers the sharded DTensor
     parameter on the module.
     """
-    _, FSDPParam, _ = _fsdp_classes()
+    _, FSDPParam, _ = fsdp_classes()
     old, group = slot.fsdp_param, slot.group
     placement, mesh_info = old.fsdp_placement, old.mesh_info
     parameter = nn.Parameter(full.to(old.device).contiguous(), requires_grad=slot.sharded.requires_grad)
@@ -249,16 +248,19 @@ class FullParameterSession:
     replaced: old sharded parameter -> new sharded parameter, for every LRU parameter that changed on rank `src`.
     changed_layers: indices of the LRU layers with at least one replaced parameter (same on every rank).
     state_dims: the LRU state sizes after the session (same on every rank).
+    full_values: (layer index, parameter name) -> full value of each replaced parameter (as rank `src` left it,
+        identical on every rank, on the FSDP device).
     """
 
     src: int
     replaced: dict = field(default_factory=dict)
     changed_layers: list = field(default_factory=list)
     state_dims: list = field(default_factory=list)
+    full_values: dict = field(default_factory=dict)
 
 
 def _check_groups_idle(slots: list[_Slot]) -> None:
-    _, _, TrainingState = _fsdp_classes()
+    _, _, TrainingState = fsdp_classes()
     for slot in {id(slot.group): slot for slot in slots}.values():
         group = slot.group
         if group._training_state != TrainingState.IDLE:
@@ -317,8 +319,8 @@ def full_lru_parameters(
     `model.reduce`, `layer.load_system`, `model.set_state_dims`); the other parameters stay sharded. On a normal
     exit the LRU parameters as rank `src` left them are broadcast, re-sharded and registered on every rank (what
     the other ranks did to them is overwritten), `config.state_dims` is rewritten, and `optimizer` (torch or
-    accelerate's wrapper; optional) is repaired in place by `replace_optimizer_parameters`. If any rank raises in
-    the block, every rank restores the parameters as they were and raises.
+    accelerate's wrapper; optional) is repaired in place by `optimizer_state.replace_parameters_in_optimizer`. If
+    any rank raises in the block, every rank restores the parameters as they were and raises.
 
     Call it between training steps (after `optimizer.step()`), not between forward and backward.
 
@@ -336,8 +338,8 @@ def full_lru_parameters(
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise DistributedReductionError("full_lru_parameters needs an initialised torch.distributed process group")
-    model = _unwrap_model(model)
-    _check_fsdp_param_api()
+    model = compressm_model_of(model)
+    check_fsdp_param_api()
     session = FullParameterSession(src=src)
     slots = _collect_slots(model)
     if not slots:
@@ -347,7 +349,11 @@ def full_lru_parameters(
     _check_same_layout(slots, process_group, device, timeout)
     dims_before = list(getattr(model.config, "state_dims", [])) if hasattr(model, "config") else None
 
+    def forget_full_parameters() -> None:  # model.reduce inside the block watches them for stale optimizer state
+        unwatch_stale_state(slot.module._parameters[slot.name] for slot in slots)
+
     def restore_sharded() -> None:
+        forget_full_parameters()
         for slot in slots:
             _register(slot.module, slot.name, slot.sharded)
         if dims_before is not None:
@@ -417,6 +423,7 @@ def full_lru_parameters(
         raise
 
     # 4. re-shard: a fresh FSDPParam for each changed parameter, the old sharded DTensor for the others
+    forget_full_parameters()
     touched_groups = {}
     for index, slot in enumerate(slots):
         if index in new_values:
@@ -424,6 +431,7 @@ def full_lru_parameters(
             new = _new_fsdp_param(slot, new_values[index])  # registers the new sharded parameter on the module
             slot.group.fsdp_params[slot.position] = new
             session.replaced[slot.sharded] = new.sharded_param
+            session.full_values[(slot.layer, slot.name)] = new_values[index]
             touched_groups[id(slot.group)] = slot.group
         else:
             _register(slot.module, slot.name, slot.sharded)
@@ -434,35 +442,7 @@ def full_lru_parameters(
     if hasattr(model, "config") and hasattr(model.config, "state_dims"):
         model.config.state_dims = list(session.state_dims)
     if optimizer is not None:
-        replace_optimizer_parameters(optimizer, session.replaced)
-
-
-def replace_optimizer_parameters(optimizer, replaced: dict) -> None:
-    """Point an optimizer at new parameter objects, in place.
-
-    Each old parameter in `optimizer.param_groups` is replaced by its new one at the same position (param groups and
-    their hyper-parameters, the optimizer object and so any LR scheduler stay as they are). The state of a
-    parameter whose shape is unchanged moves to the new parameter; the state of a parameter whose shape changed
-    (e.g. Adam moments of a reduced layer) is dropped and starts afresh at the next step.
-
-    Args:
-        optimizer: a torch optimizer or a wrapper with `.optimizer` (accelerate's AcceleratedOptimizer).
-        replaced: old parameter -> new parameter.
-    """
-    if not replaced:
-        return
-    inner = _torch_optimizer(optimizer)
-    by_id = {id(old): new for old, new in replaced.items()}
-    for group in inner.param_groups:
-        params = group["params"]
-        for position, parameter in enumerate(params):
-            new = by_id.get(id(parameter))
-            if new is not None:
-                params[position] = new
-    for old, new in replaced.items():
-        state = inner.state.pop(old, None)
-        if state and old.shape == new.shape:
-            inner.state[new] = state
+        replace_parameters_in_optimizer(optimizer, session.replaced)
 
 
 # ------------------------------------------------------------------------------------------- conveniences
@@ -477,7 +457,7 @@ def gather_lru_systems(
     """
     with full_lru_parameters(model, timeout=timeout, process_group=process_group):
         with torch.no_grad():
-            layers = _unwrap_model(model).lru_layers()
+            layers = compressm_model_of(model).lru_layers()
             systems = [tuple(tensor.detach().clone() for tensor in layer.to_lti()[:3]) for layer in layers]
     return systems
 
@@ -496,14 +476,14 @@ def apply_reduced_systems(
     Args:
         systems: on rank `src`, one entry per LRU layer: None (unchanged) or (lam (r,), B (r, H) with the input gain,
             C (H, r)), e.g. a `reduction.ReducedSystem`; other ranks may pass the same or None (rank `src` wins).
-        optimizer: repaired in place (see `replace_optimizer_parameters`).
+        optimizer: repaired in place (see `optimizer_state.replace_parameters_in_optimizer`).
     Returns:
         the FullParameterSession (replaced parameters, changed layers, new state sizes).
     Raises:
         ReductionError (on rank `src`, re-raised there; the other ranks raise DistributedReductionError) if a system
         cannot be represented; nothing is changed on any rank in that case.
     """
-    unwrapped = _unwrap_model(model)
+    unwrapped = compressm_model_of(model)
     with full_lru_parameters(unwrapped, optimizer, src=src, timeout=timeout, process_group=process_group) as session:
         if systems is not None:
             layers = unwrapped.lru_layers()

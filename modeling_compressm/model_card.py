@@ -81,14 +81,20 @@ def _spectrum_key(model) -> tuple:
     return tuple(model.config.state_dims), last
 
 
-def card_spectrum(model) -> tuple[list[list[float]] | None, bytes | None]:
-    """(HSVs per layer as lists, PNG bytes or None) of the model, computed once per reduction event and cached."""
+def card_spectrum(model, state_dict: dict | None = None) -> tuple[list[list[float]] | None, bytes | None]:
+    """(HSVs per layer as lists, PNG bytes or None) of the model, computed once per reduction event and cached.
+
+    With `state_dict` (the weights being saved) the HSVs come from its tensors, so no parameter of a sharded model
+    is read (that would be a collective on one process). A sharded model without a state dict gets no spectrum (not
+    cached, so a later save with the gathered state dict draws it)."""
     key = _spectrum_key(model)
     cached = model.__dict__.get(_CACHE_ATTRIBUTE)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
+    if state_dict is None and model._has_sharded_parameters():
+        return None, None
     try:
-        hsv_per_layer = [values.tolist() for values in model.hankel_singular_values()]
+        hsv_per_layer = [values.tolist() for values in model.hankel_singular_values(state_dict=state_dict)]
     except (ValueError, RuntimeError):  # a layer with NaN or unstable eigenvalues: no spectrum to show
         hsv_per_layer = None
     png = render_hsv_plot(hsv_per_layer) if hsv_per_layer is not None else None
@@ -109,6 +115,14 @@ _AUTO_CLASS_FOR = {
 # Text of the card transformers' `push_to_hub` creates when the Hub repo has none (`create_and_tag_model_card`).
 _TRANSFORMERS_DEFAULT_CARD_MARKER = "This model card has been automatically generated"
 CARD_MARKER = "- compressm"
+
+
+def model_class_name(model) -> str:
+    """The model's class name; FSDP2's `fully_shard` swaps in a subclass named "FSDP<class>", reported as <class>."""
+    name = type(model).__name__
+    if name.startswith("FSDP") and any(base.__name__ == name[4:] for base in type(model).__mro__[1:]):
+        return name[4:]
+    return name
 
 
 def _event_row(event) -> str:
@@ -155,7 +169,7 @@ def render_model_card(model, training_info: dict | None = None) -> str:
 
     config = model.config
     events = coerce_events(list(model.reduction_history), source="model.reduction_history")
-    class_name = type(model).__name__
+    class_name = model_class_name(model)
     auto_class = _AUTO_CLASS_FOR.get(class_name, "AutoModel")
     dims = list(config.state_dims)
     initial = list(events[0].dims_before) if events else dims
@@ -252,8 +266,9 @@ def write_model_card(model, save_directory: str, overwrite: bool = False) -> boo
 
     An existing README.md is replaced only when `overwrite`, when this module wrote it, or when it is transformers'
     auto-generated placeholder (what `push_to_hub` puts in when the Hub repo has no card); a user's own card is left
-    alone. The spectrum and plot come from `card_spectrum` (drawn once per reduction event). Returns True when
-    README.md was written.
+    alone. The spectrum and plot come from `card_spectrum(model)` (drawn once per reduction event; `save_pretrained`
+    computes it from the state dict it saves first). No collective runs here, so it may run on one process of a
+    distributed job. Returns True when README.md was written.
     """
     card_path = os.path.join(save_directory, "README.md")
     if not overwrite and not _is_replaceable(card_path):

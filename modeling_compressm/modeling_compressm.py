@@ -22,10 +22,12 @@ Longer than 500 lines on purpose: one readable modeling file per model is the Hu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -190,11 +192,21 @@ class CompreSSMLRU(nn.Module):
             lam complex64 (N,), B complex64 (N, H) with the gain exp(gamma_log) included, C complex64 (H, N),
             D float32 (H,).
         """
-        nu, theta, gamma = self.nu_log.float(), self.theta_log.float(), self.gamma_log.float()
-        lam = torch.exp(torch.complex(-torch.exp(nu), torch.exp(theta)))
-        B = torch.complex(self.B_re.float(), self.B_im.float()) * torch.exp(gamma)[:, None]
-        C = torch.complex(self.C_re.float(), self.C_im.float())
+        lam, B, C = self.system_from_parameters(
+            self.nu_log, self.theta_log, self.gamma_log, self.B_re, self.B_im, self.C_re, self.C_im
+        )
         return lam, B, C, self.D.float()
+
+    @staticmethod
+    def system_from_parameters(nu_log, theta_log, gamma_log, B_re, B_im, C_re, C_im):
+        """(lam complex64 (N,), B complex64 (N, H) with the gain exp(gamma_log), C complex64 (H, N)) of LRU parameter
+        tensors nu_log, theta_log, gamma_log (N,), B_re, B_im (N, H), C_re, C_im (H, N) (any float dtype), e.g. taken
+        from a state dict."""
+        nu, theta, gamma = nu_log.float(), theta_log.float(), gamma_log.float()
+        lam = torch.exp(torch.complex(-torch.exp(nu), torch.exp(theta)))
+        B = torch.complex(B_re.float(), B_im.float()) * torch.exp(gamma)[:, None]
+        C = torch.complex(C_re.float(), C_im.float())
+        return lam, B, C
 
     @staticmethod
     def parameters_from_system(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -436,6 +448,11 @@ def _resolve_cache_argument(cache: CompreSSMCache | None, past_key_values: Compr
     return cache
 
 
+def _dtensor_type():
+    """torch's DTensor class if it was imported (a process that never imported it holds no DTensor), else None."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
 class CompreSSMPreTrainedModel(PreTrainedModel):
     config_class = CompreSSMConfig
     base_model_prefix = "model"
@@ -485,7 +502,32 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
 
         With remote code registered, `auto_map` lists AutoConfig, AutoModel, AutoModelForCausalLM and
         AutoModelForSequenceClassification, so any of the Auto classes loads the checkpoint with trust_remote_code.
+
+        Distributed: the history and card are written where transformers writes the weights (`is_main_process` and
+        global rank 0), and run no collective: the card's Hankel singular values come from the `state_dict` being
+        saved when one is passed, so the accelerate recipe `accelerator.unwrap_model(model).save_pretrained(dir,
+        state_dict=accelerator.get_state_dict(model), is_main_process=accelerator.is_main_process)` works for DDP and
+        FSDP2 alike. A model sharded with FSDP2 (DTensor parameters) must be given its gathered `state_dict`; it is
+        saved under its own class (not FSDP2's "FSDP<class>"), so `architectures`, `auto_map` and the copied
+        modeling files are those of the unsharded model.
         """
+        state_dict = kwargs.get("state_dict", args[1] if len(args) > 1 else None)
+        is_main_process = kwargs.get("is_main_process", args[0] if args else True)
+        dtensor = _dtensor_type()
+        sharded_state = dtensor is not None and state_dict is not None and any(
+            isinstance(value, dtensor) for value in state_dict.values()
+        )
+        if sharded_state or (state_dict is None and self._has_sharded_parameters()):
+            raise ValueError(
+                "the weights to save are sharded (FSDP2 / DTensor): pass the gathered full weights, e.g. "
+                "save_pretrained(dir, state_dict=accelerator.get_state_dict(model), is_main_process=...) or "
+                "state_dict=torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+                "options=StateDictOptions(full_state_dict=True, cpu_offload=True)) (a collective: run it on every rank)"
+            )
+        with self._as_unsharded_class():
+            return self._save_with_compressm_files(save_directory, args, kwargs, state_dict, is_main_process)
+
+    def _save_with_compressm_files(self, save_directory, args, kwargs, state_dict, is_main_process):
         if self._auto_class is not None:
             module = type(self).__module__.split(".")[-1]
             config_module = type(self.config).__module__.split(".")[-1]
@@ -499,14 +541,53 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
                 auto_map.setdefault(auto_class, f"{module}.{class_name}")
             self.config.auto_map = auto_map
         self.reduction_history  # validates entries appended by hand before anything is written
+        rank_zero = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+            torch.distributed.get_rank() == 0
+        )
+        writes = is_main_process and rank_zero
+        if writes and state_dict is not None:
+            self._cache_card_spectrum(state_dict)  # before transformers empties the dict while writing it
         result = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True) and not os.path.isfile(save_directory):
+        if writes and not os.path.isfile(save_directory):
             self._write_compressm_files(save_directory)
         return result
 
+    @contextlib.contextmanager
+    def _as_unsharded_class(self):
+        """FSDP2's `fully_shard` gives the model a subclass "FSDP<class>" defined in torch; transformers names the
+        saved architecture, `auto_map` and the modeling file to copy after `type(model)`. Present the CompreSSM class
+        for the duration of a save (nothing in a save runs FSDP's forward or state-dict hooks)."""
+        sharded_class = type(self)
+        own_class = next(
+            klass for klass in sharded_class.__mro__
+            if issubclass(klass, CompreSSMPreTrainedModel) and not klass.__module__.startswith("torch.")
+        )
+        if own_class is sharded_class:
+            yield
+            return
+        self.__class__ = own_class
+        try:
+            yield
+        finally:
+            self.__class__ = sharded_class
+
+    def _has_sharded_parameters(self) -> bool:
+        """Whether parameters are DTensors (FSDP2 / tensor parallel): their values need collectives."""
+        dtensor = _dtensor_type()
+        return dtensor is not None and any(isinstance(parameter, dtensor) for parameter in self.parameters())
+
+    def _cache_card_spectrum(self, state_dict: dict) -> None:
+        """Compute the card's Hankel singular values from `state_dict` (no collective) and cache them for the card."""
+        try:
+            from .model_card import card_spectrum
+        except ImportError:  # remote-code copies may lack the optional model-card module
+            return
+        card_spectrum(self, state_dict)
+
     def _write_compressm_files(self, directory) -> None:
         """Write `compressm_history.json` (atomically) and, when the model-card module is present, README.md and
-        the HSV plot (the plot is drawn once per reduction event and reused by later saves)."""
+        the HSV plot (the plot is drawn once per reduction event and reused by later saves; see `card_spectrum` for
+        where its Hankel singular values come from)."""
         write_history(os.path.join(directory, self.HISTORY_FILE), self.reduction_history, self.config.state_dims)
         try:
             from .model_card import write_model_card
@@ -560,9 +641,26 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
         return [module for module in self.modules() if isinstance(module, CompreSSMLRU)]
 
     @torch.no_grad()
-    def hankel_singular_values(self) -> list[torch.Tensor]:
-        """Hankel singular values of every layer: a list of float64 (N_i,) tensors, descending, on the model device."""
-        return [hankel_singular_values(*layer.to_lti()[:3]) for layer in self.lru_layers()]
+    def hankel_singular_values(self, state_dict: dict | None = None) -> list[torch.Tensor]:
+        """Hankel singular values of every layer: a list of float64 (N_i,) tensors, descending, on the model device
+        (on the tensors' device with `state_dict`).
+
+        Args:
+            state_dict: compute them from these tensors (the model's parameter names, e.g. the gathered state dict of
+                a sharded model) instead of the parameters; ValueError if a layer's tensor is missing.
+        """
+        if state_dict is None:
+            return [hankel_singular_values(*layer.to_lti()[:3]) for layer in self.lru_layers()]
+        values = []
+        for prefix, module in self.named_modules():
+            if isinstance(module, CompreSSMLRU):
+                names = [f"{prefix}.{name}" for name in CompreSSMLRU.SSM_PARAMETER_NAMES]
+                missing = [name for name in names if name not in state_dict]
+                if missing:
+                    raise ValueError(f"state_dict lacks {missing[0]!r} (and {len(missing) - 1} more LRU tensors)")
+                system = CompreSSMLRU.system_from_parameters(*(state_dict[name] for name in names))
+                values.append(hankel_singular_values(*system))
+        return values
 
     @torch.no_grad()
     def set_state_dims(self, state_dims: list[int], initialise: bool = True) -> list:

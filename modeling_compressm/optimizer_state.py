@@ -10,16 +10,19 @@ at them, but whatever state it holds for them (Adam's moments) has the old shape
   `register_optimizer_state_repair(name, function)`; the reducer loop does not change.
 * `watch_for_stale_state(parameters)`: when a model was reduced without its optimizer, the next `optimizer.step()`
   that finds old-shaped state for those parameters raises `StaleOptimizerStateError` saying what to do, instead of
-  a tensor-size error from inside the optimizer.
+  a tensor-size error from inside the optimizer. `watch_for_replaced_parameters(parameters)` does the same for
+  Parameter objects that a distributed wrapper replaced (FSDP2 re-sharding): an optimizer still holding one would
+  silently train a parameter that is no longer in the model.
 * `replace_parameters_in_optimizer(optimizer, mapping)`: for distributed wrappers that must create new Parameter
-  objects (re-sharding), put the new ones in the old ones' place in their param groups, keeping group
-  hyper-parameters.
+  objects (FSDP2 re-sharding), put the new ones in the old ones' place in their param groups, keeping group
+  hyper-parameters (same optimizer object, so LR schedulers and accelerate's wrapper stay attached).
 
 Copied next to the weights of `trust_remote_code` checkpoints (model.reduce uses it), so it imports only torch.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,6 +40,8 @@ __all__ = [
     "unwrap_optimizer",
     "replace_parameters_in_optimizer",
     "watch_for_stale_state",
+    "unwatch_stale_state",
+    "watch_for_replaced_parameters",
 ]
 
 
@@ -114,18 +119,25 @@ def repair_optimizer_state(optimizer, changes: list[LayerChange], mode: str = "r
     if optimizer is None or not changes:
         return
     repair(unwrap_optimizer(optimizer), changes)
-    for change in changes:
-        for parameter in change.parameters.values():
-            _STALE.pop(id(parameter), None)
+    unwatch_stale_state(parameter for change in changes for parameter in change.parameters.values())
 
 
 def replace_parameters_in_optimizer(optimizer, mapping: dict) -> int:
-    """Put new Parameter objects in place of old ones in the optimizer's param groups (same position, same group and
-    hyper-parameters); the state of a replaced parameter is dropped. Returns how many entries were replaced.
+    """Put new Parameter objects in place of old ones in the optimizer, in place.
+
+    Each old parameter in the param groups is replaced by its new one at the same position (param groups, their
+    hyper-parameters and the optimizer object stay, so an LR scheduler and accelerate's `AcceleratedOptimizer` stay
+    attached). The state of a parameter whose shape is unchanged moves to the new parameter; the state of one whose
+    shape changed (e.g. Adam moments of a reduced layer) is dropped and starts afresh at the next step (or is set by
+    an optimizer-state repair afterwards).
 
     Args:
-        optimizer: torch optimizer or wrapper.   mapping: {old Parameter: new Parameter} (identity-keyed).
+        optimizer: torch optimizer or wrapper with `.optimizer`.   mapping: {old Parameter: new Parameter}.
+    Returns:
+        how many param-group entries were replaced.
     """
+    if not mapping:
+        return 0
     inner = unwrap_optimizer(optimizer)
     by_id = {id(old): new for old, new in mapping.items()}
     replaced = 0
@@ -133,19 +145,36 @@ def replace_parameters_in_optimizer(optimizer, mapping: dict) -> int:
         for index, parameter in enumerate(group["params"]):
             new = by_id.get(id(parameter))
             if new is not None and new is not parameter:
-                inner.state.pop(parameter, None)
                 group["params"][index] = new
                 replaced += 1
+    for old, new in mapping.items():
+        if new is old:
+            continue
+        state = inner.state.pop(old, None)
+        if state and old.shape == new.shape:
+            inner.state[new] = state
     return replaced
 
 
 # --------------------------------------------------------------------------------------------- stale-state guard
 _STALE: dict[int, tuple[torch.nn.Parameter, str]] = {}
+_REPLACED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> replaced Parameter (while alive)
 _HOOK = None
 
 
 def _check_stale_state(optimizer, args, kwargs):
-    """Global optimizer step pre-hook: raise for watched parameters whose state has another shape."""
+    """Global optimizer step pre-hook: raise for watched parameters whose state has another shape, and for
+    parameters that a reduction replaced by new objects."""
+    if _REPLACED:
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                if _REPLACED.get(id(parameter)) is parameter:
+                    raise StaleOptimizerStateError(
+                        f"{type(optimizer).__name__} holds a parameter of shape {tuple(parameter.shape)} that a "
+                        "reduction replaced by a new Parameter object (FSDP2 re-shards reduced layers), so it would "
+                        "train a parameter the model no longer uses. Pass the optimizer to the reduction "
+                        "(CompreSSMReducer(model, optimizer)) so it is updated in place."
+                    )
     if not _STALE:
         return None
     for key, (parameter, name) in list(_STALE.items()):
@@ -164,10 +193,29 @@ def _check_stale_state(optimizer, args, kwargs):
     return None
 
 
-def watch_for_stale_state(named_parameters: dict) -> None:
-    """Watch parameters that were reduced without their optimizer (name -> Parameter); see the module docstring."""
+def unwatch_stale_state(parameters) -> None:
+    """Stop watching these parameters (their optimizer state was repaired, or they left the model)."""
+    for parameter in parameters:
+        _STALE.pop(id(parameter), None)
+
+
+def _register_hook() -> None:
     global _HOOK
-    for name, parameter in named_parameters.items():
-        _STALE[id(parameter)] = (parameter, name)
     if _HOOK is None:
         _HOOK = register_optimizer_step_pre_hook(_check_stale_state)
+
+
+def watch_for_stale_state(named_parameters: dict) -> None:
+    """Watch parameters that were reduced without their optimizer (name -> Parameter); see the module docstring."""
+    for name, parameter in named_parameters.items():
+        _STALE[id(parameter)] = (parameter, name)
+    _register_hook()
+
+
+def watch_for_replaced_parameters(parameters) -> None:
+    """Watch Parameter objects that left the model (replaced by new ones) while no optimizer was repaired: an
+    optimizer step that still holds one raises StaleOptimizerStateError. Held weakly (a dropped parameter is
+    forgotten)."""
+    for parameter in parameters:
+        _REPLACED[id(parameter)] = parameter
+    _register_hook()

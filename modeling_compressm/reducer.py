@@ -16,32 +16,39 @@ run consistent:
   break the next backward;
 * the optimizer state of the changed parameters is repaired by the function registered for `optimizer_state`
   (`optimizer_state.py`; "reset" deletes it);
-* distributed wrappers (DDP; FSDP2 through `distributed.register_strategy`) go through a `distributed` strategy:
-  rank 0 decides, every rank applies the same change, the wrapper is rebuilt, collectives time out;
+* distributed wrappers (DDP; FSDP2's `fully_shard`, `fsdp_strategy.FSDP2Strategy`) go through a `distributed` strategy:
+  rank 0 decides, every rank applies the same change, the wrapper is rebuilt (FSDP2: re-sharded into new Parameter
+  objects, which take the old ones' places in the optimizer), collectives time out; a failure on rank 0 while
+  deciding reaches the other ranks at once;
 * a layer whose factorisation or truncation fails is left alone and the others still reduce;
 * policy "rollback": every event is tentative until `resolve_pending(keep)` accepts it or restores the exact state
   before it (weights, sizes, optimizer state) and stops further reductions;
 * `state_dict()` / `load_state_dict()` carry the history, the stop flag and a pending rollback check for resume.
 
-No Trainer code and no reduction math live here (see `callback.py` and `reduction.py`).
+No Trainer code and no reduction math live here (see `callback.py` and `reduction.py`). Over 500 lines because one
+class holds an event's phases, the rollback snapshot and the resumable state, which share its private state; the
+distributed phases are in `distributed.py` / `fsdp_strategy.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .distributed import strategy_for, wrapper_chain
+from .collectives import DistributedReductionError
+from .distributed import compressm_model_of, strategy_for
 from .events import ReductionEvent, coerce_events
 from .optimizer_state import (
     LayerChange,
     optimizer_state_repair,
-    repair_optimizer_state,
-    replace_parameters_in_optimizer,
+    unwatch_stale_state,
     unwrap_optimizer,
+    watch_for_replaced_parameters,
 )
 from .reduction import ReductionError, balance
 from .schedule import DEFAULTS, RankPolicy, ReductionSchedule
@@ -52,14 +59,14 @@ STATE_FORMAT = "compressm-reducer"
 STATE_VERSION = 1
 
 
-def compressm_model_of(model):
-    """The CompreSSM model inside DDP / accelerate / torch.compile wrappers (TypeError if there is none)."""
-    for module in reversed(wrapper_chain(model)):  # innermost first: torch.compile forwards attribute lookups
-        if hasattr(module, "lru_layers") and hasattr(module, "reduce") and hasattr(module, "set_state_dims"):
-            return module
-    raise TypeError(
-        f"expected a CompreSSM model (or a DDP / accelerate / torch.compile wrapper of one), got {type(model).__name__}"
-    )
+__all__ = ["CompreSSMReducer", "PendingCheck", "compressm_model_of"]
+
+
+@dataclass
+class _DeciderFailed:
+    """Sent instead of an outcome when the deciding rank raised, so the other ranks stop at once."""
+
+    message: str
 
 
 @dataclass
@@ -97,7 +104,8 @@ class CompreSSMReducer:
 
     Args:
         model: a CompreSSM model, bare or wrapped (DistributedDataParallel, accelerate's prepared model,
-            torch.compile). Under torch.distributed with more than one process it must be the DDP-wrapped model.
+            torch.compile), or sharded with FSDP2's `fully_shard`. Under torch.distributed with more than one process
+            it must be the DDP-wrapped or the FSDP2-sharded model.
         optimizer: the optimizer training it (torch, or accelerate's AcceleratedOptimizer); None when there is none
             (an optimizer that was left out fails with `StaleOptimizerStateError` at its next step).
         policy, tau, fraction, gate, min_dim, total_budget: rank policy (`schedule.RankPolicy`).
@@ -149,9 +157,9 @@ class CompreSSMReducer:
         self.model = compressm_model_of(model)
         self.rank_policy.check_budget(self.state_dims)
         self.optimizer = optimizer
+        self.strategy = strategy_for(model, optimizer, self.collective_timeout)
         if optimizer is not None:
             self._check_optimizer(optimizer)
-        self.strategy = strategy_for(model, optimizer, self.collective_timeout)
         self.stopped = False  # after a rollback: no further reductions
         self.pending: PendingCheck | None = None
         if max_steps is not None and not self.schedule.steps(max_steps):
@@ -256,8 +264,19 @@ class CompreSSMReducer:
         with strategy.gathered(model):
             outcome = None
             if strategy.is_decider:
-                outcome, changes = self._decide_and_apply(step)
+                try:
+                    outcome, changes = self._decide_and_apply(step)
+                except Exception as error:
+                    outcome = _DeciderFailed(f"{type(error).__name__}: {error}")
+                    with contextlib.suppress(Exception):  # tell the others, then raise the original error
+                        strategy.share(outcome, "the reduction decision", step)
+                    raise
             outcome = strategy.share(outcome, "the reduction decision", step)
+            if isinstance(outcome, _DeciderFailed):
+                raise DistributedReductionError(
+                    f"CompreSSM reduction at step {step}: rank 0 failed while deciding it ({outcome.message}); "
+                    "nothing was changed on this rank"
+                )
             reduced = [index for index, status in enumerate(outcome.status) if status == "reduced"]
             if reduced and not strategy.is_decider:
                 strategy.before_change(model)
@@ -270,15 +289,39 @@ class CompreSSMReducer:
             if reduced:
                 strategy.share_parameters(model, reduced, step)
         if reduced:
-            self._after_change(changes, self.optimizer_state)
+            changes = self._after_change(changes, self.optimizer_state)
         return outcome, changes
 
-    def _after_change(self, changes: list[LayerChange], mode: str) -> None:
-        """Every rank, after parameters changed shape: re-register with the wrapper, then repair the optimizer."""
-        mapping = self.strategy.after_change(self.model)
-        if mapping and self.optimizer is not None:
-            replace_parameters_in_optimizer(self.optimizer, mapping)
-        repair_optimizer_state(self.optimizer, changes, mode)
+    def _after_change(self, changes: list[LayerChange], mode: str) -> list[LayerChange]:
+        """Every rank, after parameters changed shape: re-register with the wrapper, then repair the optimizer.
+
+        A strategy that replaced Parameter objects (FSDP2 re-shards them) returns {old: new}; the changes then point at
+        the model's current parameters (re-read from the layers) before the optimizer is repaired. Returns the
+        changes as repaired."""
+        replaced = self.strategy.after_change(self.model)
+        if replaced:
+            unwatch_stale_state(parameter for change in changes for parameter in change.parameters.values())
+            if self.optimizer is None:  # an optimizer left out would go on training the replaced objects
+                watch_for_replaced_parameters(replaced)
+            layers = self.model.lru_layers()
+            changes = [
+                dataclasses.replace(
+                    change, parameters={name: getattr(layers[change.layer], name) for name in change.parameters}
+                )
+                for change in changes
+            ]
+        self.strategy.repair_optimizer(self.optimizer, changes, mode, replaced)
+        return changes
+
+    def _resize(self, state_dims: list[int], initialise: bool) -> list[LayerChange]:
+        """Every rank: re-allocate the LRU layers at `state_dims` through the strategy (FSDP2: on gathered full
+        parameters, then re-sharded), re-register them, delete the optimizer state of re-sized parameters."""
+        with self.strategy.gathered(self.model):
+            self.strategy.before_change(self.model)
+            changes = self.model.set_state_dims(list(state_dims), initialise=initialise)
+        if changes:
+            changes = self._after_change(changes, "reset")
+        return changes
 
     def _decide_and_apply(self, step) -> tuple[_Outcome, list[LayerChange]]:
         """Deciding rank: balance each layer once, pick sizes, truncate with the same factors."""
@@ -380,14 +423,12 @@ class CompreSSMReducer:
     def _restore_snapshot(self, snapshot: dict) -> list[int]:
         model = self.model
         dims_before = self.state_dims
-        self.strategy.before_change(model)
-        changes = model.set_state_dims(list(snapshot["state_dims"]), initialise=False)
-        with torch.no_grad():
+        self._resize(snapshot["state_dims"], initialise=False)
+        with torch.no_grad():  # after re-registering: under FSDP2 both sides are this rank's shards (DTensors)
             for name, tensor in model.state_dict().items():
                 tensor.copy_(snapshot["model"][name].to(tensor.device))
         for parameter in model.parameters():
             parameter.grad = None
-        self._after_change(changes, "reset")
         if self.optimizer is not None and snapshot.get("optimizer") is not None:
             inner = unwrap_optimizer(self.optimizer)
             devices = snapshot.get("optimizer_devices") or {}
@@ -455,6 +496,8 @@ class CompreSSMReducer:
                 "metric_name": self.pending.metric_name,
                 "metric_before": self.pending.metric_before,
                 "snapshot": self.pending.snapshot if include_snapshot else None,
+                # FSDP2: the snapshot holds this rank's shards only
+                "snapshot_rank": self.strategy.rank if self.strategy.snapshot_is_per_rank else None,
             }
         return {
             "format": STATE_FORMAT,
@@ -474,9 +517,8 @@ class CompreSSMReducer:
             raise ValueError(f"unsupported CompreSSMReducer state version {state.get('version')!r}")
         events = coerce_events(state.get("history", []), source="reducer state")
         dims = state.get("state_dims")
-        changes = self.model.set_state_dims(list(dims)) if dims != self.state_dims else []
-        if changes:
-            self._after_change(changes, "reset")
+        if dims != self.state_dims:
+            self._resize(dims, initialise=True)
         self.model.reduction_history = events
         self.stopped = bool(state.get("stopped", False))
         self.pending = None
@@ -489,6 +531,14 @@ class CompreSSMReducer:
         if pending is None:
             return
         index = pending.get("event_index")
+        owner = pending.get("snapshot_rank")
+        if owner is not None and owner != self.strategy.rank and pending.get("snapshot") is not None:
+            logger.warning(
+                "CompreSSMReducer: %s holds the rollback snapshot of rank %d (per-rank shards under FSDP2), not of "
+                "this rank %d: save the reducer state on every rank to keep the check", source, owner,
+                self.strategy.rank,
+            )
+            pending = dict(pending, snapshot=None)
         if pending.get("snapshot") is None or index is None or not 0 <= index < len(self.history):
             logger.warning(
                 "CompreSSMReducer: %s has a rollback check pending but not the state before that event: the event "

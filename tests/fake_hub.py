@@ -31,8 +31,12 @@ def install_fake_hub(monkeypatch) -> FakeHub:
     from huggingface_hub.errors import EntryNotFoundError
 
     hub = FakeHub()
-    monkeypatch.setattr(transformers.utils.hub, "hf_api", lambda: hub)
-    monkeypatch.setattr(transformers.modeling_utils, "hf_api", lambda: hub)
+    if hasattr(transformers.utils.hub, "hf_api"):  # transformers >= 5.10 uploads through one HfApi instance
+        monkeypatch.setattr(transformers.utils.hub, "hf_api", lambda: hub)
+        monkeypatch.setattr(transformers.modeling_utils, "hf_api", lambda: hub)
+    else:  # earlier releases call huggingface_hub's create_repo / create_commit functions
+        monkeypatch.setattr(transformers.utils.hub, "create_repo", hub.create_repo)
+        monkeypatch.setattr(transformers.utils.hub, "create_commit", hub.create_commit)
 
     def no_card_on_hub(cls, repo_id, *args, **kwargs):  # a new repo: transformers writes its placeholder card
         raise EntryNotFoundError(f"{repo_id} has no README.md")

@@ -4,32 +4,16 @@ reductions, and reduces a plain DDP loop with CompreSSMReducer. Every rank must 
 parameters (gradients are still averaged through the rebuilt DDP reducer), training must have continued, and the
 resumed run must end where the uninterrupted one did."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-import torch.distributed
+from two_ranks import requires_gloo, run_two_ranks_for_report  # tests/ helper
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="needs torch.distributed with the gloo backend")
+@requires_gloo
 def test_ddp_reduction_keeps_ranks_in_sync(tmp_path):
-    report_path = tmp_path / "report.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(WORKER), str(tmp_path / "out"), str(report_path),
-    ]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240,
-                               cwd=str(WORKER.parent.parent))
-    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-6000:]
-    report = json.loads(report_path.read_text())
+    report = run_two_ranks_for_report(WORKER, tmp_path)
 
     assert report["world_size"] == 2
     assert report["wrapped_type"] == "DistributedDataParallel"

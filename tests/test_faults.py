@@ -5,7 +5,6 @@ changes, and ranks that stop answering. Each stream keeps its own sections."""
 
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from modeling_compressm import (
 import loss_contract  # tests/ helpers
 from generation_checks import cache_of
 from tasks import SignTask, one_thread, tiny_classifier, training_arguments  # noqa: F401 (fixture)
+from two_ranks import requires_gloo, run_two_ranks, run_two_ranks_for_report, worker_env
 
 
 # --- inputs and loss contract (conformance) ---
@@ -178,21 +178,10 @@ def test_gradient_accumulation_makes_the_update_of_one_large_batch(head, tmp_pat
         torch.testing.assert_close(accumulated[name], update, atol=1e-6, rtol=1e-4, msg=f"4 x 2 accumulated, {name}")
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="needs torch.distributed with the gloo backend")
+@requires_gloo
 def test_data_parallel_training_makes_the_update_of_one_large_batch(tmp_path):
     """2 DDP ranks (gloo, CPU) with 4 examples each update both heads exactly as one batch of 8 does."""
-    worker = Path(__file__).with_name("loss_contract_worker.py")
-    report_path = tmp_path / "report.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(worker), str(tmp_path / "out"), str(report_path)]
-    # the timeout only guards against a hang
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
-                               cwd=str(worker.parent.parent))
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
-    report = json.loads(report_path.read_text())
+    report = run_two_ranks_for_report(Path(__file__).with_name("loss_contract_worker.py"), tmp_path)
     assert report["world_size"] == 2
     for head in ("classifier", "lm"):
         assert report[head]["update_size"] > 1e-3
@@ -210,12 +199,6 @@ make_model = tiny_classifier
 
 def make_args(tmp_path, name="run", **overrides):
     return training_arguments(tmp_path / name, **overrides)
-
-
-def subprocess_env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
 
 
 def kinds(events):
@@ -440,7 +423,7 @@ def test_kill_during_a_checkpoint_save_leaves_a_resumable_newest_checkpoint(tmp_
 
     output = tmp_path / "killed"
     completed = subprocess.run(
-        [sys.executable, str(WORKER), "kill", str(output), "6"], env=subprocess_env(), capture_output=True,
+        [sys.executable, str(WORKER), "kill", str(output), "6"], env=worker_env(), capture_output=True,
         text=True, timeout=300, cwd=str(TESTS.parent),
     )
     assert completed.returncode == -9, completed.stderr[-3000:]
@@ -594,13 +577,9 @@ def test_pending_rollback_check_is_stored_in_checkpoints_and_runs_after_resume(t
 
 
 # --- reducer: distributed collectives time out with a clear message (issue 11 item 7) ---
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="needs torch.distributed with the gloo backend")
+@requires_gloo
 def test_a_stopped_rank_makes_the_reduction_fail_clearly_instead_of_hanging(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-               "ddp-timeout", str(tmp_path / "out")]
-    completed = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240,
-                               cwd=str(TESTS.parent))
+    completed = run_two_ranks(WORKER, "ddp-timeout", tmp_path / "out", timeout=240)
     output = completed.stdout + completed.stderr
     assert completed.returncode != 0, output[-3000:]
     assert "DistributedReductionError" in output and "of the reduction at step 2" in output, output[-5000:]

@@ -17,6 +17,9 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceCl
 import modeling_compressm
 from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM, CompreSSMForSequenceClassification
 
+from fake_hub import install_fake_hub  # tests/ helpers
+from without_package import BLOCK_PACKAGE
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REMOTE_CODE_FILES = {
     "modeling_compressm.py",
@@ -167,19 +170,9 @@ def test_warning_capture_sees_a_size_mismatch(reduced_checkpoints, transformers_
     assert _load_warnings(transformers_warnings)
 
 
-REMOTE_SCRIPT = textwrap.dedent(
+REMOTE_SCRIPT = BLOCK_PACKAGE + textwrap.dedent(
     r"""
-    import importlib.abc, json, logging, os, sys
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling_compressm", "compressm_kernels"):
-                raise ImportError(f"{name} is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, Block())
-    repo_root = os.path.realpath(sys.argv[1])
-    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.realpath(p) != repo_root]
+    import json, logging
     try:
         import modeling_compressm  # noqa: F401
     except ImportError:
@@ -248,47 +241,9 @@ def test_remote_code_loading_without_the_package(reduced_checkpoints, tmp_path):
     torch.testing.assert_close(remote["lm"], reduced_checkpoints["lm_logits"], rtol=0, atol=0)
 
 
-class _FakeHub:
-    """Stands in for transformers' HfApi: records create_repo and the files of create_commit (read at commit time,
-    while push_to_hub's temporary folder still exists)."""
-
-    def __init__(self):
-        self.repos = []
-        self.commits = []
-
-    def create_repo(self, repo_id, **kwargs):
-        self.repos.append(repo_id)
-        return type("RepoUrl", (), {"repo_id": f"user/{repo_id.split('/')[-1]}"})()
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        files = {}
-        for operation in operations:
-            source = operation.path_or_fileobj
-            files[operation.path_in_repo] = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
-        self.commits.append({"repo_id": repo_id, "files": files, **kwargs})
-        return "https://huggingface.co/fake/commit"
-
-
 @pytest.fixture
 def fake_hub(monkeypatch):
-    import huggingface_hub
-    import transformers.modeling_utils
-    import transformers.utils.hub
-    from huggingface_hub.errors import EntryNotFoundError
-
-    hub = _FakeHub()
-    if hasattr(transformers.utils.hub, "hf_api"):  # transformers >= 5.10 uploads through one HfApi instance
-        monkeypatch.setattr(transformers.utils.hub, "hf_api", lambda: hub)
-        monkeypatch.setattr(transformers.modeling_utils, "hf_api", lambda: hub)
-    else:  # earlier releases call huggingface_hub's create_repo / create_commit functions
-        monkeypatch.setattr(transformers.utils.hub, "create_repo", hub.create_repo)
-        monkeypatch.setattr(transformers.utils.hub, "create_commit", hub.create_commit)
-
-    def no_card_on_hub(cls, repo_id, *args, **kwargs):  # a new repo: transformers writes its placeholder card
-        raise EntryNotFoundError(f"{repo_id} has no README.md")
-
-    monkeypatch.setattr(huggingface_hub.ModelCard, "load", classmethod(no_card_on_hub))
-    return hub
+    return install_fake_hub(monkeypatch)
 
 
 def _assert_same_upload(files, saved_dir):
@@ -307,9 +262,9 @@ def _assert_same_upload(files, saved_dir):
 def test_push_to_hub_uploads_what_save_pretrained_writes(reduced_checkpoints, fake_hub):
     model = reduced_checkpoints["classifier"]
     model.push_to_hub("compressm-test")
-    assert fake_hub.repos == ["compressm-test"]
+    assert fake_hub.repos == [("compressm-test", None)]
     (commit,) = fake_hub.commits
-    assert commit["repo_id"] == "user/compressm-test"
+    assert commit["repo_id"] == "compressm-test"
     _assert_same_upload(commit["files"], reduced_checkpoints["root"] / "classifier")
 
 
