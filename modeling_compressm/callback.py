@@ -42,7 +42,7 @@ from .events import coerce_events, event_metrics
 from .model_card import refresh_card_spectrum
 from .optimizer_state import optimizer_state_repair
 from .reducer import CompreSSMReducer, compressm_model_of
-from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, RollbackRule
+from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, RollbackRule, resolve_policy_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +86,13 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     Hankel singular values are computed, new state sizes picked and the model reduced in place (`CompreSSMReducer`).
 
     Args:
-        policy: "tolerance" (keep (1 - tau) of each layer's HSV energy), "fixed" (remove `fraction` of each layer's
-            states per event) or "rollback" (tolerance sizes, but each event is checked at the next evaluation and
-            undone, ending all further reductions, if `rollback_metric` degraded by more than `rollback_tolerance`).
-        tau, fraction, gate, min_dim, total_budget: see `schedule.RankPolicy`.
+        policy: "global" (every scheduled event keeps the same share of the total state, so that `final_fraction`
+            of it is left after the last one, states ranked by normalised HSV over all layers), "tolerance" (keep
+            (1 - tau) of each layer's HSV energy), "fixed" (remove `fraction` of each layer's states per event) or
+            "rollback" (tolerance sizes, but each event is checked at the next evaluation and undone, ending all
+            further reductions, if `rollback_metric` degraded by more than `rollback_tolerance`). None (default):
+            "tolerance" if `tau` is given, "fixed" if `fraction` is given, else "global" (`DEFAULTS.policy`).
+        tau, fraction, gate, min_dim, total_budget, final_fraction: see `schedule.RankPolicy`.
         start_step, end_step, interval: see `schedule.ReductionSchedule` (ints: steps; floats in (0, 1]: fractions
             of max_steps).
         rollback_metric, rollback_tolerance, greater_is_better: see `schedule.RollbackRule`.
@@ -105,9 +108,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
 
     def __init__(
         self,
-        policy: str = DEFAULTS.policy,
-        tau: float = DEFAULTS.tau,
-        fraction: float = DEFAULTS.fraction,
+        policy: str | None = None,
+        tau: float | None = None,
+        fraction: float | None = None,
         start_step: int | float = DEFAULTS.start_step,
         end_step: int | float = DEFAULTS.end_step,
         interval: int | float = DEFAULTS.interval,
@@ -119,8 +122,10 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         greater_is_better: bool | None = DEFAULTS.greater_is_better,
         log_hsv: bool = DEFAULTS.log_hsv,
         optimizer_state: str = DEFAULTS.optimizer_state,
+        final_fraction: float = DEFAULTS.final_fraction,
     ):
-        self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget)
+        policy, tau, fraction = resolve_policy_arguments(policy, tau, fraction)
+        self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget, final_fraction)
         self.schedule = ReductionSchedule(start_step, end_step, interval)
         self.rollback_rule = RollbackRule(rollback_metric, rollback_tolerance, greater_is_better)
         if not isinstance(log_hsv, bool):
@@ -143,6 +148,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     gate = property(lambda self: self.rank_policy.gate)
     min_dim = property(lambda self: self.rank_policy.min_dim)
     total_budget = property(lambda self: self.rank_policy.total_budget)
+    final_fraction = property(lambda self: self.rank_policy.final_fraction)
     start_step = property(lambda self: self.schedule.start_step)
     end_step = property(lambda self: self.schedule.end_step)
     interval = property(lambda self: self.schedule.interval)
@@ -202,7 +208,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         policy, schedule = self.rank_policy, self.schedule
         return {
             "policy": policy.policy, "tau": policy.tau, "fraction": policy.fraction, "gate": policy.gate,
-            "min_dim": policy.min_dim, "total_budget": policy.total_budget, "start_step": schedule.start_step,
+            "min_dim": policy.min_dim, "total_budget": policy.total_budget, "final_fraction": policy.final_fraction,
+            "start_step": schedule.start_step,
             "end_step": schedule.end_step, "interval": schedule.interval, "optimizer_state": self.optimizer_state,
             "log_hsv": self.log_hsv,
         }
