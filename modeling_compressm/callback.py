@@ -40,6 +40,7 @@ from .distributed import distributed_world_size, rebuild_ddp_reducer
 from .fsdp import is_fsdp2
 from .events import coerce_events, event_metrics
 from .model_card import refresh_card_spectrum
+from .optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
 from .optimizer_state import optimizer_state_repair
 from .reducer import CompreSSMReducer, compressm_model_of
 from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, RollbackRule, resolve_policy_arguments
@@ -418,15 +419,57 @@ class CompreSSMTrainer(Trainer):
     * re-sizes the model to a checkpoint's `state_dims` and restores its reduction history before loading its
       weights (resume and `load_best_model_at_end`; the latter adds a "restored" event);
     * writes checkpoints atomically (staging folder, then rename; `checkpoints.atomic_checkpoint_save`), including a
-      pending rollback check.
+      pending rollback check;
+    * builds its default optimizer (when no `optimizers=` / `optimizer_cls_and_kwargs=` optimizer instance was
+      passed) over `optim.compressm_parameter_groups`: the LRU recurrence parameters (nu_log, theta_log, gamma_log,
+      B_re, B_im) get no weight decay and `learning_rate * ssm_lr_factor`, as in the reference implementation;
+      every other parameter is grouped as `Trainer` groups it. The optimizer class and its settings still come
+      from `TrainingArguments.optim` / `optim_args`. `ssm_lr_factor=None` keeps the Trainer's own grouping.
     Otherwise identical to `Trainer`.
+
+    Args (besides Trainer's):
+        ssm_lr_factor: learning-rate multiplier of the SSM group (> 0), or None (keyword only).
     """
 
     _compressm_output_dir = None
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, ssm_lr_factor: float | None = DEFAULT_SSM_LR_FACTOR, **kwargs):
+        if ssm_lr_factor is not None and (
+            isinstance(ssm_lr_factor, bool) or not isinstance(ssm_lr_factor, (int, float)) or not ssm_lr_factor > 0
+        ):
+            raise ValueError(f"ssm_lr_factor must be a positive number or None, got {ssm_lr_factor!r}")
+        self.ssm_lr_factor = None if ssm_lr_factor is None else float(ssm_lr_factor)
         super().__init__(*args, **kwargs)
         self._bind_compressm_callbacks()
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer over CompreSSM parameter groups (see the class docstring). Optimizers that build
+        their own parameter lists (GaLore, LOMO, layer-wise, factories such as Muon) and bitsandbytes keep the
+        Trainer's path. Returns the optimizer (also stored as `self.optimizer`)."""
+        if self.optimizer is not None or self.ssm_lr_factor is None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        import transformers.trainer as trainer_module
+
+        is_factory = getattr(trainer_module, "is_optimizer_factory", lambda cls: False)(optimizer_cls)
+        owns_parameters = any(key in optimizer_kwargs for key in ("params", "model", "optimizer_dict"))
+        if is_factory or owns_parameters or "bitsandbytes" in str(optimizer_cls):
+            logger.warning(
+                "CompreSSMTrainer: optimizer %s builds its own parameter groups; the SSM parameters keep the Trainer's "
+                "weight decay and learning rate", getattr(optimizer_cls, "__name__", optimizer_cls),
+            )
+            return super().create_optimizer(model)
+        optimizer_kwargs = dict(optimizer_kwargs)
+        learning_rate = optimizer_kwargs.get("lr", self.args.learning_rate)
+        groups = compressm_parameter_groups(
+            opt_model, self.args.weight_decay, self.ssm_lr_factor, learning_rate=learning_rate
+        )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
     def _compressm_callbacks(self) -> list[CompreSSMCallback]:
         return [callback for callback in self.callback_handler.callbacks if isinstance(callback, CompreSSMCallback)]

@@ -5,8 +5,9 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from modeling_compressm import CompreSSMCallback, CompreSSMConfig, CompreSSMForCausalLM
+from modeling_compressm import CompreSSMCallback, CompreSSMConfig, CompreSSMForCausalLM, CompreSSMTrainer
 from modeling_compressm.optim import (
+    DEFAULT_SSM_LR_FACTOR,
     DEFAULT_SSM_PARAMETER_NAMES,
     compressm_adamw,
     compressm_parameter_groups,
@@ -157,6 +158,64 @@ def test_trainer_with_compressm_optimizer_and_callback_reduces_and_keeps_groups(
     rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
     assert rates["ssm"] == pytest.approx(0.5 * rates["decay"])
     assert optimizer.state[model.lru_layers()[0].B_re]["exp_avg"].shape == (8, 8)
+
+
+def _lm_dataset(rows=32, length=12):
+    tokens = torch.randint(0, 32, (rows, length), generator=torch.Generator().manual_seed(0))
+    return [{"input_ids": row, "labels": row} for row in tokens]
+
+
+def _trainer_args(tmp_path, **overrides):
+    values = dict(max_steps=3, per_device_train_batch_size=8, learning_rate=4e-3, weight_decay=0.1,
+                  lr_scheduler_type="constant", report_to="none", disable_tqdm=True, save_strategy="no", use_cpu=True)
+    return TrainingArguments(str(tmp_path / "run"), **{**values, **overrides})
+
+
+def _settings_by_parameter(model, optimizer):
+    """{parameter name: (weight_decay, lr)} over the optimizer's groups (each parameter in exactly one)."""
+    name_of = {id(parameter): name for name, parameter in model.named_parameters()}
+    settings = {}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            assert name_of[id(parameter)] not in settings
+            settings[name_of[id(parameter)]] = (group["weight_decay"], group["lr"])
+    assert set(settings) == set(name_of.values())
+    return settings
+
+
+@pytest.mark.parametrize("factor", [0.25, None])
+def test_compressm_trainer_default_optimizer_trains_ssm_parameters_without_decay_at_the_factor(tmp_path, factor):
+    model = make_lm(state_dims=8)
+    kwargs = {} if factor is None else {"ssm_lr_factor": factor}
+    expected_factor = DEFAULT_SSM_LR_FACTOR if factor is None else factor
+    trainer = CompreSSMTrainer(model=model, args=_trainer_args(tmp_path), train_dataset=_lm_dataset(), **kwargs)
+    trainer.train()  # the scheduler must keep each group's own rate
+    settings = _settings_by_parameter(model, trainer.optimizer)
+    for name, (decay, rate) in settings.items():
+        attribute = name.rsplit(".", 1)[-1]
+        if attribute in DEFAULT_SSM_PARAMETER_NAMES:
+            assert (decay, rate) == (0.0, pytest.approx(4e-3 * expected_factor)), name
+        elif "norm" in name or name.endswith("bias"):
+            assert (decay, rate) == (0.0, pytest.approx(4e-3)), name
+        else:
+            assert (decay, rate) == (0.1, pytest.approx(4e-3)), name
+    assert settings["model.layers.1.lru.C_re"][0] == 0.1 and settings["model.layers.1.lru.nu_log"][0] == 0.0
+
+
+def test_compressm_trainer_leaves_a_user_optimizer_and_opt_out_alone(tmp_path):
+    model = make_lm(state_dims=8)
+    mine = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.3)
+    trainer = CompreSSMTrainer(model=model, args=_trainer_args(tmp_path), train_dataset=_lm_dataset(),
+                               optimizers=(mine, None), ssm_lr_factor=0.5)
+    assert trainer.create_optimizer() is mine
+    assert len(mine.param_groups) == 1 and mine.param_groups[0]["weight_decay"] == 0.3
+    assert mine.param_groups[0]["lr"] == 1e-3
+
+    plain = CompreSSMTrainer(model=make_lm(state_dims=8), args=_trainer_args(tmp_path), ssm_lr_factor=None)
+    settings = _settings_by_parameter(plain.model, plain.create_optimizer())
+    assert settings["model.layers.0.lru.B_re"] == (0.1, 4e-3)  # the Trainer's own grouping decays B
+    with pytest.raises(ValueError, match="ssm_lr_factor"):
+        CompreSSMTrainer(model=make_lm(), args=_trainer_args(tmp_path), ssm_lr_factor=0)
 
 
 def _adam_after_one_step(model):
