@@ -400,7 +400,8 @@ def train_run(
     Reduction (compress=True): events at `event_steps(max_steps, reduce_start, reduce_end, num_events)`, after the
     optimizer step. policy "tolerance" / "global" use tau; "budget" shrinks the total state geometrically to
     `final_fraction` of the start over the events (one global HSV ranking per event); gate / min_dim as in
-    rank_selection. `moments` is the optimizer-state repair and `gauge` the state scaling after a reduction (see
+    rank_selection. policy "package-default" ignores the other reduction knobs and runs the package's
+    `CompreSSMReducer(model, optimizer, max_steps=max_steps)` at `schedule.DEFAULTS` (what users get). `moments` is the optimizer-state repair and `gauge` the state scaling after a reduction (see
     `reduce_with_optimizer`). `rewarmup` (fraction of
     max_steps) ramps the learning rate of `rewarmup_groups` ("ssm" or "all") linearly from 0 after each event.
     probe_every (fraction): record HSV stability probes (no reduction needed). init_state: start from these weights
@@ -424,6 +425,12 @@ def train_run(
     generator = torch.Generator().manual_seed(seed if data_seed is None else data_seed)
     warmup_steps = max(1, int(warmup * max_steps))
     schedule_events = event_steps(max_steps, reduce_start, reduce_end, num_events) if compress else []
+    reducer = None
+    if compress and policy == "package-default":  # the package's CompreSSMReducer with schedule.DEFAULTS, as shipped
+        from modeling_compressm import CompreSSMReducer
+
+        reducer = CompreSSMReducer(model, optimizer, max_steps=max_steps)
+        schedule_events = reducer.schedule.steps(max_steps)
     rewarmup_steps = int(rewarmup * max_steps)
     total_start = sum(dims)
     budgets = {}
@@ -473,11 +480,16 @@ def train_run(
             train_seconds += time.perf_counter() - started
             before = task.evaluate(model, eval_before_after_events)["eval_loss"] if eval_before_after_events else None
             started = time.perf_counter()
-            hsv = model.hankel_singular_values()
             current = [layer.state_dim for layer in model.lru_layers()]
-            ranks = choose_ranks(hsv, current, policy, tau, gate, min_dim, budgets.get(done))
-            outcome = reduce_with_optimizer(model, optimizer, [r if r < d else None for r, d in zip(ranks, current)],
-                                            moments, gauge)
+            if reducer is not None:
+                event = reducer.step(done)
+                outcome = {"status": list(event.status) if event is not None else ["unchanged"] * len(current),
+                           "mapped": [False] * len(current)}
+            else:
+                hsv = model.hankel_singular_values()
+                ranks = choose_ranks(hsv, current, policy, tau, gate, min_dim, budgets.get(done))
+                outcome = reduce_with_optimizer(model, optimizer,
+                                                [r if r < d else None for r, d in zip(ranks, current)], moments, gauge)
             event_seconds = time.perf_counter() - started
             train_seconds += event_seconds
             after = task.evaluate(model, eval_before_after_events)["eval_loss"] if eval_before_after_events else None
@@ -738,6 +750,16 @@ def _interpolate_log2(points: list[tuple[float, float]], x: float) -> float | No
     return None
 
 
+def _optimizer_label(row: dict) -> str:
+    """Short description of a run's optimizer knobs, e.g. "lr 0.01, wd 0.1 on all" or "lr 0.01, wd 0.1, SSM no wd x0.5"."""
+    knobs = row.get("knobs", {})
+    label = f"lr {knobs.get('learning_rate', BASE['learning_rate']):g}, wd {knobs.get('weight_decay', BASE['weight_decay']):g}"
+    ssm_decay, factor = knobs.get("ssm_weight_decay"), knobs.get("ssm_lr_factor", 1.0)
+    if ssm_decay is None and factor == 1.0:
+        return label + " on all"
+    return label + f", SSM wd {ssm_decay if ssm_decay is not None else knobs.get('weight_decay'):g} lr x{factor:g}"
+
+
 def _knob_key(row: dict) -> str:
     knobs = row.get("knobs", {})
     base = {**BASE, **VARIANTS.get(row.get("variant"), {})}
@@ -768,11 +790,19 @@ def build_report(rows: list[dict]) -> tuple[list[str], dict]:
               + ", ".join(f"{d} / {t}" for d, t in devices)]
     # ---------------------------------------------------------------- the 4-arm comparison
     compare = [r for r in rows if r["study"] == "compare"]
+    overview_count = 0
+    overview = ["", "### Overview: CompreSSM vs small-from-scratch at the same per-layer sizes (every comparison)", "",
+                "| task | recipe (tag) | steps | optimizer | seeds | CompreSSM | small from scratch | full baseline "
+                "| advantage over small (wins) | > 1 std? | CompreSSM - baseline | state-time |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += overview
+    overview_at = len(lines)  # rows are inserted here, in the order of the sections below
     for key in sorted({(r["task"], r["recipe"], r.get("tag", "")) for r in compare}):
         task, recipe, tag = key
         group = [r for r in compare if (r["task"], r["recipe"], r.get("tag", "")) == key]
         name = _metric(group[0])[0]
-        lines += ["", f"### {task}: recipe `{recipe}`" + (f" (tag `{tag}`)" if tag else ""), "",
+        lines += ["", f"### {task}: recipe `{recipe}`" + (f" (tag `{tag}`)" if tag else "")
+                  + f" — {group[0]['max_steps']} steps, optimizer {_optimizer_label(group[0])}", "",
                   f"| arm | {name} (mean ± std) | eval loss (nats/token) | per seed | final dims per seed "
                   "| state-time vs baseline | train s (mean) | tokens/s (mean) | train loss, last 25% of steps |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -841,7 +871,18 @@ def build_report(rows: list[dict]) -> tuple[list[str], dict]:
                                  f"{x['gap_next_200']:+.3f} {x['gap_last_100']:+.3f}" for x in rec))
             verdict["recovery"] = rec
         summary["compare"].append({"task": task, "recipe": recipe, "tag": tag, "recipe_knobs": RECIPES.get(recipe),
+                                   "max_steps": group[0]["max_steps"], "optimizer": _optimizer_label(group[0]),
                                    "arms": arms, "verdict": verdict})
+        if verdict:
+            unit = "bpb" if name == "bpb" else "acc"
+            overview_row = (
+                f"| {task} | `{recipe}` ({tag}) | {group[0]['max_steps']} | {_optimizer_label(group[0])} "
+                f"| {verdict['seeds']} | {_fmt(comp[name])} | {_fmt(small[name])} | {_fmt(base[name])} "
+                f"| {verdict['advantage_over_small']:+.4f} {unit} ({verdict['wins']}/{len(verdict['paired_advantage'])}) "
+                f"| {'yes' if verdict['beats_small_by_more_than_one_std'] else 'no'} "
+                f"| {verdict['gap_to_baseline']:+.4f} | {verdict['state_time_fraction']:.3f} |")
+            lines.insert(overview_at + overview_count, overview_row)
+            overview_count += 1
     # ---------------------------------------------------------------- ablations
     ablation = [r for r in rows if r["study"] == "ablation"]
     for tag in sorted({r.get("tag", "") for r in ablation}):
@@ -953,6 +994,9 @@ RECIPES: dict[str, dict] = {
                       "num_events": 4, "moments": "reset", "gauge": "balanced"},
     "quarter-late": {"policy": "budget", "final_fraction": 0.25, "reduce_start": 0.05, "reduce_end": 0.2,
                      "num_events": 4, "moments": "project", "gauge": "equal-norm"},
+    # what the package ships: CompreSSMReducer(model, optimizer, max_steps=...) with every setting at
+    # modeling_compressm.schedule.DEFAULTS (the budget-reset recipe, implemented as the "global" policy)
+    "package-default": {"policy": "package-default"},
 }
 
 

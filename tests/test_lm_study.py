@@ -92,3 +92,18 @@ def test_compare_logs_every_arm_and_report_checks_the_targets(tmp_path):
     verdict = payload["compare"][0]["verdict"]
     assert verdict["seeds"] == 1 and verdict["targets_met"] is False  # one seed can never meet them
     assert payload["corpus"]["sha256"] == lm_study.stdlib_files()[2]["sha256"]
+
+
+def test_package_default_arm_runs_the_shipped_reducer_and_the_overview_lists_it(tmp_path):
+    log = tmp_path / "runs.jsonl"
+    toy = [*TOY[:TOY.index("--steps")], *TOY[TOY.index("--steps") + 2:]]
+    lm_study.main(["compare", "--task", "bytes", *toy, "--steps", "40", "--recipes", "package-default",
+                   "--posthoc-steps", "0", "--log", str(log)])
+    rows = {row["arm"]: row for row in map(json.loads, log.read_text().splitlines())}
+    compressed = rows["compressm[package-default]"]
+    # schedule.DEFAULTS in a 40-step run: events at 2.5/5/7.5/10% = steps 1-4, half of the 16 states left
+    assert [event["step"] for event in compressed["events"]] == [1, 2, 3, 4]
+    assert sum(compressed["dims_after"]) == 8
+    lines, _ = lm_study.build_report(list(rows.values()))
+    overview = lines[lines.index(next(line for line in lines if line.startswith("### Overview"))) + 4]
+    assert overview.startswith("| bytes | `package-default` (")
