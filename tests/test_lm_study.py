@@ -13,17 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import lm_study  # noqa: E402
+from tasks import one_thread  # noqa: E402,F401 (fixture)
 
 TOY = ["--steps", "8", "--state-dims", "8", "--hidden", "8", "--seq-len", "16", "--batch-size", "2",
        "--eval-blocks", "4", "--seeds", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_corpus_split_is_deterministic_and_recorded():

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
+from tasks import one_thread  # noqa: F401 (fixture)
 from modeling_compressm import CompreSSMCallback, CompreSSMConfig, CompreSSMForCausalLM, CompreSSMTrainer
 from modeling_compressm.optim import (
     DEFAULT_SSM_LR_FACTOR,
@@ -14,12 +15,7 @@ from modeling_compressm.optim import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_lm(state_dims=12, norm_type="rmsnorm", seed=0):
