@@ -51,7 +51,7 @@ from .optimizer_state import (
     watch_for_replaced_parameters,
 )
 from .reduction import ReductionError, balance
-from .schedule import DEFAULTS, RankPolicy, ReductionSchedule
+from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, resolve_policy_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,9 @@ class CompreSSMReducer:
             it must be the DDP-wrapped or the FSDP2-sharded model.
         optimizer: the optimizer training it (torch, or accelerate's AcceleratedOptimizer); None when there is none
             (an optimizer that was left out fails with `StaleOptimizerStateError` at its next step).
-        policy, tau, fraction, gate, min_dim, total_budget: rank policy (`schedule.RankPolicy`).
+        policy, tau, fraction, gate, min_dim, total_budget, final_fraction: rank policy (`schedule.RankPolicy`);
+            policy None is "tolerance" if tau is given, "fixed" if fraction is given, else `DEFAULTS.policy`
+            (`schedule.resolve_policy_arguments`).
         start_step, end_step, interval: schedule (`schedule.ReductionSchedule`); ints are optimizer steps, floats in
             (0, 1] fractions of `max_steps`.
         max_steps: length of the run in optimizer steps (needed when the schedule uses fractions).
@@ -127,9 +129,9 @@ class CompreSSMReducer:
         model,
         optimizer=None,
         *,
-        policy: str = DEFAULTS.policy,
-        tau: float = DEFAULTS.tau,
-        fraction: float = DEFAULTS.fraction,
+        policy: str | None = None,
+        tau: float | None = None,
+        fraction: float | None = None,
         start_step: int | float = DEFAULTS.start_step,
         end_step: int | float = DEFAULTS.end_step,
         interval: int | float = DEFAULTS.interval,
@@ -140,8 +142,10 @@ class CompreSSMReducer:
         optimizer_state: str = DEFAULTS.optimizer_state,
         log_hsv: bool = DEFAULTS.log_hsv,
         collective_timeout: float = DEFAULTS.collective_timeout,
+        final_fraction: float = DEFAULTS.final_fraction,
     ):
-        self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget)
+        policy, tau, fraction = resolve_policy_arguments(policy, tau, fraction)
+        self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget, final_fraction)
         self.schedule = ReductionSchedule(start_step, end_step, interval)
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
             raise ValueError(f"max_steps must be None or a positive int, got {max_steps!r}")
@@ -196,6 +200,13 @@ class CompreSSMReducer:
             )
 
     # ------------------------------------------------------------------------------------------------- events
+    def scheduled_events(self) -> int:
+        """Number of events the schedule holds in this run (at least 1; 1 when it cannot be resolved without
+        max_steps). The "global" policy spreads its shrink to `final_fraction` over this many events."""
+        if self.schedule.needs_max_steps and self.max_steps is None:
+            return 1
+        return max(1, len(self.schedule.steps(self.max_steps)))
+
     def is_due(self, step: int) -> bool:
         """Whether the schedule asks for an event after optimizer step `step` (ignores a pending check / stop).
         Raises ValueError when the schedule uses fractions of max_steps and the reducer was built without it."""
@@ -341,7 +352,7 @@ class CompreSSMReducer:
                 logger.warning("CompreSSMReducer: step %s: layer %d left at %d states (%s)", step, index,
                                current[index], errors[index])
         hsv = [balancing.hsv if balancing is not None else None for balancing in balancings]
-        ranks = self.rank_policy.select(hsv, current)
+        ranks = self.rank_policy.select(hsv, current, events=self.scheduled_events())
         targets = [rank if hsv[index] is not None and rank < current[index] else None for index, rank in enumerate(ranks)]
         report = None
         released = any(target is not None for target in targets)

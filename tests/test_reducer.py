@@ -324,10 +324,14 @@ def test_compiled_model_is_accepted():
 
 
 def test_schedule_and_policy_defaults_live_in_one_object():
+    inferred = {"policy", "tau", "fraction"}  # None: resolved from DEFAULTS by schedule.resolve_policy_arguments
     for cls in (CompreSSMReducer, CompreSSMCallback):
         for name, parameter in inspect.signature(cls).parameters.items():
             if hasattr(DEFAULTS, name):
-                assert parameter.default == getattr(DEFAULTS, name), (cls.__name__, name)
+                expected = None if name in inferred else getattr(DEFAULTS, name)
+                assert parameter.default == expected, (cls.__name__, name)
+    callback = CompreSSMCallback()
+    assert (callback.policy, callback.tau, callback.fraction) == (DEFAULTS.policy, DEFAULTS.tau, DEFAULTS.fraction)
 
 
 def test_schedule_fractions_need_max_steps_and_resolve():
