@@ -40,7 +40,7 @@ from . import config
 #: The Triton kernels the ops launch (sequential.py, chunked.py, fused.py).
 KERNEL_NAMES = ("scan_fwd_kernel", "scan_bwd_kernel", "chunk_fwd_kernel", "chunk_bwd_kernel", "lru_out_kernel")
 
-#: Streaming multiprocessors of common GPUs per compute capability (the automatic scan strategy depends on it).
+#: Streaming multiprocessors of common GPUs per compute capability (the compile report estimates waves from it).
 DEFAULT_MULTIPROCESSORS = {80: 108, 90: 132, 100: 148}
 
 _RESOURCE_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")

@@ -84,7 +84,8 @@ class KernelSettings:
 
     Attributes:
         strategy: "sequential" or "chunked" forces the scan strategy of every scan (forward and backward; the
-            fused forward's chunk-end pass is always chunk-parallel); None picks by shape (``scan_strategy``).
+            fused forward's chunk-end pass is always chunk-parallel); None = the automatic choice (``scan_strategy``:
+            sequential).
         use_associative_scan: chunk-scan algorithm inside a tile: True = ``tl.associative_scan`` (what compiled
             kernels use), False = a Hillis-Steele doubling scan of exact 0/1 ``tl.dot`` row shifts (what the CPU
             interpreter uses, because its associative_scan runs the combine one element at a time); None = by mode.

@@ -24,6 +24,7 @@ settings in force when the graph runs apply).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -61,6 +62,20 @@ def _pair(a: Tensor, b: Tensor) -> Pair:
     if a.stride() != b.stride():
         a, b = a.contiguous(), b.contiguous()
     return a, b
+
+
+def _without_autocast(impl):
+    """Run an op implementation with autocast off. Autocast stays active inside a custom op's implementation, so under
+    ``torch.autocast`` (a Trainer with ``bf16=True``) the fp32 matmuls here would silently run in bf16; the ops'
+    precision is their own (fp32 state math, outputs in u's dtype), whatever the caller's autocast says."""
+
+    @functools.wraps(impl)
+    def run(*args):
+        device = next(a.device for a in args if isinstance(a, Tensor))
+        with torch.autocast(device_type=device.type, enabled=False):
+            return impl(*args)
+
+    return run
 
 
 def _mask_bytes(step_mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -102,6 +117,7 @@ def _no_grad_pair(reference: Tensor) -> Pair:
 # ----------------------------------------------------------------------------------------------------------------
 # op implementations (eager)
 # ----------------------------------------------------------------------------------------------------------------
+@_without_autocast
 def _scan_fwd_impl(x_re, x_im, lam_re, lam_im, h0_re, h0_im, step_mask):
     settings = config.current_settings()
     config.check_runtime(x_re.device, settings)
@@ -112,6 +128,7 @@ def _scan_fwd_impl(x_re, x_im, lam_re, lam_im, h0_re, h0_im, step_mask):
     return states
 
 
+@_without_autocast
 def _scan_bwd_impl(dh_re, dh_im, h_re, h_im, lam_re, lam_im, h0_re, h0_im, step_mask):
     settings = config.current_settings()
     config.check_runtime(h_re.device, settings)
@@ -125,6 +142,7 @@ def _scan_bwd_impl(dh_re, dh_im, h_re, h_im, lam_re, lam_im, h0_re, h0_im, step_
     return (*dx, *dlam, *dh0)
 
 
+@_without_autocast
 def _lru_fwd_impl(u, lam_re, lam_im, B_re, B_im, C_re, C_im, D, h0_re, h0_im, step_mask):
     settings = config.current_settings()
     config.check_runtime(u.device, settings)
@@ -146,6 +164,7 @@ def _lru_fwd_impl(u, lam_re, lam_im, B_re, B_im, C_re, C_im, D, h0_re, h0_im, st
     return y, hT_re, hT_im
 
 
+@_without_autocast
 def _lru_bwd_impl(dy, dhT_re, dhT_im, u, lam_re, lam_im, B_re, B_im, C_re, C_im, D, h0_re, h0_im, step_mask):
     settings = config.current_settings()
     config.check_runtime(u.device, settings)

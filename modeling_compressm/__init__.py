@@ -24,6 +24,7 @@ from .modeling_compressm import (
     CompreSSMModel,
     CompreSSMPreTrainedModel,
 )
+from .optim import compressm_adamw, compressm_parameter_groups
 from .optimizer_state import StaleOptimizerStateError
 from .presets import build_model_for_tokenizer, build_model_from_preset, list_presets, load_preset
 from .reducer import CompreSSMReducer
@@ -85,4 +86,6 @@ __all__ = [
     "HistoryError",
     "event_metrics",
     "StaleOptimizerStateError",
+    "compressm_parameter_groups",
+    "compressm_adamw",
 ]

@@ -19,7 +19,9 @@ check. Around that it does only Trainer plumbing:
   does before loading the best checkpoint (earlier releases load it first, so there the callback must be bound).
 
 Reduction math lives in `reduction.py`, the loop-independent core in `reducer.py`, schedule and policies in
-`schedule.py`, checkpoint reading and atomic saves in `checkpoints.py`.
+`schedule.py`, checkpoint reading and atomic saves in `checkpoints.py`. Over 500 lines because what stays here needs
+the Trainer itself: its logging, optimizer groups, checkpoint and best-model hooks (on both sides of transformers 5.3)
+and the checks of its arguments (FSDP, label smoothing) before step 1.
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ from .fsdp import is_fsdp2
 from .events import coerce_events, event_metrics
 from .model_card import refresh_card_spectrum
 from .modeling_compressm import CompreSSMForCausalLM
+from .optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
 from .optimizer_state import optimizer_state_repair
 from .reducer import CompreSSMReducer, compressm_model_of
-from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, RollbackRule
+from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, RollbackRule, resolve_policy_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +137,13 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     Hankel singular values are computed, new state sizes picked and the model reduced in place (`CompreSSMReducer`).
 
     Args:
-        policy: "tolerance" (keep (1 - tau) of each layer's HSV energy), "fixed" (remove `fraction` of each layer's
-            states per event) or "rollback" (tolerance sizes, but each event is checked at the next evaluation and
-            undone, ending all further reductions, if `rollback_metric` degraded by more than `rollback_tolerance`).
-        tau, fraction, gate, min_dim, total_budget: see `schedule.RankPolicy`.
+        policy: "global" (every scheduled event keeps the same share of the total state, so that `final_fraction`
+            of it is left after the last one, states ranked by normalised HSV over all layers), "tolerance" (keep
+            (1 - tau) of each layer's HSV energy), "fixed" (remove `fraction` of each layer's states per event) or
+            "rollback" (tolerance sizes, but each event is checked at the next evaluation and undone, ending all
+            further reductions, if `rollback_metric` degraded by more than `rollback_tolerance`). None (default):
+            "tolerance" if `tau` is given, "fixed" if `fraction` is given, else "global" (`DEFAULTS.policy`).
+        tau, fraction, gate, min_dim, total_budget, final_fraction: see `schedule.RankPolicy`.
         start_step, end_step, interval: see `schedule.ReductionSchedule` (ints: steps; floats in (0, 1]: fractions
             of max_steps).
         rollback_metric, rollback_tolerance, greater_is_better: see `schedule.RollbackRule`.
@@ -153,9 +159,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
 
     def __init__(
         self,
-        policy: str = DEFAULTS.policy,
-        tau: float = DEFAULTS.tau,
-        fraction: float = DEFAULTS.fraction,
+        policy: str | None = None,
+        tau: float | None = None,
+        fraction: float | None = None,
         start_step: int | float = DEFAULTS.start_step,
         end_step: int | float = DEFAULTS.end_step,
         interval: int | float = DEFAULTS.interval,
@@ -167,8 +173,10 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         greater_is_better: bool | None = DEFAULTS.greater_is_better,
         log_hsv: bool = DEFAULTS.log_hsv,
         optimizer_state: str = DEFAULTS.optimizer_state,
+        final_fraction: float = DEFAULTS.final_fraction,
     ):
-        self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget)
+        policy, tau, fraction = resolve_policy_arguments(policy, tau, fraction)
+        self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget, final_fraction)
         self.schedule = ReductionSchedule(start_step, end_step, interval)
         self.rollback_rule = RollbackRule(rollback_metric, rollback_tolerance, greater_is_better)
         if not isinstance(log_hsv, bool):
@@ -191,6 +199,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     gate = property(lambda self: self.rank_policy.gate)
     min_dim = property(lambda self: self.rank_policy.min_dim)
     total_budget = property(lambda self: self.rank_policy.total_budget)
+    final_fraction = property(lambda self: self.rank_policy.final_fraction)
     start_step = property(lambda self: self.schedule.start_step)
     end_step = property(lambda self: self.schedule.end_step)
     interval = property(lambda self: self.schedule.interval)
@@ -250,7 +259,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         policy, schedule = self.rank_policy, self.schedule
         return {
             "policy": policy.policy, "tau": policy.tau, "fraction": policy.fraction, "gate": policy.gate,
-            "min_dim": policy.min_dim, "total_budget": policy.total_budget, "start_step": schedule.start_step,
+            "min_dim": policy.min_dim, "total_budget": policy.total_budget, "final_fraction": policy.final_fraction,
+            "start_step": schedule.start_step,
             "end_step": schedule.end_step, "interval": schedule.interval, "optimizer_state": self.optimizer_state,
             "log_hsv": self.log_hsv,
         }
@@ -470,15 +480,57 @@ class CompreSSMTrainer(Trainer):
     * re-sizes the model to a checkpoint's `state_dims` and restores its reduction history before loading its
       weights (resume and `load_best_model_at_end`; the latter adds a "restored" event);
     * writes checkpoints atomically (staging folder, then rename; `checkpoints.atomic_checkpoint_save`), including a
-      pending rollback check.
+      pending rollback check;
+    * builds its default optimizer (when no `optimizers=` / `optimizer_cls_and_kwargs=` optimizer instance was
+      passed) over `optim.compressm_parameter_groups`: the LRU recurrence parameters (nu_log, theta_log, gamma_log,
+      B_re, B_im) get no weight decay and `learning_rate * ssm_lr_factor`, as in the reference implementation;
+      every other parameter is grouped as `Trainer` groups it. The optimizer class and its settings still come
+      from `TrainingArguments.optim` / `optim_args`. `ssm_lr_factor=None` keeps the Trainer's own grouping.
     Otherwise identical to `Trainer`.
+
+    Args (besides Trainer's):
+        ssm_lr_factor: learning-rate multiplier of the SSM group (> 0), or None (keyword only).
     """
 
     _compressm_output_dir = None
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, ssm_lr_factor: float | None = DEFAULT_SSM_LR_FACTOR, **kwargs):
+        if ssm_lr_factor is not None and (
+            isinstance(ssm_lr_factor, bool) or not isinstance(ssm_lr_factor, (int, float)) or not ssm_lr_factor > 0
+        ):
+            raise ValueError(f"ssm_lr_factor must be a positive number or None, got {ssm_lr_factor!r}")
+        self.ssm_lr_factor = None if ssm_lr_factor is None else float(ssm_lr_factor)
         super().__init__(*args, **kwargs)
         self._bind_compressm_callbacks()
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer over CompreSSM parameter groups (see the class docstring). Optimizers that build
+        their own parameter lists (GaLore, LOMO, layer-wise, factories such as Muon) and bitsandbytes keep the
+        Trainer's path. Returns the optimizer (also stored as `self.optimizer`)."""
+        if self.optimizer is not None or self.ssm_lr_factor is None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        import transformers.trainer as trainer_module
+
+        is_factory = getattr(trainer_module, "is_optimizer_factory", lambda cls: False)(optimizer_cls)
+        owns_parameters = any(key in optimizer_kwargs for key in ("params", "model", "optimizer_dict"))
+        if is_factory or owns_parameters or "bitsandbytes" in str(optimizer_cls):
+            logger.warning(
+                "CompreSSMTrainer: optimizer %s builds its own parameter groups; the SSM parameters keep the Trainer's "
+                "weight decay and learning rate", getattr(optimizer_cls, "__name__", optimizer_cls),
+            )
+            return super().create_optimizer(model)
+        optimizer_kwargs = dict(optimizer_kwargs)
+        learning_rate = optimizer_kwargs.get("lr", self.args.learning_rate)
+        groups = compressm_parameter_groups(
+            opt_model, self.args.weight_decay, self.ssm_lr_factor, learning_rate=learning_rate
+        )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
     def _compressm_callbacks(self) -> list[CompreSSMCallback]:
         return [callback for callback in self.callback_handler.callbacks if isinstance(callback, CompreSSMCallback)]

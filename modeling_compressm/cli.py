@@ -20,6 +20,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 from .recipe import train_on_dataset, train_preset
 from .run_settings import (
@@ -330,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
             return _presets()
         return {"train": _train, "reduce": _reduce, "generate": _generate}[args.command](args)
     except ValueError as error:
+        # Bad input raises ValueError with a message meant for the user; COMPRESSM_DEBUG=1 adds the traceback, for
+        # telling an internal error apart from bad input.
+        if os.environ.get("COMPRESSM_DEBUG", "0") not in ("", "0"):
+            traceback.print_exc()
         print(f"compressm: error: {error}", file=sys.stderr)
         return 2
     finally:

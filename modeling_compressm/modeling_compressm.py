@@ -612,7 +612,8 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
         if pretrained_model_name_or_path is not None:
-            history_path = os.path.join(str(pretrained_model_name_or_path), cls.HISTORY_FILE)
+            subfolder = kwargs.get("subfolder") or ""  # the history sits beside the weights it describes
+            history_path = os.path.join(str(pretrained_model_name_or_path), subfolder, cls.HISTORY_FILE)
             if not os.path.isfile(history_path):
                 try:
                     from transformers.utils import cached_file
@@ -620,11 +621,14 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
                     history_path = cached_file(
                         pretrained_model_name_or_path,
                         cls.HISTORY_FILE,
+                        subfolder=subfolder,
                         _raise_exceptions_for_missing_entries=False,
                         _raise_exceptions_for_connection_errors=False,
                         revision=kwargs.get("revision"),
                         cache_dir=kwargs.get("cache_dir"),
                         local_files_only=kwargs.get("local_files_only", False),
+                        token=kwargs.get("token"),
+                        proxies=kwargs.get("proxies"),
                     )
                 except (OSError, ValueError):
                     history_path = None

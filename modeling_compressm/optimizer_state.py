@@ -157,7 +157,9 @@ def replace_parameters_in_optimizer(optimizer, mapping: dict) -> int:
 
 
 # --------------------------------------------------------------------------------------------- stale-state guard
-_STALE: dict[int, tuple[torch.nn.Parameter, str]] = {}
+# id -> watched Parameter (while alive: a model dropped after a post-hoc reduction must not live on here), and its name
+_STALE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_STALE_NAMES: dict[int, str] = {}
 _REPLACED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> replaced Parameter (while alive)
 _HOOK = None
 
@@ -177,7 +179,8 @@ def _check_stale_state(optimizer, args, kwargs):
                     )
     if not _STALE:
         return None
-    for key, (parameter, name) in list(_STALE.items()):
+    for key, parameter in list(_STALE.items()):
+        name = _STALE_NAMES.get(key, "a reduced parameter")
         state = optimizer.state.get(parameter) if hasattr(optimizer.state, "get") else None
         if not state:
             continue
@@ -189,7 +192,8 @@ def _check_stale_state(optimizer, args, kwargs):
                     "(model.reduce(ranks, optimizer=optimizer) or CompreSSMReducer(model, optimizer)) so its state "
                     "is repaired, or delete that state (optimizer.state.pop(parameter)) yourself."
                 )
-        del _STALE[key]  # state matches the new shape: nothing left to watch
+        _STALE.pop(key, None)  # state matches the new shape: nothing left to watch
+        _STALE_NAMES.pop(key, None)
     return None
 
 
@@ -197,6 +201,7 @@ def unwatch_stale_state(parameters) -> None:
     """Stop watching these parameters (their optimizer state was repaired, or they left the model)."""
     for parameter in parameters:
         _STALE.pop(id(parameter), None)
+        _STALE_NAMES.pop(id(parameter), None)
 
 
 def _register_hook() -> None:
@@ -207,8 +212,11 @@ def _register_hook() -> None:
 
 def watch_for_stale_state(named_parameters: dict) -> None:
     """Watch parameters that were reduced without their optimizer (name -> Parameter); see the module docstring."""
+    for key in [key for key in _STALE_NAMES if key not in _STALE]:  # names of parameters that died
+        del _STALE_NAMES[key]
     for name, parameter in named_parameters.items():
-        _STALE[id(parameter)] = (parameter, name)
+        _STALE[id(parameter)] = parameter
+        _STALE_NAMES[id(parameter)] = name
     _register_hook()
 
 

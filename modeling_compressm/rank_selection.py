@@ -7,6 +7,9 @@ current one means "leave this layer alone"; `model.reduce` accepts the list as i
 Policies:
     * tolerance: smallest r with sum(sigma_1..r) >= (1 - tau) sum(sigma) (`reduction.rank_for_energy`).
     * fixed: r = floor((1 - fraction) * N) per event.
+    * global: the total state (summed over layers) shrinks by the same factor at every scheduled event, so that it
+      reaches `final_fraction` of its size after the last of `events` events; the kept states are the ones with the
+      largest per-layer normalised HSVs over all layers (`budget_ranks`).
     * global budget: keep the `total_budget` states with the largest per-layer normalised HSVs over all layers.
 Then the 5% gate (reduce a layer only if r < gate * N) and the floor `min_dim` are applied by `select_ranks`.
 """
@@ -20,7 +23,7 @@ import torch
 
 from .reduction import rank_for_energy
 
-POLICIES = ("tolerance", "fixed", "rollback")
+POLICIES = ("tolerance", "fixed", "rollback", "global")
 
 
 def _check_hsv(hsv_per_layer: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -71,6 +74,32 @@ def fixed_fraction_ranks(current_dims: Sequence[int], fraction: float) -> list[i
         raise ValueError(f"fraction must lie strictly between 0 and 1, got {fraction!r}")
     dims = _check_dims(current_dims)
     return [max(1, math.floor((1.0 - float(fraction)) * dim + 1e-9)) for dim in dims]
+
+
+def global_ranks(hsv_per_layer: Sequence[torch.Tensor], final_fraction: float, events: int = 1, min_dim: int = 1) -> list[int]:
+    """One event of the "global" policy: keep final_fraction ** (1 / events) of the current total state, shared
+    between layers by one ranking of the per-layer normalised HSVs (`budget_ranks`).
+
+    Args:
+        hsv_per_layer: per layer a float tensor (N_i,) of Hankel singular values (N_i = current size).
+        final_fraction: share of the total state left after `events` such events, in (0, 1).
+        events: number of events the shrink is spread over (int >= 1).
+        min_dim: least number of states per layer.
+    Returns:
+        list of ints r_i in [min(min_dim, N_i), N_i], summing to max(round(keep * sum(N_i)), layers' floors).
+    """
+    if isinstance(final_fraction, bool) or not isinstance(final_fraction, (int, float)) or not (
+        0.0 < float(final_fraction) < 1.0
+    ):
+        raise ValueError(f"final_fraction must lie strictly between 0 and 1, got {final_fraction!r}")
+    if isinstance(events, bool) or not isinstance(events, int) or events < 1:
+        raise ValueError(f"events must be an int >= 1, got {events!r}")
+    _check_min_dim(min_dim)
+    values = _check_hsv(hsv_per_layer)
+    total = sum(hsv.numel() for hsv in values)
+    floor = sum(min(min_dim, hsv.numel()) for hsv in values)
+    keep = float(final_fraction) ** (1.0 / events)
+    return budget_ranks(values, max(floor, int(round(keep * total))), min_dim)
 
 
 def budget_ranks(hsv_per_layer: Sequence[torch.Tensor], total_budget: int, min_dim: int = 1) -> list[int]:
@@ -144,11 +173,14 @@ def select_ranks(
     gate: float = 0.95,
     min_dim: int = 1,
     total_budget: int | None = None,
+    final_fraction: float = 0.5,
+    events: int = 1,
 ) -> list[int]:
     """New state size per layer for one reduction event.
 
     Target: `tolerance_ranks(tau)` for the "tolerance" and "rollback" policies, `fixed_fraction_ranks(fraction)`
-    for "fixed"; with `total_budget` the target is the element-wise minimum with `budget_ranks`. Then `apply_gate`.
+    for "fixed", `global_ranks(final_fraction, events)` for "global"; with `total_budget` the target is the
+    element-wise minimum with `budget_ranks`. Then `apply_gate`.
 
     Args:
         hsv_per_layer: per layer a float tensor (N_i,) of Hankel singular values (N_i = current size).
@@ -164,6 +196,8 @@ def select_ranks(
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if policy == "fixed":
         targets = fixed_fraction_ranks(dims, fraction)
+    elif policy == "global":
+        targets = global_ranks(values, final_fraction, events, min_dim)
     else:
         targets = tolerance_ranks(values, tau)
     if total_budget is not None:

@@ -62,25 +62,23 @@ SYNTHETIC_CORPUS = "synthetic"  # name of the generated toy corpus the causal-LM
 
 
 # ------------------------------------------------------------------------------------------------ training
-def build_optimizer(model, *, learning_rate: float, weight_decay: float):
-    """The optimizer of every recipe run (the one place it is made): AdamW, weight decay on every parameter except
-    biases and norm weights (the Trainer's default grouping), fused where torch supports it.
+def build_optimizer(model, *, learning_rate: float, weight_decay: float, ssm_lr_factor: float | None = None):
+    """The optimizer of every recipe run (the one place it is made): AdamW over `optim.compressm_parameter_groups`
+    (weight decay on every parameter except biases, norm weights and the LRU recurrence parameters nu_log,
+    theta_log, gamma_log, B, which train at learning_rate * ssm_lr_factor, as `CompreSSMTrainer` does), fused where
+    torch supports it. ssm_lr_factor None takes `optim.DEFAULT_SSM_LR_FACTOR`.
 
     Returns:
         torch.optim.AdamW over all trainable parameters.
     """
     import torch
-    from transformers.trainer_pt_utils import get_parameter_names
 
-    forbidden = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
-    decay = set(get_parameter_names(model, [torch.nn.LayerNorm], forbidden))
-    named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
-    groups = [
-        {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
-        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
-    ]
-    groups = [group for group in groups if group["params"]]
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for _, p in named)
+    from .optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
+
+    factor = DEFAULT_SSM_LR_FACTOR if ssm_lr_factor is None else ssm_lr_factor
+    groups = compressm_parameter_groups(model, weight_decay, factor, learning_rate=learning_rate)
+    parameters = [parameter for group in groups for parameter in group["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in parameters)
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 

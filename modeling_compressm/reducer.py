@@ -51,7 +51,7 @@ from .optimizer_state import (
     watch_for_replaced_parameters,
 )
 from .reduction import ReductionError, balance
-from .schedule import DEFAULTS, RankPolicy, ReductionSchedule
+from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, resolve_policy_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,10 @@ class _Outcome:
     hsv: list[list[float] | None]
     project: list[torch.Tensor | None] = field(default_factory=list)
     lift: list[torch.Tensor | None] = field(default_factory=list)
+    # The decider released the wrapper (strategy.before_change) to re-size layers; if then no layer was reduced
+    # (every truncation failed), every rank must still re-register with it (after_change), or DDP is left without
+    # its reducer and the next step fails.
+    wrapper_released: bool = False
 
 
 @dataclass
@@ -108,7 +112,9 @@ class CompreSSMReducer:
             it must be the DDP-wrapped or the FSDP2-sharded model.
         optimizer: the optimizer training it (torch, or accelerate's AcceleratedOptimizer); None when there is none
             (an optimizer that was left out fails with `StaleOptimizerStateError` at its next step).
-        policy, tau, fraction, gate, min_dim, total_budget: rank policy (`schedule.RankPolicy`).
+        policy, tau, fraction, gate, min_dim, total_budget, final_fraction: rank policy (`schedule.RankPolicy`);
+            policy None is "tolerance" if tau is given, "fixed" if fraction is given, else `DEFAULTS.policy`
+            (`schedule.resolve_policy_arguments`).
         start_step, end_step, interval: schedule (`schedule.ReductionSchedule`); ints are optimizer steps, floats in
             (0, 1] fractions of `max_steps`.
         max_steps: length of the run in optimizer steps (needed when the schedule uses fractions).
@@ -123,9 +129,9 @@ class CompreSSMReducer:
         model,
         optimizer=None,
         *,
-        policy: str = DEFAULTS.policy,
-        tau: float = DEFAULTS.tau,
-        fraction: float = DEFAULTS.fraction,
+        policy: str | None = None,
+        tau: float | None = None,
+        fraction: float | None = None,
         start_step: int | float = DEFAULTS.start_step,
         end_step: int | float = DEFAULTS.end_step,
         interval: int | float = DEFAULTS.interval,
@@ -136,8 +142,10 @@ class CompreSSMReducer:
         optimizer_state: str = DEFAULTS.optimizer_state,
         log_hsv: bool = DEFAULTS.log_hsv,
         collective_timeout: float = DEFAULTS.collective_timeout,
+        final_fraction: float = DEFAULTS.final_fraction,
     ):
-        self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget)
+        policy, tau, fraction = resolve_policy_arguments(policy, tau, fraction)
+        self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget, final_fraction)
         self.schedule = ReductionSchedule(start_step, end_step, interval)
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
             raise ValueError(f"max_steps must be None or a positive int, got {max_steps!r}")
@@ -192,6 +200,13 @@ class CompreSSMReducer:
             )
 
     # ------------------------------------------------------------------------------------------------- events
+    def scheduled_events(self) -> int:
+        """Number of events the schedule holds in this run (at least 1; 1 when it cannot be resolved without
+        max_steps). The "global" policy spreads its shrink to `final_fraction` over this many events."""
+        if self.schedule.needs_max_steps and self.max_steps is None:
+            return 1
+        return max(1, len(self.schedule.steps(self.max_steps)))
+
     def is_due(self, step: int) -> bool:
         """Whether the schedule asks for an event after optimizer step `step` (ignores a pending check / stop).
         Raises ValueError when the schedule uses fractions of max_steps and the reducer was built without it."""
@@ -278,7 +293,8 @@ class CompreSSMReducer:
                     "nothing was changed on this rank"
                 )
             reduced = [index for index, status in enumerate(outcome.status) if status == "reduced"]
-            if reduced and not strategy.is_decider:
+            rewrap = bool(reduced) or outcome.wrapper_released
+            if rewrap and not strategy.is_decider:
                 strategy.before_change(model)
                 layers = model.lru_layers()
                 for index in reduced:
@@ -288,7 +304,7 @@ class CompreSSMReducer:
                 model.config.state_dims = [layer.state_dim for layer in layers]
             if reduced:
                 strategy.share_parameters(model, reduced, step)
-        if reduced:
+        if rewrap:
             changes = self._after_change(changes, self.optimizer_state)
         return outcome, changes
 
@@ -319,9 +335,7 @@ class CompreSSMReducer:
         with self.strategy.gathered(self.model):
             self.strategy.before_change(self.model)
             changes = self.model.set_state_dims(list(state_dims), initialise=initialise)
-        if changes:
-            changes = self._after_change(changes, "reset")
-        return changes
+        return self._after_change(changes, "reset")  # also when nothing changed: before_change released the wrapper
 
     def _decide_and_apply(self, step) -> tuple[_Outcome, list[LayerChange]]:
         """Deciding rank: balance each layer once, pick sizes, truncate with the same factors."""
@@ -338,10 +352,11 @@ class CompreSSMReducer:
                 logger.warning("CompreSSMReducer: step %s: layer %d left at %d states (%s)", step, index,
                                current[index], errors[index])
         hsv = [balancing.hsv if balancing is not None else None for balancing in balancings]
-        ranks = self.rank_policy.select(hsv, current)
+        ranks = self.rank_policy.select(hsv, current, events=self.scheduled_events())
         targets = [rank if hsv[index] is not None and rank < current[index] else None for index, rank in enumerate(ranks)]
         report = None
-        if any(target is not None for target in targets):
+        released = any(target is not None for target in targets)
+        if released:
             self.strategy.before_change(model)
             report = model.reduce(targets, record=False, balancings=balancings)
         status, kept, bound, relative = [], [], [], []
@@ -379,6 +394,7 @@ class CompreSSMReducer:
             hsv=[values.tolist() if values is not None else None for values in hsv],
             project=project,
             lift=lift,
+            wrapper_released=released,
         )
         return outcome, changes
 

@@ -316,6 +316,8 @@ def lru_sequence_torch(
     decay = None
     if hold_state is None:
         hold_state = _must_hold_state(step_mask, initial_state)
+    elif hold_state and step_mask is None:
+        raise ValueError("hold_state=True holds the state at masked steps and needs a step_mask; none was given")
     if hold_state:
         # Masked steps must leave the state untouched: a_t = 1 there (a fixed lam would still decay it).
         decay = torch.where(keep, lam[None, None, :], torch.ones((), dtype=lam.dtype, device=lam.device))

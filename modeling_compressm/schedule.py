@@ -23,14 +23,22 @@ from .rank_selection import POLICIES, select_ranks
 
 @dataclass(frozen=True)
 class ReductionDefaults:
-    """Default settings of CompreSSMReducer / CompreSSMCallback (one place; change them here only)."""
+    """Default settings of CompreSSMReducer / CompreSSMCallback (one place; change them here only).
 
-    policy: str = "tolerance"
+    The default recipe is the one that did best overall in the language-modelling study (issue 14,
+    benchmarks/results/lm_study_*.md, docs/callback.md): four events at 2.5%, 5%, 7.5% and 10% of `max_steps`
+    (the schedule scales with the run, so short runs reduce too), each keeping the same share of the total state
+    so that half of it is left after the last event, the states picked by one global ranking of the per-layer
+    normalised HSVs, and the Adam state of reduced SSM parameters reset.
+    """
+
+    policy: str = "global"
     tau: float = 0.01
     fraction: float = 0.25
+    final_fraction: float = 0.5
     start_step: int | float = 0
     end_step: int | float = 0.1
-    interval: int | float = 100
+    interval: int | float = 0.025
     gate: float = 0.95
     min_dim: int = 1
     total_budget: int | None = None
@@ -119,14 +127,32 @@ class ReductionSchedule:
         return list(range(first, end + 1, interval)) if first <= end else []
 
 
+def resolve_policy_arguments(policy: str | None, tau: float | None, fraction: float | None) -> tuple:
+    """(policy, tau, fraction) with the constructors' None defaults filled in. policy None is inferred from what
+    was passed: "tolerance" when tau is given, "fixed" when fraction is given, otherwise `DEFAULTS.policy`; so
+    `CompreSSMCallback(tau=0.05)` keeps meaning a tolerance of 0.05. Passing both without a policy is ambiguous and
+    raises ValueError."""
+    if policy is None:
+        if tau is not None and fraction is not None:
+            raise ValueError(
+                "tau (tolerance policy) and fraction (fixed policy) were both given without a policy: pass "
+                "policy='tolerance', 'fixed', 'rollback' or 'global'"
+            )
+        policy = "tolerance" if tau is not None else "fixed" if fraction is not None else DEFAULTS.policy
+    return policy, DEFAULTS.tau if tau is None else tau, DEFAULTS.fraction if fraction is None else fraction
+
+
 @dataclass(frozen=True)
 class RankPolicy:
     """How many states each layer keeps at an event.
 
-    policy: "tolerance" (keep (1 - tau) of each layer's HSV sum), "fixed" (remove `fraction` of the states per event)
-        or "rollback" (tolerance sizes; the event is checked afterwards, see RollbackRule).
+    policy: "global" (every scheduled event keeps the same share of the total state, so that `final_fraction` of it
+        is left after the last one; states ranked by per-layer normalised HSV over all layers), "tolerance" (keep
+        (1 - tau) of each layer's HSV sum), "fixed" (remove `fraction` of each layer's states per event) or
+        "rollback" (tolerance sizes; the event is checked afterwards, see RollbackRule).
     gate: a layer is reduced only if its new size < gate * current size.   min_dim: least size a reduction produces.
     total_budget: optional total state size over all layers, shared by normalised HSV energy.
+    final_fraction: "global" policy: share of the total state left after the last scheduled event, in (0, 1).
     """
 
     policy: str = DEFAULTS.policy
@@ -135,6 +161,7 @@ class RankPolicy:
     gate: float = DEFAULTS.gate
     min_dim: int = DEFAULTS.min_dim
     total_budget: int | None = DEFAULTS.total_budget
+    final_fraction: float = DEFAULTS.final_fraction
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -143,6 +170,8 @@ class RankPolicy:
             raise ValueError(f"tau must be a number in [0, 1), got {self.tau!r}")
         if not _is_number(self.fraction) or not 0.0 < float(self.fraction) < 1.0:
             raise ValueError(f"fraction must be a number strictly between 0 and 1, got {self.fraction!r}")
+        if not _is_number(self.final_fraction) or not 0.0 < float(self.final_fraction) < 1.0:
+            raise ValueError(f"final_fraction must be a number strictly between 0 and 1, got {self.final_fraction!r}")
         if not _is_number(self.gate) or not 0.0 < float(self.gate) <= 1.0:
             raise ValueError(f"gate must be a number in (0, 1], got {self.gate!r}")
         if not _is_int(self.min_dim) or self.min_dim < 1:
@@ -166,13 +195,14 @@ class RankPolicy:
                 f"in the model's {len(state_dims)} layers (sizes {list(state_dims)}): raise total_budget or lower min_dim"
             )
 
-    def select(self, hsv_per_layer: list[torch.Tensor | None], current_dims: list[int]) -> list[int]:
+    def select(self, hsv_per_layer: list[torch.Tensor | None], current_dims: list[int], events: int = 1) -> list[int]:
         """New size per layer. Layers whose HSVs are None (their factorisation failed) keep their size; the budget
         available to the others is what those layers do not already hold.
 
         Args:
             hsv_per_layer: per layer float64 (N_i,) Hankel singular values, or None.
             current_dims: current sizes N_i.
+            events: number of scheduled events ("global" policy: each keeps final_fraction ** (1 / events)).
         Returns:
             list of ints (== N_i where the layer is left alone).
         """
@@ -188,7 +218,7 @@ class RankPolicy:
         chosen = select_ranks(
             [hsv_per_layer[index] for index in healthy], [current_dims[index] for index in healthy],
             policy=self.policy, tau=self.tau, fraction=self.fraction, gate=self.gate, min_dim=self.min_dim,
-            total_budget=budget,
+            total_budget=budget, final_fraction=self.final_fraction, events=events,
         )
         for index, rank in zip(healthy, chosen):
             ranks[index] = rank

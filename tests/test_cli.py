@@ -407,6 +407,16 @@ def test_bad_input_gives_clear_errors(argv, message, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_debug_environment_adds_the_traceback_to_an_error(tmp_path, capsys, monkeypatch):
+    argv = ["train", "--tau", "1.5", "--max-steps", "2", "--output-dir", str(tmp_path / "x"), "--no-progress"]
+    assert main(argv) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.setenv("COMPRESSM_DEBUG", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "tau must be a number in [0, 1), got 1.5" in err
+
+
 def test_tau_zero_is_accepted_like_the_callback_does(tmp_path, capsys):
     assert main(["train", "--tau", "0", "--max-steps", "3", "--output-dir", str(tmp_path / "t0"), "--no-progress"]) == 0
     assert "tau=0" in capsys.readouterr().out

@@ -6,6 +6,9 @@ resumed run must end where the uninterrupted one did."""
 
 from pathlib import Path
 
+import pytest
+import torch
+import torch.distributed as dist
 from two_ranks import requires_gloo, run_two_ranks_for_report  # tests/ helper
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -37,3 +40,38 @@ def test_ddp_reduction_keeps_ranks_in_sync(tmp_path):
     assert plain["events"] == [3, 6] and sum(plain["dims"]) < 32
     assert plain["max_param_diff"] == 0.0
     assert all(loss == loss for loss in plain["losses"]) and plain["losses"][-1] < plain["losses"][0]
+
+
+def test_ddp_keeps_its_reducer_when_every_truncation_of_an_event_fails(tmp_path, monkeypatch):
+    """An event that releases DDP's reducer to re-size layers, then reduces none (every truncation failed), must
+    re-register with DDP: the next training step would otherwise fail ('self.logger must not be None')."""
+    import modeling_compressm.modeling_compressm as modeling
+    from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM, CompreSSMReducer
+    from modeling_compressm.reduction import ReductionError
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        config = CompreSSMConfig(vocab_size=16, hidden_size=8, num_hidden_layers=2, state_dims=8)
+        ddp = torch.nn.parallel.DistributedDataParallel(CompreSSMForCausalLM(config))
+        optimizer = torch.optim.Adam(ddp.parameters())
+        ids = torch.randint(0, 16, (2, 6))
+        ddp(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+        def fail(*args, **kwargs):
+            raise ReductionError("forced failure")
+
+        monkeypatch.setattr(modeling, "truncate", fail)
+        monkeypatch.setattr(modeling, "balanced_truncation", fail)
+        reducer = CompreSSMReducer(ddp, optimizer, policy="fixed", fraction=0.5)
+        event = reducer.reduce_now(1)
+        assert event.status == ["failed", "failed"] and ddp.module.config.state_dims == [8, 8]
+        assert ddp.reducer is not None
+        ddp(input_ids=ids, labels=ids).loss.backward()  # raised AssertionError before the fix
+        assert all(p.grad is not None for p in ddp.parameters() if p.requires_grad)
+    finally:
+        dist.destroy_process_group()

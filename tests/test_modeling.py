@@ -244,6 +244,20 @@ def test_from_pretrained_returns_the_loading_info_and_restores_the_history(lm, t
     assert via_auto.reduction_history == lm.reduction_history
 
 
+def test_from_pretrained_reads_the_history_beside_the_weights_of_a_subfolder(lm, tmp_path):
+    """`subfolder=` loads the weights from a subfolder: the history must come from there too, not from the root
+    (which may hold another checkpoint's history) or nowhere."""
+    lm.reduce([4, 3])
+    lm.save_pretrained(tmp_path / "sub")
+    other = CompreSSMForCausalLM(lm_config()).eval()
+    other.reduce([6, 5])
+    other.reduce([5, 5])
+    other.save_pretrained(tmp_path)  # a root checkpoint with a history of two events
+    loaded = CompreSSMForCausalLM.from_pretrained(tmp_path, subfolder="sub")
+    assert loaded.config.state_dims == [4, 3]
+    assert loaded.reduction_history == lm.reduction_history and len(loaded.reduction_history) == 1
+
+
 def test_classifier_round_trips_through_auto_class(classifier, tmp_path):
     classifier.reduce([3, None])
     classifier.save_pretrained(tmp_path)

@@ -9,6 +9,7 @@ import torch
 from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM
 from modeling_compressm.model_card import render_model_card
 from modeling_compressm.output_folder import write_output_folder
+from modeling_compressm.optim import DEFAULT_SSM_LR_FACTOR, DEFAULT_SSM_PARAMETER_NAMES
 from modeling_compressm.recipe import build_optimizer
 from modeling_compressm.run_settings import ReductionPlan, TrainingOptions, configure_threads, default_num_threads
 
@@ -56,7 +57,7 @@ def test_thread_default(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_build_optimizer_decays_weights_but_not_norms():
+def test_build_optimizer_decays_weights_but_not_norms_or_ssm_parameters():
     model = CompreSSMForCausalLM(CompreSSMConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, state_dims=4))
     optimizer = build_optimizer(model, learning_rate=0.01, weight_decay=0.1)
     names = {id(parameter): name for name, parameter in model.named_parameters()}
@@ -64,9 +65,13 @@ def test_build_optimizer_decays_weights_but_not_norms():
     decayed = {names[id(p)] for group in groups if group["weight_decay"] == 0.1 for p in group["params"]}
     plain = {names[id(p)] for group in groups if group["weight_decay"] == 0.0 for p in group["params"]}
     assert decayed | plain == set(names.values()) and not decayed & plain
-    assert all("norm" in name or name.endswith("bias") for name in plain)
-    assert {"model.layers.0.norm.weight", "model.layers.0.glu_proj.bias"} <= plain
-    assert any("B_re" in name for name in decayed) and all(g["lr"] == 0.01 for g in optimizer.param_groups)
+    ssm = {f"model.layers.0.lru.{name}" for name in DEFAULT_SSM_PARAMETER_NAMES}
+    assert all("norm" in name or name.endswith("bias") for name in plain - ssm)
+    assert {"model.layers.0.norm.weight", "model.layers.0.glu_proj.bias"} | ssm <= plain
+    assert "model.layers.0.lru.C_re" in decayed
+    rates = {names[id(p)]: group["lr"] for group in groups for p in group["params"]}
+    assert all(rates[name] == pytest.approx(0.01 * DEFAULT_SSM_LR_FACTOR) for name in ssm)
+    assert all(rate == 0.01 for name, rate in rates.items() if name not in ssm)
 
 
 def test_output_folder_is_written_whole_or_not_at_all(tmp_path):

@@ -174,6 +174,21 @@ def test_model_reduce_with_live_graph_and_stale_optimizer_state_fails_clearly_or
     assert optimizer.state[model.lru_layers()[0].B_re]["exp_avg"].shape == (4, 16)
 
 
+def test_reducing_without_an_optimizer_does_not_keep_the_model_alive():
+    """The stale-state guard watches parameters reduced without their optimizer; a model dropped after a post-hoc
+    reduction (nothing ever steps for it) must be freed, not held by the guard forever."""
+    import gc
+    import weakref
+
+    model = make_model()
+    model.reduce([8, 8])
+    watched = weakref.ref(model.lru_layers()[0].B_re)
+    assert id(watched()) in optimizer_state_module._STALE  # it is being watched
+    del model
+    gc.collect()
+    assert watched() is None
+
+
 def test_optimizer_that_does_not_train_the_model_is_rejected():
     model, other = make_model(), make_model(seed=1)
     with pytest.raises(ValueError, match="holds none of the model's SSM parameters"):
@@ -309,10 +324,14 @@ def test_compiled_model_is_accepted():
 
 
 def test_schedule_and_policy_defaults_live_in_one_object():
+    inferred = {"policy", "tau", "fraction"}  # None: resolved from DEFAULTS by schedule.resolve_policy_arguments
     for cls in (CompreSSMReducer, CompreSSMCallback):
         for name, parameter in inspect.signature(cls).parameters.items():
             if hasattr(DEFAULTS, name):
-                assert parameter.default == getattr(DEFAULTS, name), (cls.__name__, name)
+                expected = None if name in inferred else getattr(DEFAULTS, name)
+                assert parameter.default == expected, (cls.__name__, name)
+    callback = CompreSSMCallback()
+    assert (callback.policy, callback.tau, callback.fraction) == (DEFAULTS.policy, DEFAULTS.tau, DEFAULTS.fraction)
 
 
 def test_schedule_fractions_need_max_steps_and_resolve():

@@ -182,3 +182,14 @@ def test_kernel_dispatch_matches_the_torch_path_in_values_and_gradients(with_sta
     assert torch.allclose(final_k, final_ref, atol=1e-5)
     for reference, kernel in zip(grads_ref, grads_k):
         assert torch.allclose(kernel, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_holding_the_state_without_a_mask_is_refused_clearly():
+    from modeling_compressm.scan import lru_sequence_torch
+
+    u, lam = torch.randn(1, 4, 3), torch.full((2,), 0.5 + 0.1j, dtype=torch.complex64)
+    B, C, D = torch.randn(2, 3, dtype=torch.complex64), torch.randn(3, 2, dtype=torch.complex64), torch.randn(3)
+    with pytest.raises(ValueError, match="hold_state=True .* needs a step_mask"):
+        lru_sequence_torch(u, lam, B, C, D, hold_state=True)
+    y, _ = lru_sequence_torch(u, lam, B, C, D, step_mask=torch.ones(1, 4, dtype=torch.bool), hold_state=True)
+    assert torch.allclose(y, lru_sequence_torch(u, lam, B, C, D)[0], atol=1e-6)  # all-real mask: nothing held
