@@ -13,11 +13,15 @@ check. Around that it does only Trainer plumbing:
   (`CompreSSMReducer` in a plain or accelerate loop, docs/fsdp.md).
 * checkpoints: `CompreSSMTrainer` re-sizes the model before a checkpoint's weights are loaded (resume and
   `load_best_model_at_end`), writes checkpoints atomically, and stores a pending rollback check in them; with a plain
-  `Trainer`, `prepare_model_for_resume(model, checkpoint)` re-sizes for resume, and the callback re-sizes for
-  `load_best_model_at_end` when the Trainer logs its final metrics (just before it loads the best checkpoint).
+  `Trainer`, `prepare_model_for_resume(model, checkpoint)` re-sizes for resume, and for `load_best_model_at_end` the
+  callback re-sizes the model just before the best checkpoint is loaded: a bound callback wraps that Trainer's
+  `_load_best_model`; an unbound one re-sizes when the Trainer logs its final metrics, which transformers >= 5.3
+  does before loading the best checkpoint (earlier releases load it first, so there the callback must be bound).
 
 Reduction math lives in `reduction.py`, the loop-independent core in `reducer.py`, schedule and policies in
-`schedule.py`, checkpoint reading and atomic saves in `checkpoints.py`.
+`schedule.py`, checkpoint reading and atomic saves in `checkpoints.py`. Over 500 lines because what stays here needs
+the Trainer itself: its logging, optimizer groups, checkpoint and best-model hooks (on both sides of transformers 5.3)
+and the checks of its arguments (FSDP, label smoothing) before step 1.
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ import contextlib
 import logging
 import os
 
+import transformers
+from packaging import version
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .checkpoints import (
     atomic_checkpoint_save,
@@ -40,6 +47,7 @@ from .distributed import distributed_world_size, rebuild_ddp_reducer
 from .fsdp import is_fsdp2
 from .events import coerce_events, event_metrics
 from .model_card import refresh_card_spectrum
+from .modeling_compressm import CompreSSMForCausalLM
 from .optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
 from .optimizer_state import optimizer_state_repair
 from .reducer import CompreSSMReducer, compressm_model_of
@@ -58,12 +66,54 @@ TRAINER_FSDP_MESSAGE = (
 )
 
 
+# transformers >= 5.3 logs the final training metrics (on_log) before `load_best_model_at_end` loads the best
+# checkpoint; earlier releases load it first, so an unbound callback cannot re-size the model in time there.
+FINAL_LOG_PRECEDES_BEST_MODEL_LOAD = version.parse(transformers.__version__).release >= (5, 3)
+
+
+def restore_best_checkpoint_sizes(trainer) -> bool:
+    """Give the Trainer's model the sizes and history of its best checkpoint (before `load_best_model_at_end` loads
+    the weights); False when there is nothing to do."""
+    checkpoint = trainer.state.best_model_checkpoint
+    if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        return False
+    return restore_checkpoint_sizes(trainer.model, checkpoint, trainer.state.global_step, trainer.optimizer,
+                                    trainer.model_wrapped)
+
+
+def _resize_before_loading_best_model(trainer) -> None:
+    """Wrap a plain Trainer's `_load_best_model` (once) so the model gets the best checkpoint's sizes first."""
+    if trainer.__dict__.get("_compressm_sizes_before_best_model"):
+        return
+    load_best_model = trainer._load_best_model
+
+    def load_best_model_at_its_sizes(*args, **kwargs):
+        restore_best_checkpoint_sizes(trainer)
+        return load_best_model(*args, **kwargs)
+
+    trainer._load_best_model = load_best_model_at_its_sizes
+    trainer._compressm_sizes_before_best_model = True
+
+
 def _check_no_trainer_fsdp(args, model=None) -> None:
     """Raise the TRAINER_FSDP_MESSAGE error for Trainer arguments that ask for FSDP or a model sharded by FSDP."""
     asked = bool(getattr(args, "fsdp", None)) if args is not None else False
     sharded = model is not None and is_fsdp2(model)
     if asked or sharded:
         raise NotImplementedError(TRAINER_FSDP_MESSAGE)
+
+
+def _check_label_smoothing_is_shifted(args, model) -> None:
+    """The Trainer shifts labels for label smoothing only for causal LMs in transformers' own tables: refuse it for
+    ours before step 1 (each position would learn to predict its own input token)."""
+    lm = compressm_model_of(model) if model is not None else None
+    if getattr(args, "label_smoothing_factor", 0) and isinstance(lm, CompreSSMForCausalLM):
+        if type(lm).__name__ not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            raise ValueError(
+                f"label_smoothing_factor={args.label_smoothing_factor} with {type(lm).__name__}: transformers' Trainer "
+                "shifts labels for label smoothing only for causal LMs built into transformers, so each position would "
+                "learn its own input token. Set label_smoothing_factor=0 or pass a compute_loss_func that shifts labels"
+            )
 
 
 @contextlib.contextmanager
@@ -246,6 +296,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     # --------------------------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         _check_no_trainer_fsdp(args, model)
+        _check_label_smoothing_is_shifted(args, model)
         trainer = self._running_trainer(optimizer)
         if distributed_world_size() > 1 and trainer is None:
             raise RuntimeError(
@@ -257,6 +308,16 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 "CompreSSMCallback is not bound to a Trainer: its metrics go to state.log_history only, not to "
                 "report_to integrations. Use CompreSSMTrainer or call callback.bind(trainer)."
             )
+        if args.load_best_model_at_end and not isinstance(trainer, CompreSSMTrainer):
+            if trainer is not None:
+                _resize_before_loading_best_model(trainer)
+            elif not FINAL_LOG_PRECEDES_BEST_MODEL_LOAD:
+                raise ValueError(
+                    f"load_best_model_at_end with a plain transformers.Trainer: transformers "
+                    f"{transformers.__version__} loads the best checkpoint before any callback can give the model that "
+                    "checkpoint's state sizes, so training would end in a size mismatch. Use CompreSSMTrainer, or call "
+                    "callback.bind(trainer) before train()"
+                )
         if self.policy == "rollback" and str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "no":
             raise ValueError(
                 "policy='rollback' compares an evaluation metric after each reduction with the one before it: set "
@@ -369,15 +430,15 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         return control
 
     def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
-        # The Trainer logs its final metrics ("train_runtime", ...) right before `load_best_model_at_end` loads the
-        # best checkpoint: give the model that checkpoint's sizes first, so the weights fit (plain Trainer).
+        # Unbound callback in a plain Trainer: transformers >= 5.3 logs its final metrics ("train_runtime", ...) right
+        # before `load_best_model_at_end` loads the best checkpoint: give the model that checkpoint's sizes first, so
+        # the weights fit. (A bound callback wraps the Trainer's `_load_best_model` instead; CompreSSMTrainer does it.)
         if (
             logs and "train_runtime" in logs and args.load_best_model_at_end and state.best_model_checkpoint
-            and not isinstance(self._trainer, CompreSSMTrainer) and model is not None
+            and self._trainer is None and model is not None
             and os.path.isfile(os.path.join(state.best_model_checkpoint, "config.json"))
         ):
-            wrapped = self._trainer.model_wrapped if self._trainer is not None else None
-            restore_checkpoint_sizes(model, state.best_model_checkpoint, state.global_step, optimizer, wrapped)
+            restore_checkpoint_sizes(model, state.best_model_checkpoint, state.global_step, optimizer)
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -487,9 +548,7 @@ class CompreSSMTrainer(Trainer):
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self):
-        checkpoint = self.state.best_model_checkpoint
-        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, "config.json")):
-            restore_checkpoint_sizes(self.model, checkpoint, self.state.global_step, self.optimizer, self.model_wrapped)
+        restore_best_checkpoint_sizes(self)
         return super()._load_best_model()
 
     def _load_callback_state(self):

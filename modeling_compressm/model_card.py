@@ -21,10 +21,11 @@ _MARKDOWN_SPECIAL = set("\\|<`")  # table cells (pipes), HTML tags, code spans
 
 
 def escape_markdown(value) -> str:
-    """`str(value)` made safe for one Markdown table cell: line breaks flattened; backslashes, pipes, `<` (HTML tags)
-    and backticks (code spans) backslash-escaped."""
+    """`str(value)` made safe for one Markdown table cell: line breaks flattened; backslashes, pipes, `<` (HTML tags),
+    backticks (code spans) and the `](` of inline links and images (`[text](url)`, `![alt](url)`) backslash-escaped."""
     text = " ".join(str(value).split())
-    return "".join("\\" + character if character in _MARKDOWN_SPECIAL else character for character in text)
+    text = "".join("\\" + character if character in _MARKDOWN_SPECIAL else character for character in text)
+    return text.replace("](", "\\](")
 
 
 def _energy_line(event) -> str:

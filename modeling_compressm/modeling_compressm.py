@@ -1178,6 +1178,11 @@ class CompreSSMForSequenceClassification(CompreSSMPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if attention_mask is None and input_ids is not None and self.config.pad_token_id is not None:
             attention_mask = (input_ids != self.config.pad_token_id).to(torch.long)
+        elif attention_mask is None and self.config.input_dim is None and self.config.pad_token_id is not None:
+            _warn_once(
+                "CompreSSMForSequenceClassification: padding cannot be detected in inputs_embeds (pad_token_id marks "
+                "it only in input_ids), so every step is pooled as real; pass the attention_mask of a padded batch"
+            )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

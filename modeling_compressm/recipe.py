@@ -11,6 +11,9 @@ Both return a summary dict (the trained model under "model"; metrics; state size
 The pieces are public too: `ReductionPlan` and `TrainingOptions` (`run_settings.py`: what the callback is asked to do,
 steps as ints or fractions of the run; Trainer settings), `build_optimizer` (the one place the optimizer is made),
 `run_training`, and the all-or-nothing output folder (`output_folder.py`).
+
+Over 500 lines because both recipes (presets and own data) live here beside the steps they share (`run_training`,
+the summary, the output folder and Hub upload); settings and the output folder are already modules of their own.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ here with the `tokenizers` library or the shipped byte-level one), the intercept
 process without this package, post-hoc `reduce` and `generate`, resume, classification, and every bad input.
 
 Runs use the smallest settings that still exercise a reduction; nothing here is timed (subprocesses get generous
-limits that only guard against hangs)."""
+limits that only guard against hangs). Over 500 lines because each command path and each bad input is one end-to-end
+case, and the cases share the module's trained model and data fixtures."""
 
 import contextlib
 import io

@@ -1,7 +1,10 @@
 """Fault and abuse cases (issue 11): inputs and contracts that used to give silently wrong results or unclear errors,
 and, for the reducer, checkpoints of a model that shrank (resume, restore, hostile history files, saves killed
 half-way), one callback in two Trainers, impossible settings, failing or degenerate layers, telemetry that hides large
-changes, and ranks that stop answering. Each stream keeps its own sections."""
+changes, and ranks that stop answering. Each stream keeps its own sections.
+
+Over 500 lines because issue 11 asks for its fault cases in this one module; the shared task, workers and loss
+contract live in tasks.py, faults_worker.py and loss_contract.py."""
 
 import json
 import logging
@@ -25,6 +28,7 @@ from modeling_compressm import (
     CompreSSMModel,
     CompreSSMTrainer,
 )
+from modeling_compressm import callback as callback_module
 
 import loss_contract  # tests/ helpers
 from generation_checks import cache_of
@@ -188,6 +192,29 @@ def test_data_parallel_training_makes_the_update_of_one_large_batch(tmp_path):
         assert report[head]["max_update_error"] < 1e-5, (head, report[head])
 
 
+@pytest.mark.parametrize("trainer_cls", [Trainer, CompreSSMTrainer])
+def test_label_smoothing_of_a_causal_lm_is_refused_where_the_trainer_would_not_shift_labels(tmp_path, monkeypatch,
+                                                                                             trainer_cls):
+    """transformers shifts labels for label smoothing only for causal LMs in its own tables (test_modeling_common.py
+    adds ours there, as an in-library model has it): without that entry the smoothed loss would compare each
+    position's logits with its own input token. The callback refuses before step 1; a classifier needs no shift."""
+    from transformers.models.auto import modeling_auto
+
+    monkeypatch.delitem(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "compressm", raising=False)
+    head = loss_contract.build_head("lm")
+    args = training_arguments(tmp_path / "lm", max_steps=2, per_device_train_batch_size=4, label_smoothing_factor=0.1)
+    trainer = trainer_cls(model=head, args=args, train_dataset=loss_contract.dataset_for("lm"),
+                          callbacks=[CompreSSMCallback(policy="fixed", fraction=0.25, start_step=1, end_step=1)])
+    with pytest.raises(ValueError, match=r"label_smoothing_factor=0.1 with CompreSSMForCausalLM.*own input token"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    classifier = loss_contract.build_head("classifier")
+    args = training_arguments(tmp_path / "cls", max_steps=2, per_device_train_batch_size=4, label_smoothing_factor=0.1)
+    trainer_cls(model=classifier, args=args, train_dataset=loss_contract.dataset_for("classifier"),
+                callbacks=[CompreSSMCallback(policy="fixed", fraction=0.25, start_step=1, end_step=1)]).train()
+    assert sum(classifier.config.state_dims) < 8  # trained and reduced from [5, 3]
+
+
 # --- reducer: shared helpers ---
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "faults_worker.py"
@@ -224,8 +251,8 @@ class StepScore:
         return {"score": -float(abs(self.trainer.state.global_step - self.best_step))}
 
 
-@pytest.mark.parametrize("trainer_cls", [CompreSSMTrainer, Trainer])
-def test_load_best_model_at_end_restores_weights_sizes_and_history(tmp_path, trainer_cls):
+def best_model_run(tmp_path, trainer_cls, bind=False):
+    """A run whose best checkpoint (step 6) is smaller than the initial model and larger than the final one."""
     model = make_model()
     callback = CompreSSMCallback(policy="fixed", fraction=0.25, start_step=4, end_step=8, interval=4)
     score = StepScore(best_step=6)
@@ -236,6 +263,18 @@ def test_load_best_model_at_end_restores_weights_sizes_and_history(tmp_path, tra
     trainer = trainer_cls(model=model, args=args, train_dataset=SignTask(128), eval_dataset=SignTask(32, seed=1),
                           compute_metrics=score, callbacks=[callback])
     score.trainer = trainer
+    if bind:
+        callback.bind(trainer)
+    return model, trainer
+
+
+@pytest.mark.parametrize("trainer_cls, bind", [(CompreSSMTrainer, False), (Trainer, True), (Trainer, False)],
+                         ids=["CompreSSMTrainer", "bound-Trainer", "unbound-Trainer"])
+def test_load_best_model_at_end_restores_weights_sizes_and_history(tmp_path, trainer_cls, bind):
+    if trainer_cls is Trainer and not bind and not callback_module.FINAL_LOG_PRECEDES_BEST_MODEL_LOAD:
+        pytest.skip("transformers < 5.3 loads the best checkpoint before any callback event: an unbound callback "
+                    "refuses (see the test below)")
+    model, trainer = best_model_run(tmp_path, trainer_cls, bind)
     trainer.train()  # a plain Trainer used to crash here with a size mismatch
 
     best = Path(trainer.state.best_model_checkpoint)
@@ -254,6 +293,16 @@ def test_load_best_model_at_end_restores_weights_sizes_and_history(tmp_path, tra
     model.save_pretrained(tmp_path / "final")
     final = json.loads((tmp_path / "final" / "compressm_history.json").read_text())
     assert final["state_dims"] == [12, 12] and final["events"][-1]["dims_after"] == [12, 12]
+
+
+def test_unbound_callback_with_load_best_model_at_end_fails_before_training_on_old_transformers(tmp_path, monkeypatch):
+    """transformers < 5.3 loads the best checkpoint before the final on_log: an unbound callback in a plain Trainer
+    could not re-size the model in time, so it refuses before step 1 instead of crashing after the whole run."""
+    monkeypatch.setattr(callback_module, "FINAL_LOG_PRECEDES_BEST_MODEL_LOAD", False)
+    _, trainer = best_model_run(tmp_path, Trainer)
+    with pytest.raises(ValueError, match=r"callback\.bind\(trainer\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 # --- reducer: one callback object in two Trainers (issue 11 item 3) ---
@@ -381,7 +430,8 @@ def test_model_card_escapes_markdown_from_the_history(tmp_path):
     model = make_model()
     model.reduce([8, 8])
     model.reduction_history.append({
-        "step": 3, "policy": "evil | cell <img src=x onerror=alert(1)>", "dims_before": [8, 8], "dims_after": [8, 8],
+        "step": 3, "policy": "evil | cell <img src=x onerror=alert(1)> ![pixel](https://evil.example/x.png) "
+                             "[click](https://evil.example)", "dims_before": [8, 8], "dims_after": [8, 8],
     })
     model.save_pretrained(tmp_path)
     card = (tmp_path / "README.md").read_text()
@@ -390,6 +440,7 @@ def test_model_card_escapes_markdown_from_the_history(tmp_path):
     unescaped_pipes = lambda line: len(line.replace("\\|", ""))  - len(line.replace("\\|", "").replace("|", ""))
     assert unescaped_pipes(row) == unescaped_pipes(header)
     assert re.search(r"(?<!\\)<", row) is None and "\\<img" in row  # every "<" escaped
+    assert re.search(r"(?<!\\)\]\(", row) is None and "\\](https://evil" in row  # no inline link or image
 
 
 # --- reducer: atomic checkpoints, plot drawn once per event (issue 11 item 5) ---

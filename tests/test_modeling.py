@@ -111,6 +111,23 @@ def test_classifier_without_a_mask_treats_pad_tokens_as_padding(pooling, side):
     torch.testing.assert_close(model(ids[:1][ids[:1] != 0][None]).logits[0], with_mask[0], atol=1e-5, rtol=1e-5)
 
 
+def test_classifier_warns_that_padding_in_inputs_embeds_without_a_mask_cannot_be_detected(caplog):
+    """transformers' decoder classifiers warn here too: the pad embeddings are pooled as if they were real steps."""
+    from modeling_compressm import modeling_compressm as modeling
+
+    config = CompreSSMConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, state_dims=4, num_labels=2,
+                             pad_token_id=0)
+    model = CompreSSMForSequenceClassification(config).eval()
+    embeds = model.get_input_embeddings()(torch.randint(0, 30, (2, 5)))
+    modeling._warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger=modeling.__name__):
+        model(inputs_embeds=embeds, attention_mask=torch.ones(2, 5))
+        model(input_ids=torch.randint(0, 30, (2, 5)))
+        assert not caplog.records
+        model(inputs_embeds=embeds)
+    assert len(caplog.records) == 1 and "attention_mask" in caplog.records[0].getMessage()
+
+
 def test_classifier_last_pooling_and_regression():
     config = CompreSSMConfig(hidden_size=8, num_hidden_layers=1, state_dims=4, input_dim=2, num_labels=1, pooling="last")
     model = CompreSSMForSequenceClassification(config).eval()

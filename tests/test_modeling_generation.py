@@ -136,6 +136,24 @@ def test_generate_continues_from_a_returned_cache(reduced_lm, seed):
 
 
 @pytest.mark.parametrize("seed", range(5))
+def test_left_padded_second_turn_from_a_returned_cache_equals_a_greedy_loop_of_full_forwards(reduced_lm, seed):
+    """A chat-style second turn: a left-padded batch generates, then continues from the cache that call returned with
+    more prompt tokens and the mask extended over them; it equals full forwards over the whole masked sequence."""
+    ids = _prompt(seed, batch=3)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    mask[2, :1] = 0
+    first = checks.generate(reduced_lm, ids.masked_fill(mask == 0, 0), 3, attention_mask=mask)
+    new_steps = first.sequences.shape[1] - ids.shape[1] + 2
+    second_turn = torch.cat([first.sequences, ids[:, -2:]], dim=1)
+    second_mask = torch.cat([mask, mask.new_ones(3, new_steps)], dim=1)
+    continued = checks.generate(reduced_lm, second_turn, 5, attention_mask=second_mask, cache=checks.cache_of(first))
+    reference, reference_logits = checks.greedy_by_full_forward(reduced_lm, second_turn, second_mask, new_tokens=5)
+    assert torch.equal(continued.sequences, reference)
+    torch.testing.assert_close(torch.stack(continued.logits, 1), reference_logits, **checks.LOGITS_TOLERANCE)
+
+
+@pytest.mark.parametrize("seed", range(5))
 def test_generate_from_inputs_embeds_equals_generate_from_ids(reduced_lm, seed):
     checks.assert_generation_from_inputs_embeds_matches_ids(reduced_lm, _prompt(seed))
 

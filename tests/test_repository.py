@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -68,3 +70,41 @@ def test_checkout_kernels_folder_is_inert_under_the_name_kernels():
         env=dict(os.environ, TRITON_INTERPRET="1"),
     )
     assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
+LONG_FILE_LINES = 520  # "about 500 lines" (issue 13): files up to this length need no reason
+SOURCE_FOLDERS = ("modeling_compressm", "kernels", "tests")  # the package, its kernels and the test suite
+
+
+def _opening_comment(text: str) -> str:
+    """The module docstring, or the leading `#` comment lines, of a Python file."""
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#!"))
+    docstring = re.match(r'\s*(?:[rRuU]?("""|\'\'\'))(.*?)\1', body, re.S)
+    if docstring:
+        return docstring.group(2)
+    return "\n".join(line for line in body.lstrip().splitlines() if line.startswith("#"))
+
+
+def test_files_over_about_500_lines_say_why_in_their_opening_comment():
+    files = sorted(path for folder in SOURCE_FOLDERS for path in (ROOT / folder).rglob("*.py"))
+    assert len(files) > 20  # the folders were found
+    unexplained = [
+        f"{path.relative_to(ROOT)} ({len(text.splitlines())} lines)"
+        for path in files
+        if len((text := path.read_text(encoding="utf-8")).splitlines()) > LONG_FILE_LINES
+        and "500 lines" not in _opening_comment(text)
+    ]
+    assert not unexplained, f"files over about 500 lines without a reason in their opening comment: {unexplained}"
+
+
+def test_readme_layout_table_has_a_row_for_every_top_level_folder():
+    listing = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listing.returncode != 0:
+        pytest.skip("not a git checkout")
+    tracked = listing.stdout
+    folders = {path.split("/", 1)[0] for path in tracked.splitlines() if "/" in path and not path.startswith(".")}
+    assert {"modeling_compressm", "kernels", "tests"} <= folders
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("## Repository layout", 1)[1].split("\n## ", 1)[0]
+    rows = {re.match(r"\| `([^`/]+)", line).group(1) for line in layout.splitlines() if re.match(r"\| `[^`/]+", line)}
+    assert folders <= rows, f"folders missing from README's layout table: {sorted(folders - rows)}"
