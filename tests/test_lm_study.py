@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import lm_study  # noqa: E402
+import lm_study_report  # noqa: E402
 from tasks import one_thread  # noqa: E402,F401 (fixture)
 
 TOY = ["--steps", "8", "--state-dims", "8", "--hidden", "8", "--seq-len", "16", "--batch-size", "2",
@@ -100,6 +101,6 @@ def test_package_default_arm_runs_the_shipped_reducer_and_the_overview_lists_it(
     # schedule.DEFAULTS in a 40-step run: events at 2.5/5/7.5/10% = steps 1-4, half of the 16 states left
     assert [event["step"] for event in compressed["events"]] == [1, 2, 3, 4]
     assert sum(compressed["dims_after"]) == 8
-    lines, _ = lm_study.build_report(list(rows.values()))
+    lines, _ = lm_study_report.build_report(list(rows.values()))
     overview = lines[lines.index(next(line for line in lines if line.startswith("### Overview"))) + 4]
     assert overview.startswith("| bytes | `package-default` (")
