@@ -136,11 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache-dir", default=None, help="datasets cache folder (default: HF_DATASETS_CACHE)")
 
     reduction = train.add_argument_group("reduction (CompreSSMCallback)")
-    reduction.add_argument("--policy", choices=("tolerance", "fixed", "rollback"), default="tolerance")
+    reduction.add_argument("--policy", choices=("tolerance", "fixed", "rollback", "global"), default="tolerance",
+                           help="tolerance: per-layer tau (default); fixed: --fraction per event; rollback: tolerance "
+                           "undone when eval loss degrades; global: keep --final-fraction of the total state after "
+                           "the last event, one HSV ranking over all layers (the library's default recipe)")
     reduction.add_argument("--tau", type=float, default=DEFAULT_TAU,
                            help=f"tolerance: share of HSV energy dropped, in [0, 1) (default {DEFAULT_TAU})")
     reduction.add_argument("--fraction", type=float, default=None,
                            help="fixed policy: share of states removed per event (default: the callback's, 0.25)")
+    reduction.add_argument("--final-fraction", type=float, default=None,
+                           help="global policy: share of the total state left after the last event (default 0.5)")
     reduction.add_argument("--start-step", type=_step_value, default=DEFAULT_START_STEP,
                            help=f"first reduction step, or a fraction of the run (default {DEFAULT_START_STEP})")
     reduction.add_argument("--end-step", type=_step_value, default=DEFAULT_END_STEP,
@@ -162,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     training.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE)
     training.add_argument("--weight-decay", type=float, default=0.01)
+    training.add_argument("--ssm-lr-factor", type=float, default=None,
+                          help="learning-rate factor of the LRU parameters nu, theta, gamma, B (no weight decay on "
+                          "them either; default 1.0, from the language-modelling study)")
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     training.add_argument("--tf32", action="store_true",
@@ -226,11 +234,12 @@ def _train(args) -> int:
     plan = ReductionPlan(
         compress=not args.no_compress, policy=args.policy, tau=args.tau, fraction=args.fraction,
         start_step=args.start_step, end_step=args.end_step, interval=args.interval, gate=args.gate,
-        min_dim=args.min_dim, total_budget=args.total_budget,
+        min_dim=args.min_dim, total_budget=args.total_budget, final_fraction=args.final_fraction,
     )
     options = TrainingOptions(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay, seed=args.seed, bf16=args.bf16, tf32=args.tf32, report_to=list(args.report_to),
+        weight_decay=args.weight_decay, ssm_lr_factor=args.ssm_lr_factor, seed=args.seed, bf16=args.bf16,
+        tf32=args.tf32, report_to=list(args.report_to),
         save_steps=args.save_steps, checkpoint_dir=args.checkpoint_dir,
         resume_from_checkpoint=args.resume_from_checkpoint, show_progress=not args.no_progress,
     )

@@ -148,7 +148,7 @@ def run_training(model, train_dataset, eval_dataset, *, options: TrainingOptions
             compute_metrics=compute_metrics,
             callbacks=([callback] if callback is not None else []) + list(options.callbacks),
             optimizers=(build_optimizer(model, learning_rate=options.learning_rate,
-                                        weight_decay=options.weight_decay), None),
+                                        weight_decay=options.weight_decay, ssm_lr_factor=options.ssm_lr_factor), None),
         )
         if not options.show_progress:  # quiet: no progress bar and no per-log printing
             from transformers.trainer_callback import PrinterCallback, ProgressCallback

@@ -66,6 +66,7 @@ class ReductionPlan:
     gate: float | None = None
     min_dim: int | None = None
     total_budget: int | None = None
+    final_fraction: float | None = None
 
     def resolve(self, max_steps: int) -> dict[str, int]:
         """{"start_step", "end_step", "interval"} as ints for a run of `max_steps` steps."""
@@ -94,9 +95,13 @@ class ReductionPlan:
         the values (ValueError)."""
         if not self.compress:
             return None
+        if self.final_fraction is not None and self.policy != "global":
+            raise ValueError(f"final_fraction (--final-fraction) applies to the global policy, not {self.policy!r}: "
+                             "add --policy global")
         from .callback import CompreSSMCallback
 
-        optional = {name: getattr(self, name) for name in ("fraction", "gate", "min_dim", "total_budget")}
+        optional = {name: getattr(self, name) for name in ("fraction", "gate", "min_dim", "total_budget",
+                                                            "final_fraction")}
         return CompreSSMCallback(
             policy=self.policy, tau=self.tau, **self.resolve(max_steps),
             **{name: value for name, value in optional.items() if value is not None},
@@ -111,6 +116,10 @@ class ReductionPlan:
             out["tau"] = self.tau
         if self.policy == "fixed" and self.fraction is not None:
             out["fraction"] = self.fraction
+        if self.policy == "global":
+            from .schedule import DEFAULTS
+
+            out["final fraction"] = self.final_fraction if self.final_fraction is not None else DEFAULTS.final_fraction
         out["reduction steps"] = f"every {steps['interval']} from {steps['start_step']} to {steps['end_step']}"
         for name in ("gate", "min_dim", "total_budget"):
             if getattr(self, name) is not None:
@@ -133,6 +142,7 @@ class TrainingOptions:
     seed: int = 0
     bf16: bool = False
     tf32: bool = False
+    ssm_lr_factor: float | None = None  # None: optim.DEFAULT_SSM_LR_FACTOR
     report_to: str | list[str] = "none"
     save_steps: int | None = None
     checkpoint_dir: str | None = None
@@ -152,6 +162,10 @@ class TrainingOptions:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
         if self.save_steps is not None and (not _is_int(self.save_steps) or self.save_steps < 1):
             raise ValueError(f"save_steps must be a positive int, got {self.save_steps!r}")
+        if self.ssm_lr_factor is not None and (
+            not isinstance(self.ssm_lr_factor, (int, float)) or not self.ssm_lr_factor > 0
+        ):
+            raise ValueError(f"ssm_lr_factor must be positive, got {self.ssm_lr_factor!r}")
         if self.tf32:
             self._check_tf32()
         self._check_report_to()

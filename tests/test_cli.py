@@ -398,6 +398,10 @@ def test_no_compress_keeps_sizes(tmp_path, capsys):
         (["train", "--state-dims", "8", "8", "8", "--max-steps", "2"], "state_dims has 3 entries"),
         (["train", "--policy", "fixed", "--fraction", "1.5", "--max-steps", "2"], "fraction must be a number"),
         (["train", "--total-budget", "1", "--max-steps", "2"], "total_budget"),
+        (["train", "--final-fraction", "0.5", "--max-steps", "2"], "applies to the global policy, not 'tolerance'"),
+        (["train", "--policy", "global", "--final-fraction", "1.5", "--max-steps", "2"],
+         "final_fraction must be a number strictly between 0 and 1"),
+        (["train", "--ssm-lr-factor", "0", "--max-steps", "2"], "ssm_lr_factor must be positive"),
         pytest.param(["train", "--tf32", "--max-steps", "2"], "--tf32 needs an NVIDIA GPU of compute capability 8.0",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")),
     ],
@@ -406,6 +410,28 @@ def test_bad_input_gives_clear_errors(argv, message, tmp_path, capsys):
     assert main(argv + ["--output-dir", str(tmp_path / "x"), "--no-progress"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_global_policy_keeps_the_final_fraction_of_the_total_state(tmp_path, capsys, monkeypatch):
+    """--policy global spreads the shrink over the scheduled events so that --final-fraction of the total is left;
+    --ssm-lr-factor reaches the optimizer the recipe builds."""
+    import modeling_compressm.recipe as recipe
+
+    seen = {}
+    build = recipe.build_optimizer
+
+    def spy(model, **kwargs):
+        seen.update(kwargs)
+        return build(model, **kwargs)
+
+    monkeypatch.setattr(recipe, "build_optimizer", spy)
+    status = main(["train", "--policy", "global", "--final-fraction", "0.25", "--ssm-lr-factor", "0.5",
+                   "--max-steps", "60", "--output-dir", str(tmp_path / "g"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    before, after = _table_dims(out)
+    assert sum(before) == 128 and abs(sum(after) - 32) <= 3, after  # a quarter, up to per-event rounding
+    assert seen["ssm_lr_factor"] == 0.5
 
 
 def test_debug_environment_adds_the_traceback_to_an_error(tmp_path, capsys, monkeypatch):
