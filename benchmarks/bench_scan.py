@@ -298,7 +298,7 @@ def bench_shape(Bt, L, N, H, device, dtype, args, paths=None):
 
     # plain scan kernel alone (the bandwidth target), with each strategy
     if triton_ok and _selected("triton_scan", paths):
-        strategy = kernel_config.scan_strategy(N, Bt, device, K.current_settings())
+        strategy = kernel_config.scan_strategy(K.current_settings())
         print(f"  (automatic strategy: {strategy})")
         g = torch.Generator(device="cpu").manual_seed(1)
         x_re = torch.randn(Bt, L, N, generator=g).to(device).requires_grad_()

@@ -92,16 +92,15 @@ def _inputs(Bt, L, N, H, seed=0):
     return [t.requires_grad_() for t in leaves]
 
 
-def compile_shape(Bt, L, N, H, arch, multiprocessor_count, step_mask=False):
-    """Compile every kernel launch of one training step (fwd + bwd) of both ops at one shape, with the automatic
-    scan strategy, for a GPU with `multiprocessor_count` SMs (with a left-padding step mask when `step_mask`).
-    Returns rows."""
+def compile_shape(Bt, L, N, H, arch, step_mask=False):
+    """Compile every kernel launch of one training step (fwd + bwd) of both ops at one shape for sm_<arch>, with the
+    automatic scan strategy (with a left-padding step mask when `step_mask`). Returns rows."""
     rows = []
     u, lam_re, lam_im, B_re, B_im, C_re, C_im, D = _inputs(Bt, L, N, H)
     mask = None
     if step_mask:
         mask = torch.arange(L)[None, :] >= torch.arange(Bt)[:, None] % max(1, L // 4)
-    with compile_only(arch, multiprocessor_count) as reports:
+    with compile_only(arch) as reports:
         done = 0
         for op in ("fused_lru", "diagonal_scan"):
             if op == "fused_lru":
@@ -210,7 +209,7 @@ def main(argv=None):
     print("  ".join(_COLUMNS))
     rows = []
     for Bt, L, N, H in shapes:
-        shape_rows = _annotate(compile_shape(Bt, L, N, H, args.arch, limits["sms"], args.step_mask), limits)
+        shape_rows = _annotate(compile_shape(Bt, L, N, H, args.arch, args.step_mask), limits)
         for r in shape_rows:
             print("  ".join(_cells(r)), flush=True)
         rows += shape_rows

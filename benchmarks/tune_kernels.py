@@ -197,7 +197,7 @@ class Recorder:
 def tune_shape(shape, args, device, rec: Recorder, deadline):
     Bt, L, N, H = shape
     shape_key = list(shape)
-    auto = kernel_config.scan_strategy(N, Bt, device, K.current_settings())
+    auto = kernel_config.scan_strategy(K.current_settings())
     default_scan = kernel_config.default_scan_blocks(N)
     print(f"shape Bt={Bt} L={L} N={N} H={H}: automatic strategy {auto}, default scan tile {default_scan}", flush=True)
 

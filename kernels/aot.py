@@ -40,9 +40,6 @@ from . import config
 #: The Triton kernels the ops launch (sequential.py, chunked.py, fused.py).
 KERNEL_NAMES = ("scan_fwd_kernel", "scan_bwd_kernel", "chunk_fwd_kernel", "chunk_bwd_kernel", "lru_out_kernel")
 
-#: Streaming multiprocessors of common GPUs per compute capability (the compile report estimates waves from it).
-DEFAULT_MULTIPROCESSORS = {80: 108, 90: 132, 100: 148}
-
 _RESOURCE_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
@@ -176,19 +173,15 @@ class _CompileAndRecord:
 
 
 @contextlib.contextmanager
-def compile_only(
-    arch: int = 90, multiprocessor_count: Optional[int] = None, warp_size: int = 32
-) -> Iterator[List[KernelCompileReport]]:
+def compile_only(arch: int = 90, warp_size: int = 32) -> Iterator[List[KernelCompileReport]]:
     """Inside the block, kernel launches compile for ``sm_<arch>`` and are recorded instead of run.
 
     This is a ``compressm_kernels.kernel_settings`` block whose settings describe the target (compute capability,
-    SM count, no device check) and whose launcher compiles instead of launching, plus Triton's active driver set
+    no device check) and whose launcher compiles instead of launching, plus Triton's active driver set
     to a fixed CUDA target for the duration.
 
     Args:
         arch: CUDA compute capability as an int (80 = A100, 90 = H100/H200, 100 = B200).
-        multiprocessor_count: SMs of the target GPU, recorded with the launches (the compile report counts waves); defaults to
-            ``DEFAULT_MULTIPROCESSORS[arch]`` (required for other archs).
         warp_size: threads per warp of the target (32 on every NVIDIA GPU).
     Yields:
         the list that receives one :class:`KernelCompileReport` per launch, in launch order.
@@ -204,10 +197,6 @@ def compile_only(
             "(TRITON_INTERPRET=1 was set before triton was imported); run it in a process without TRITON_INTERPRET"
         )
     arch = int(arch)
-    if multiprocessor_count is None:
-        if arch not in DEFAULT_MULTIPROCESSORS:
-            raise ValueError(f"no default SM count for sm_{arch}: pass multiprocessor_count")
-        multiprocessor_count = DEFAULT_MULTIPROCESSORS[arch]
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
 
@@ -217,7 +206,6 @@ def compile_only(
         driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, int(warp_size))))
         with config.kernel_settings(
             capability=(arch // 10, arch % 10),
-            multiprocessor_count=int(multiprocessor_count),
             check_device=False,  # nothing runs, so CPU tensors are fine
             launcher=_CompileAndRecord(arch, reports),
         ):

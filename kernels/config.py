@@ -94,8 +94,6 @@ class KernelSettings:
         poison_outputs: fill every buffer the kernels write with NaN before launching, so that an element a kernel
             fails to write shows up as NaN (tests turn this on; default from ``COMPRESSM_KERNELS_POISON``).
         capability: (major, minor) compute capability of the target GPU; None = the tensors' device.
-        multiprocessor_count: SMs of the target GPU, for reports of compiled launches (``aot``); no launch
-            decision depends on it since the automatic scan strategy became sequential everywhere (``scan_strategy``).
         check_device: refuse CPU tensors outside the interpreter (off only when nothing runs, as in ``aot``).
         launcher: runs one kernel launch; None = ``kernel[grid](**kwargs)``.
     """
@@ -106,7 +104,6 @@ class KernelSettings:
     output_blocks: Optional[OutputBlocks] = None
     poison_outputs: bool = dataclasses.field(default_factory=lambda: os.environ.get(POISON_ENV, "0") == "1")
     capability: Optional[Tuple[int, int]] = None
-    multiprocessor_count: Optional[int] = None
     check_device: bool = True
     launcher: Optional[Launcher] = None
 
@@ -195,8 +192,8 @@ def use_associative_scan(settings: KernelSettings) -> bool:
     return bool(settings.use_associative_scan)
 
 
-def scan_strategy(N: int, Bt: int, device: torch.device, settings: KernelSettings) -> str:
-    """"sequential" or "chunked" for a scan over (Bt, L, N) (see STRATEGIES).
+def scan_strategy(settings: KernelSettings) -> str:
+    """"sequential" or "chunked" for the scans run under `settings` (see STRATEGIES).
 
     Automatic choice: sequential. Measured on an H100 (benchmarks/results/tune_nvidia-h100-80gb-hbm3_2026-11-26*.md,
     profile_...md): the sequential scan was faster forward+backward at every measured shape, from Bt 128 down to a

@@ -84,9 +84,8 @@ def _mask_bytes(step_mask: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def forward_states(x: Pair, lam: Pair, settings, *, states_out: Pair, h0=None, step_mask=None) -> None:
-    """Every state of the scan of the (Bt, L, N) pair x into `states_out`, by the strategy for this shape."""
-    Bt, L, N = x[0].shape
-    if config.scan_strategy(N, Bt, x[0].device, settings) == "sequential":
+    """Every state of the scan of the (Bt, L, N) pair x into `states_out`, by the settings' scan strategy."""
+    if config.scan_strategy(settings) == "sequential":
         sequential.scan_forward(x, lam, settings, h0=h0, step_mask=step_mask, states_out=states_out)
     else:
         chunked.scan_forward(x, lam, settings, h0=h0, step_mask=step_mask, states_out=states_out)
@@ -94,8 +93,7 @@ def forward_states(x: Pair, lam: Pair, settings, *, states_out: Pair, h0=None, s
 
 def reverse_scan(dh: Pair, h: Pair, lam: Pair, settings, *, dx_out: Pair, h0=None, step_mask=None):
     """Backward of the scan into `dx_out`; returns ((dlam_re, dlam_im), (g0_re, g0_im)) (see sequential.py)."""
-    Bt, L, N = dh[0].shape
-    module = sequential if config.scan_strategy(N, Bt, dh[0].device, settings) == "sequential" else chunked
+    module = sequential if config.scan_strategy(settings) == "sequential" else chunked
     return module.scan_backward(dh, h, lam, settings, dx_out=dx_out, h0=h0, step_mask=step_mask)
 
 

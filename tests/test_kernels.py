@@ -188,11 +188,9 @@ def test_bf16_input():
 def test_automatic_strategy_is_sequential_and_chunked_only_on_request():
     """On an H100 the sequential scan was faster at every measured shape (Bt 1 to 128), so the automatic choice is
     sequential whatever the grid; `strategy="chunked"` forces the other."""
-    cuda = torch.device("cuda")
-    for N, Bt in ((16, 50), (16, 8), (64, 1), (256, 128)):
-        assert config.scan_strategy(N, Bt, cuda, K.KernelSettings()) == "sequential"
+    assert config.scan_strategy(K.KernelSettings()) == "sequential"
     forced = K.KernelSettings(strategy="chunked")
-    assert config.scan_strategy(256, 50, cuda, forced) == "chunked"
+    assert config.scan_strategy(forced) == "chunked"
     with pytest.raises(ValueError, match="strategy must be one of"):
         K.KernelSettings(strategy="parallel")
 
