@@ -45,7 +45,11 @@ for path in (ROOT, HERE):
 import torch  # noqa: E402
 
 import compressm_kernels as K  # noqa: E402
+from bench_scan import _time as median_seconds  # noqa: E402  (benchmarks/ is on sys.path above)
+from bench_scan import hbm_peak_gbps  # noqa: E402
 from compressm_kernels import config as kernel_config  # noqa: E402
+
+NO_BUDGET = float("inf")  # bench_scan's timer stops after a time budget; here every repeat runs
 
 #: (Bt, L, N, H): the end-to-end benchmark's layer (hidden 768, sequence 2048, batch 128: the largest that fits an
 #: H100 in bench_train.py) at full size and at reduced sizes, and a batch-1 long scan (the sequential grid's worst case).
@@ -63,13 +67,6 @@ OUTPUT_CANDIDATES = [None, (64, 32, 64, 4), (32, 32, 128, 4), (32, 32, 128, 8), 
 DRY_OUTPUT_CANDIDATES = [None, (16, 16, 16, 4)]
 
 SCAN_BYTES_PER_ELEMENT = 40  # fwd: x read 8 + h written 8; bwd: dh read 8 + h read 8 + dx written 8
-
-
-def _time(fn, device, warmup, repeats):
-    """Median seconds of `fn` (CUDA events on a GPU) after `warmup` calls: bench_scan's timer without its budget."""
-    from bench_scan import _time as timed
-
-    return timed(fn, device, warmup, repeats, budget_s=float("inf"))
 
 
 def _scan_inputs(Bt, L, N, device, seed=0):
@@ -222,7 +219,7 @@ def tune_shape(shape, args, device, rec: Recorder, deadline):
                         h = _run_scan(x, lam)
                         torch.autograd.backward(list(h), dh)
 
-                    seconds = _time(step, device, args.warmup, args.repeats)
+                    seconds = median_seconds(step, device, args.warmup, args.repeats, NO_BUDGET)
             except Exception as exc:  # a tile the compiler refuses (e.g. out of resources) is reported, not fatal
                 row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
                 rec.add(row)
@@ -257,7 +254,7 @@ def tune_shape(shape, args, device, rec: Recorder, deadline):
                 def step():
                     K.fused_lru_forward(*leaves)[0].backward(dy)
 
-                row["ms"] = _time(step, device, args.warmup, args.repeats) * 1e3
+                row["ms"] = median_seconds(step, device, args.warmup, args.repeats, NO_BUDGET) * 1e3
         except Exception as exc:
             row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
         rec.add(row)
@@ -266,14 +263,9 @@ def tune_shape(shape, args, device, rec: Recorder, deadline):
     got = _layer_results(leaves, dy)
     row["rel_error"] = max(_relative_error(a, b) for a, b in zip(got, reference))
     row["ok"] = row["rel_error"] < args.tolerance
-    row["ms"] = _time(lambda: K.fused_lru_forward(*leaves)[0].backward(dy), device, args.warmup, args.repeats) * 1e3
+    row["ms"] = 1e3 * median_seconds(lambda: K.fused_lru_forward(*leaves)[0].backward(dy), device, args.warmup,
+                                     args.repeats, NO_BUDGET)
     rec.add(row)
-
-
-def _peak_gbps(device_name):
-    from bench_scan import hbm_peak_gbps
-
-    return hbm_peak_gbps(device_name)
 
 
 def main(argv=None):
@@ -299,7 +291,7 @@ def main(argv=None):
         device = torch.device("cuda")
         shapes, args.scan_candidates, args.output_candidates = TRAINING_SHAPES, SCAN_CANDIDATES, OUTPUT_CANDIDATES
         device_name = torch.cuda.get_device_name(device)
-    args.peak_gbps = None if args.dry_run else _peak_gbps(device_name)
+    args.peak_gbps = None if args.dry_run else hbm_peak_gbps(device_name)
     import triton
 
     meta = dict(device_name=device_name, date=str(_dt.date.today()), torch=torch.__version__,
