@@ -49,8 +49,6 @@ if str(ROOT) not in sys.path:
 from modeling_compressm import load_preset  # noqa: E402
 from modeling_compressm.modeling_compressm import CompreSSMForCausalLM  # noqa: E402
 
-SSM_PARAMETER_NAMES = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "C_im")
-
 
 def _int_list(text: str):
     return [int(v) for v in text.split(",") if v.strip()]
@@ -187,10 +185,7 @@ def measure_reduction_event(args, batch, device):
     start = time.perf_counter()
     hsv = model.hankel_singular_values()
     ranks = [max(1, h.numel() // 2) for h in hsv]
-    report = model.reduce(ranks, strict=True, record=False)
-    for name, parameter in model.named_parameters():
-        if name.rsplit(".", 1)[-1] in SSM_PARAMETER_NAMES:
-            optimizer.state.pop(parameter, None)
+    report = model.reduce(ranks, strict=True, record=False, optimizer=optimizer, optimizer_state="reset")
     _sync(device)
     seconds = time.perf_counter() - start
     return dict(event_ms=1e3 * seconds, dims_before=[r["old_dim"] for r in report],
