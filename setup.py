@@ -12,14 +12,15 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The repository folder `kernels/` is installed as `compressm_kernels`: a top-level module named `kernels`
-    # belongs to Hugging Face's hub-kernels library, which transformers probes for.
+    # The kernels package lives in `kernels/compressm_kernels/`; `kernels/` is a plain folder without `__init__.py`:
+    # a top-level package named `kernels` belongs to Hugging Face's hub-kernels library, which transformers imports
+    # (from 5.25 when generating), and a checkout's root on sys.path must not shadow it.
     # The repository folder `hub_configs/` (JSON model presets) is installed as `modeling_compressm.hub_configs`.
     packages=["modeling_compressm", "modeling_compressm.hub_configs", "compressm_kernels"],
     package_dir={
         "modeling_compressm": "modeling_compressm",
         "modeling_compressm.hub_configs": "hub_configs",
-        "compressm_kernels": "kernels",
+        "compressm_kernels": "kernels/compressm_kernels",
     },
     package_data={"modeling_compressm.hub_configs": ["*.json"]},
     # Each entry is used: accelerate by the Trainer, datasets and tokenizers by `compressm train --dataset`

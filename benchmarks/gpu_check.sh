@@ -2,7 +2,7 @@
 # Every GPU check of issue 15 in one call of under 8 minutes on one H100 or H200:
 #   1. the kernel and scan tests on CUDA (compiled Triton kernels against the naive reference and the torch path);
 #   2. benchmarks/tune_kernels.py: the kernels' launch tiles and scan strategies timed at the training shapes (the
-#      defaults in kernels/config.py are set from its results);
+#      defaults in kernels/compressm_kernels/config.py are set from its results);
 #   3. benchmarks/bench_scan.py at the paper shapes and the state-size sweep (fwd and fwd+bwd, GB/s, % of HBM peak);
 #   4. benchmarks/bench_train.py: tokens/s of the 12-layer, hidden-768, 256-state causal LM at sequence 2048 (bf16
 #      autocast, largest batch that fits) at full and reduced sizes, the reduction event's cost, torch.compile;
@@ -42,11 +42,9 @@ LOG="$RESULTS/gpu_check_$(date +%Y-%m-%d)$([ $DRY = 1 ] && echo _dry-run).log"
 STAMP=$(mktemp)
 export PYTHONUNBUFFERED=1
 
-# The package need not be installed: the repository root gives modeling_compressm, a link gives compressm_kernels.
+# The package need not be installed: the repository root gives modeling_compressm, kernels/ gives compressm_kernels.
 if ! "$PY" -c "import compressm_kernels, modeling_compressm" 2>/dev/null; then
-  SHIM=$(mktemp -d)
-  ln -s "$ROOT/kernels" "$SHIM/compressm_kernels"
-  export PYTHONPATH="$ROOT:$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$ROOT:$ROOT/kernels${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 step() {  # step NAME SECONDS COMMAND...: run with a time cap, report the outcome, never stop the script

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Measure the kernels' launch settings at the training shapes, to choose the defaults in kernels/config.py.
+"""Measure the kernels' launch settings at the training shapes, to choose the defaults in
+kernels/compressm_kernels/config.py.
 
 GPU time is short (one call of benchmarks/gpu_check.sh), so this script tunes in the same call that benchmarks:
 for each shape it times every candidate tile of the scan kernels (``ScanBlocks``: chunk, block_n, num_warps) under

@@ -144,7 +144,7 @@ def test_declared_dependencies_are_used():
              for item in re.findall(r'"([^"]+)"', block)}
     assert "evaluate" not in names and "tqdm" not in names
     sources = "\n".join(path.read_text() for folder in ("modeling_compressm", "kernels")
-                        for path in (root / folder).glob("*.py"))
+                        for path in (root / folder).rglob("*.py"))
     imported_as = {"scikit-learn": "sklearn"}
     needed_by_the_trainer_or_format = {"accelerate", "safetensors"}
     for name in names - needed_by_the_trainer_or_format:

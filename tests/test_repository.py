@@ -1,4 +1,4 @@
-"""Repository contracts: CI runs the README's test command; the package does not shadow Hugging Face's `kernels`."""
+"""Repository contracts: CI runs the README's test command; the checkout does not shadow Hugging Face's `kernels`."""
 
 import os
 import re
@@ -32,27 +32,72 @@ def test_ci_runs_the_readme_test_command():
     assert test_command in ci_lines
 
 
-def test_no_top_level_kernels_package_is_installed():
+def test_no_top_level_kernels_package_is_installed_or_importable_from_the_checkout():
+    """A top-level package named `kernels` is Hugging Face's hub-kernels library, which transformers imports. The
+    kernels live in `kernels/compressm_kernels/`; `kernels/` has no `__init__.py`, so with the repository root on
+    sys.path it is at most a namespace portion, and an installed `kernels` package wins over it."""
     setup = (ROOT / "setup.py").read_text()
     packages = re.search(r"packages=\[(.*?)\]", setup, re.S).group(1)
     assert '"kernels"' not in packages and "'kernels'" not in packages
-    assert '"compressm_kernels": "kernels"' in setup
+    assert '"compressm_kernels": "kernels/compressm_kernels"' in setup
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    assert (ROOT / "kernels" / "compressm_kernels" / "__init__.py").exists()
 
 
-def test_checkout_kernels_folder_is_inert_under_the_name_kernels():
-    """From a checkout (repository root on sys.path, as under `python -m pytest`), transformers' probe for the
-    hub-kernels library imports the folder `kernels/` by that name. It must stay empty: a second copy of the kernel
-    modules would re-register the `compressm_kernels::*` ops, and settings put in force through
-    `compressm_kernels.kernel_settings` would then no longer reach them."""
+def _run_in_repository_root(args, timeout=600):
+    """Run `python ARGS` with the repository root as the working directory and nothing that hides it from sys.path
+    (no PYTHONSAFEPATH, no PYTHONPATH), as a user typing the command in a fresh clone would."""
+    env = {name: value for name, value in os.environ.items() if name not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+GENERATE_IN_THE_ROOT = """
+import importlib.util, sys
+import torch, transformers, modeling_compressm
+from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM
+spec = importlib.util.find_spec("kernels")
+root_kernels = sys.argv[1]
+if spec is not None and spec.origin is not None:  # an installed hub-kernels library must be the one found
+    assert not spec.origin.startswith(root_kernels), ("the checkout's kernels/ folder shadows hub-kernels", spec.origin)
+torch.manual_seed(0)
+config = CompreSSMConfig(vocab_size=11, hidden_size=8, num_hidden_layers=2, state_dims=[4, 3], pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2)
+model = CompreSSMForCausalLM(config).eval()
+prompt = torch.tensor([[1, 5, 6, 7]])
+out = model.generate(prompt, max_new_tokens=5, do_sample=False, eos_token_id=None)
+assert out.shape == (1, 9), out.shape
+assert torch.equal(out[:, :4], prompt)
+print("GENERATED", transformers.__version__, out.tolist())
+"""
+
+
+def test_python_started_in_the_repository_root_generates():
+    """`python -c`, a REPL or a notebook started in the checkout put its root first on sys.path. transformers (5.25
+    and newer) imports Hugging Face's `kernels` package when generating; the checkout must not shadow it."""
+    result = _run_in_repository_root(["-c", GENERATE_IN_THE_ROOT, str(ROOT / "kernels")])
+    assert result.returncode == 0 and "GENERATED" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
+def test_pytest_started_in_the_repository_root_runs_a_generation_test():
+    """README's test command is `python -m pytest` in the root, which puts the root on sys.path."""
+    result = _run_in_repository_root(
+        ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_modeling_generation.py",
+         "-k", "test_the_model_under_test_generates_varied_continuations"])
+    assert result.returncode == 0 and re.search(r"\b1 passed\b", result.stdout), \
+        result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_compressm_kernels_is_loaded_once_from_the_checkout():
+    """From a checkout, the `compressm_kernels::*` torch ops must be registered by one copy of the kernel modules, so
+    that settings put in force through `compressm_kernels.kernel_settings` reach the code the ops run."""
     code = (
         "import sys\n"
         "import compressm_kernels\n"
-        "from transformers.utils import is_kernels_available\n"
-        "assert not is_kernels_available()\n"
-        "probed = sys.modules.get('kernels')\n"
-        "assert probed is not None and probed.__file__.startswith(sys.argv[1]), probed\n"
-        "assert not hasattr(probed, 'diagonal_scan'), 'the folder was loaded a second time as kernels'\n"
-        "assert not [m for m in sys.modules if m.startswith('kernels.')], 'kernel modules loaded twice'\n"
+        "import transformers.utils\n"
+        "transformers.utils.is_kernels_available()\n"
+        "copies = [m for m in sys.modules if m.endswith('.diagonal_scan') or m.endswith('.ops') and 'kernels' in m]\n"
+        "assert [m for m in copies if 'compressm_kernels' in m] == ['compressm_kernels.ops'], copies\n"
         "if compressm_kernels.TRITON_AVAILABLE:  # the registered op must still run this copy's launch code\n"
         "    import torch\n"
         "    calls = []\n"
@@ -65,10 +110,7 @@ def test_checkout_kernels_folder_is_inert_under_the_name_kernels():
         "    assert calls, 'the compressm_kernels ops run another copy of the kernel modules'\n"
         "print('OK')\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(ROOT)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, TRITON_INTERPRET="1"),
-    )
+    result = _run_in_repository_root(["-c", code], timeout=300)
     assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr[-3000:]
 
 
