@@ -16,6 +16,7 @@ try/except, the optional kernel package.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -24,10 +25,12 @@ import torch
 
 try:  # Optional: the Triton kernels ship with the pip package, not with remote-code checkpoints.
     from compressm_kernels import TRITON_AVAILABLE as _TRITON_AVAILABLE
+    from compressm_kernels import KernelSettings as _KernelSettings
     from compressm_kernels import fused_lru_forward as _fused_lru_forward
+    from compressm_kernels import kernel_settings as _kernel_settings
 except ImportError:  # pragma: no cover - depends on the installation
     _TRITON_AVAILABLE = False
-    _fused_lru_forward = None
+    _KernelSettings = _fused_lru_forward = _kernel_settings = None
 
 logger = logging.getLogger(__name__)
 _warned_torch_path_on_cuda = False
@@ -39,6 +42,18 @@ __all__ = [
     "triton_available",
     "host_reads_are_free",
 ]
+
+
+def _projection_settings(device: torch.device) -> dict:
+    """Kernel settings for one fused-op call: under autocast with bf16/fp16 on `device` the op's projections run
+    in that dtype on tensor cores (fp32 accumulation), while the recurrence and its state stay fp32. Empty when
+    autocast is off or the installed kernels predate the setting."""
+    if _KernelSettings is None or not hasattr(_KernelSettings, "gemm_dtype"):
+        return {}
+    if not torch.is_autocast_enabled(device.type):
+        return {}
+    dtype = torch.get_autocast_dtype(device.type)
+    return {"gemm_dtype": dtype} if dtype in (torch.bfloat16, torch.float16) else {}
 
 
 def triton_available() -> bool:
@@ -377,19 +392,21 @@ def lru_sequence(
             h0_re, h0_im = initial_state.real.float().contiguous(), initial_state.imag.float().contiguous()
         # The mask is passed only when given, so unmasked calls also run on kernel builds older than the step mask.
         mask_argument = {} if step_mask is None else {"step_mask": step_mask.to(device=u.device, dtype=torch.bool)}
-        y, final_re, final_im = _fused_lru_forward(
-            u.contiguous(),
-            lam.real.float().contiguous(),
-            lam.imag.float().contiguous(),
-            B.real.float().contiguous(),
-            B.imag.float().contiguous(),
-            C.real.float().contiguous(),
-            C.imag.float().contiguous(),
-            D.float().contiguous(),
-            h0_re,
-            h0_im,
-            **mask_argument,
-        )
+        projection = _projection_settings(u.device)  # a settings block only when it changes something
+        with _kernel_settings(**projection) if projection else contextlib.nullcontext():
+            y, final_re, final_im = _fused_lru_forward(
+                u.contiguous(),
+                lam.real.float().contiguous(),
+                lam.imag.float().contiguous(),
+                B.real.float().contiguous(),
+                B.imag.float().contiguous(),
+                C.real.float().contiguous(),
+                C.imag.float().contiguous(),
+                D.float().contiguous(),
+                h0_re,
+                h0_im,
+                **mask_argument,
+            )
         return y, torch.complex(final_re, final_im)
     with torch.autocast(device_type=u.device.type, enabled=False):
         return lru_sequence_torch(u, lam, B, C, D, initial_state, step_mask)

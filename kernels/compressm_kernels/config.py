@@ -96,6 +96,13 @@ class KernelSettings:
         capability: (major, minor) compute capability of the target GPU; None = the tensors' device.
         check_device: refuse CPU tensors outside the interpreter (off only when nothing runs, as in ``aot``).
         launcher: runs one kernel launch; None = ``kernel[grid](**kwargs)``.
+        gemm_dtype: operand dtype of the fused op's projections (``x = B u`` and the backward's ``C^H dy``, ``dB``,
+            ``dC``, ``du`` GEMMs): None = fp32 (today's default; tensor cores only where TF32 is allowed),
+            ``torch.bfloat16`` / ``torch.float16`` = that dtype on tensor cores with fp32 accumulation and fp32
+            results where the device offers it (CUDA: ``torch.mm(..., out_dtype=torch.float32)``), else the product
+            rounded to that dtype and widened to fp32. The recurrence, its states and its carries stay fp32 either
+            way, and the output kernel's ``C h`` contraction then uses single-pass TF32 instead of 3xTF32. The model
+            sets this from the autocast dtype (``modeling_compressm.scan``).
     """
 
     strategy: Optional[str] = None
@@ -106,11 +113,16 @@ class KernelSettings:
     capability: Optional[Tuple[int, int]] = None
     check_device: bool = True
     launcher: Optional[Launcher] = None
+    gemm_dtype: Optional[torch.dtype] = None
 
     def __post_init__(self):
         if self.strategy is not None and self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES} or None, got {self.strategy!r}")
+        if self.gemm_dtype not in GEMM_DTYPES:
+            raise ValueError(f"gemm_dtype must be one of {GEMM_DTYPES}, got {self.gemm_dtype!r}")
 
+
+GEMM_DTYPES = (None, torch.bfloat16, torch.float16)
 
 _SETTINGS: contextvars.ContextVar[KernelSettings] = contextvars.ContextVar("compressm_kernel_settings")
 
@@ -215,11 +227,18 @@ def precision_for_capability(major: int) -> str:
 
 
 def dot_precision(device: torch.device, settings: KernelSettings) -> str:
+    """tl.dot input precision of the output kernel's ``C h`` contraction. With low-precision projections
+    (``settings.gemm_dtype``) the layer's accuracy is already that of bf16/fp16 GEMMs, so single-pass TF32 is used
+    on sm_80+ instead of 3xTF32."""
     if settings.capability is not None:
-        return precision_for_capability(settings.capability[0])
-    if INTERPRET or device.type != "cuda":
+        major = settings.capability[0]
+    elif INTERPRET or device.type != "cuda":
         return "ieee"
-    return precision_for_capability(torch.cuda.get_device_capability(device)[0])
+    else:
+        major = torch.cuda.get_device_capability(device)[0]
+    if settings.gemm_dtype is not None and major >= 8:
+        return "tf32"
+    return precision_for_capability(major)
 
 
 def check_runtime(device: torch.device, settings: KernelSettings) -> None:

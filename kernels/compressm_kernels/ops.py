@@ -45,6 +45,39 @@ def _f32c(t: Tensor) -> Tensor:
     return t.to(torch.float32).contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _fp32_out_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` with `dtype` operands runs on this device type (CUDA
+    with torch >= 2.8; not the CPU). Probed once per (device type, dtype)."""
+    if device_type != "cuda":
+        return False
+    probe = torch.zeros(1, 1, device=device_type, dtype=dtype)
+    try:
+        torch.mm(probe, probe, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def project(a: Tensor, b: Tensor, settings) -> Tensor:
+    """``a @ b`` as an fp32 tensor, with operands in ``settings.gemm_dtype`` (None: fp32 operands).
+
+    Args:
+        a: (..., K) any float dtype. b: (K, M) any float dtype.
+    Returns:
+        (..., M) float32. With a low-precision ``gemm_dtype`` the product is accumulated in fp32 on tensor cores;
+        where torch has no fp32-output GEMM for the device, the product is rounded to ``gemm_dtype`` first.
+    """
+    dtype = settings.gemm_dtype
+    if dtype is None:
+        return a.to(torch.float32) @ b.to(torch.float32)
+    a_low, b_low = a.to(dtype), b.to(dtype)
+    if _fp32_out_mm_supported(a.device.type, dtype):
+        rows = a_low.reshape(-1, a_low.shape[-1])
+        return torch.mm(rows, b_low, out_dtype=torch.float32).reshape(*a.shape[:-1], b.shape[-1])
+    return (a_low @ b_low).to(torch.float32)
+
+
 def _opt_pair(re: Optional[Tensor], im: Optional[Tensor]) -> Optional[Pair]:
     return None if re is None else (_f32c(re), _f32c(im))
 
@@ -149,7 +182,7 @@ def _lru_fwd_impl(u, lam_re, lam_im, B_re, B_im, C_re, C_im, D, h0_re, h0_im, st
     lam = (_f32c(lam_re), _f32c(lam_im))
     h0 = _opt_pair(h0_re, h0_im)
     mask = _mask_bytes(step_mask)
-    x = u.to(torch.float32) @ torch.cat([B_re, B_im], 0).to(torch.float32).t()  # (Bt, L, 2N), cuBLAS
+    x = project(u, torch.cat([B_re, B_im], 0).t(), settings)  # (Bt, L, 2N) fp32, cuBLAS
     x_pair = (x[..., :N], x[..., N:])  # masked steps' inputs are ignored by the kernels
     blocks = config.output_blocks(N, H, settings)
     chunk_states = chunked.chunk_end_states(x_pair, lam, blocks.chunk, settings, h0=h0, step_mask=mask)
@@ -176,14 +209,14 @@ def _lru_bwd_impl(dy, dhT_re, dhT_im, u, lam_re, lam_im, B_re, B_im, C_re, C_im,
     h0 = _opt_pair(h0_re, h0_im)
     mask = _mask_bytes(step_mask)
     Bcat = torch.cat([B_re, B_im], 0).to(torch.float32)  # (2N, H)
-    # recompute the states (checkpoint style)
-    x = uf @ Bcat.t()  # (Bt, L, 2N)
+    # recompute the states (checkpoint style), with the forward's projection precision
+    x = project(uf, Bcat.t(), settings)  # (Bt, L, 2N)
     hbuf = config.new_buffer((Bt, L, 2 * N), dev, settings)
     forward_states((x[..., :N], x[..., N:]), lam, settings, states_out=(hbuf[..., :N], hbuf[..., N:]), h0=h0,
                    step_mask=mask)
     del x
     # dL/dh_t: h_re gets C_re^T dy, h_im gets -C_im^T dy; the final state is h_{L-1}
-    dh = dyf @ torch.cat([C_re, -C_im], 1).to(torch.float32)  # (Bt, L, 2N)
+    dh = project(dyf, torch.cat([C_re, -C_im], 1), settings)  # (Bt, L, 2N)
     if dhT_re is not None:
         dh[:, -1, :N] += dhT_re.to(torch.float32)
     if dhT_im is not None:
@@ -192,10 +225,10 @@ def _lru_bwd_impl(dy, dhT_re, dhT_im, u, lam_re, lam_im, B_re, B_im, C_re, C_im,
     dlam, g0 = reverse_scan((dh[..., :N], dh[..., N:]), (hbuf[..., :N], hbuf[..., N:]), lam, settings,
                             dx_out=(gbuf[..., :N], gbuf[..., N:]), h0=h0, step_mask=mask)
     del dh
-    dCcat = dyf.reshape(-1, H).t() @ hbuf.reshape(-1, 2 * N)  # (H, 2N)
-    dBcat = gbuf.reshape(-1, 2 * N).t() @ uf.reshape(-1, H)  # (2N, H); dL/dx is 0 at masked steps
+    dCcat = project(dyf.reshape(-1, H).t(), hbuf.reshape(-1, 2 * N), settings)  # (H, 2N)
+    dBcat = project(gbuf.reshape(-1, 2 * N).t(), uf.reshape(-1, H), settings)  # (2N, H); dL/dx is 0 at masked steps
     dy_real = dyf if step_mask is None else dyf * step_mask[:, :, None]  # masked steps have no D u term
-    du = gbuf @ Bcat + dy_real * D.to(torch.float32)
+    du = project(gbuf, Bcat, settings) + dy_real * D.to(torch.float32)
     dD = (dy_real * uf).sum(dim=(0, 1))
     dh0 = _no_grad_pair(u) if h0_re is None else initial_state_grad(g0, lam, mask)
     return (
