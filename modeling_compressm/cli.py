@@ -189,9 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     output = train.add_argument_group("output")
     output.add_argument("--output-dir", default=None, help=f"where to save the model (default {DEFAULT_OUTPUT_DIR} "
-                        "for digits, ./compressm-<preset> otherwise); replaced as a whole at the end")
+                        "for digits, ./compressm-<preset> otherwise); written whole at the end: the files an earlier "
+                        "compressm run wrote there are replaced, your other files are kept")
     output.add_argument("--overwrite-output-dir", action="store_true",
-                        help="replace an output folder that holds other files")
+                        help="write into a folder that holds no CompreSSM model, and replace files of yours that have "
+                        "the names of output files (other files are kept)")
     output.add_argument("--push-to-hub", action="store_true", help="upload the output folder to the Hugging Face Hub")
     output.add_argument("--hub-model-id", default=None, help="Hub repo id (default: the output folder's name)")
     output.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
@@ -200,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     reduce.add_argument("checkpoint", help="a folder written by `compressm train` or save_pretrained")
     reduce.add_argument("--tau", type=float, required=True, help="tolerance: share of HSV energy dropped, in [0, 1)")
     reduce.add_argument("--min-dim", type=int, default=1, help="least state size per layer")
-    reduce.add_argument("--output-dir", default=None, help="where to save (default: overwrite CHECKPOINT)")
+    reduce.add_argument("--output-dir", default=None, help="where to save (default: overwrite CHECKPOINT's model "
+                        "files); your other files in the folder are kept")
+    reduce.add_argument("--overwrite-output-dir", action="store_true",
+                        help="as for train: replace files of yours in --output-dir that have the names of output files")
 
     generate = commands.add_parser("generate", help="print a continuation of a prompt by a saved causal LM")
     generate.add_argument("checkpoint", help="a folder written by `compressm train` or save_pretrained")
@@ -283,7 +288,8 @@ def _reduce(args) -> int:
     from .posthoc import reduce_checkpoint
 
     _hide_progress_bars()
-    result = reduce_checkpoint(args.checkpoint, args.tau, output_dir=args.output_dir, min_dim=args.min_dim)
+    result = reduce_checkpoint(args.checkpoint, args.tau, output_dir=args.output_dir, min_dim=args.min_dim,
+                               overwrite=args.overwrite_output_dir)
     print(f"Hankel singular values of {args.checkpoint} (tau={args.tau:g}):\n")
     print(result["report"])
     print()

@@ -14,20 +14,28 @@ import shutil
 
 from transformers.utils import PushToHubMixin
 
-__all__ = ["push_folder_to_hub", "check_hub_access"]
+__all__ = ["push_folder_to_hub", "check_hub_access", "upload_names"]
+
+
+def upload_names(folder: str) -> list[str]:
+    """The files of `folder` an upload sends: those its manifest says compressm wrote (the user's own files in an
+    output folder stay local), or every file of a folder without a manifest."""
+    from .output_folder import MANIFEST_FILE, _read_manifest
+
+    manifest = _read_manifest(folder)
+    names = sorted(manifest) if manifest is not None else sorted(os.listdir(folder))
+    return [name for name in names if name != MANIFEST_FILE and os.path.isfile(os.path.join(folder, name))]
 
 
 class _FolderUpload(PushToHubMixin):
-    """`PushToHubMixin` over a folder written earlier: `save_pretrained` copies its files."""
+    """`PushToHubMixin` over a folder written earlier: `save_pretrained` copies its files (see `upload_names`)."""
 
     def __init__(self, folder: str):
         self.folder = folder
 
     def save_pretrained(self, save_directory, **kwargs):
-        for name in sorted(os.listdir(self.folder)):
-            source = os.path.join(self.folder, name)
-            if os.path.isfile(source):
-                shutil.copy2(source, os.path.join(save_directory, name))
+        for name in upload_names(self.folder):
+            shutil.copy2(os.path.join(self.folder, name), os.path.join(save_directory, name))
         return sorted(os.listdir(save_directory))
 
     def _upload_modified_files(self, working_dir, *args, **kwargs):
@@ -53,7 +61,8 @@ def check_hub_access() -> None:
 
 def push_folder_to_hub(folder: str, repo_id: str, *, private: bool | None = None, token: str | None = None,
                        commit_message: str = "Upload CompreSSM model") -> str:
-    """Push every file of `folder` (not its subfolders) to the Hub model repo `repo_id` in one commit.
+    """Push the files of `folder` (`upload_names`: compressm's files of an output folder; not its subfolders) to the
+    Hub model repo `repo_id` in one commit.
 
     Returns:
         the commit URL from `huggingface_hub`.
