@@ -11,7 +11,8 @@
 The training recipe lives in `modeling_compressm.recipe` (`train_preset`, `train_on_dataset`), the data pieces in
 `modeling_compressm.text_data` and `modeling_compressm.tokenization`, post-hoc reduction and generation in
 `modeling_compressm.posthoc`; this module only parses arguments and prints. Bad input exits with status 2 and a
-one-line message, before anything is written.
+one-line message, before anything is written; a failed Hub upload after training exits with status 1 after the
+report, with one line saying where the model was saved.
 """
 
 from __future__ import annotations
@@ -223,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    from .publish import HubUploadError
+
+    try:
+        summary = _run_training(args)
+    except HubUploadError as error:  # trained and saved, but not uploaded: the report, where it is, one error line
+        print(format_summary(error.summary))
+        _print_error(error)
+        return 1
+    print(format_summary(summary))
+    return 0
+
+
+def _run_training(args) -> dict:
     from .presets import load_preset, model_class_for_config
 
     configure_threads(args.threads)
@@ -272,8 +286,15 @@ def _train(args) -> int:
             plan=plan, options=options, output_dir=output_dir, overwrite_output_dir=args.overwrite_output_dir,
             push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_private=args.hub_private or None,
         )
-    print(format_summary(summary))
-    return 0
+    return summary
+
+
+def _print_error(error: BaseException) -> None:
+    """`compressm: error: ...` on stderr; COMPRESSM_DEBUG=1 adds the traceback, for telling an internal error apart
+    from bad input."""
+    if os.environ.get("COMPRESSM_DEBUG", "0") not in ("", "0"):
+        traceback.print_exception(error)
+    print(f"compressm: error: {error}", file=sys.stderr)
 
 
 def _hide_progress_bars() -> None:
@@ -345,12 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "presets":
             return _presets()
         return {"train": _train, "reduce": _reduce, "generate": _generate}[args.command](args)
-    except ValueError as error:
-        # Bad input raises ValueError with a message meant for the user; COMPRESSM_DEBUG=1 adds the traceback, for
-        # telling an internal error apart from bad input.
-        if os.environ.get("COMPRESSM_DEBUG", "0") not in ("", "0"):
-            traceback.print_exc()
-        print(f"compressm: error: {error}", file=sys.stderr)
+    except ValueError as error:  # bad input: a message meant for the user
+        _print_error(error)
         return 2
     finally:
         logging.getLogger("modeling_compressm").removeHandler(handler)

@@ -326,6 +326,7 @@ def train_preset(
     hub_model_id = _prepare_output(output_dir, overwrite_output_dir, options, push_to_hub, hub_model_id)
     if options.eval_batch_size is None:
         options.eval_batch_size = 256
+    _create_hub_repo(push_to_hub, hub_model_id, hub_private)
 
     set_seed(options.seed)
     model = model_class_for_config(config)(config)
@@ -347,7 +348,8 @@ def train_preset(
 
 def _prepare_output(output_dir, overwrite: bool, options: TrainingOptions, push_to_hub: bool,
                     hub_model_id: str | None) -> str | None:
-    """Checks before training: the output folder, the checkpoint to resume from, Hub access. Returns the repo id."""
+    """Checks before training: the output folder, the checkpoint to resume from, Hub access (offline mode, token;
+    `_create_hub_repo` checks the Hub itself last). Returns the repo id."""
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
     options.resolve_resume(output_dir)
@@ -361,15 +363,31 @@ def _prepare_output(output_dir, overwrite: bool, options: TrainingOptions, push_
     return hub_model_id or os.path.basename(os.path.normpath(output_dir))
 
 
+def _create_hub_repo(push_to_hub: bool, hub_model_id: str | None, private: bool | None) -> None:
+    """The last check before training: the Hub is reachable and the repo exists or can be created (ValueError)."""
+    if push_to_hub:
+        from .publish import check_hub_access
+
+        check_hub_access(hub_model_id, private)
+
+
 def _finish(summary: dict, started: float, output_dir, overwrite: bool, push_to_hub: bool, hub_model_id, private):
-    """Save the output folder and push it (when asked); set the summary's total wall-clock."""
+    """Save the output folder and push it (when asked); set the summary's total wall-clock.
+
+    Raises:
+        publish.HubUploadError (with the summary) when the upload fails: the folder is saved by then.
+    """
     if output_dir is not None:
         summary["total_seconds"] = time.perf_counter() - started
         save_run(summary, output_dir, overwrite)
         if push_to_hub:
-            from .publish import push_folder_to_hub
+            from .publish import HubUploadError, push_folder_to_hub
 
-            summary["hub_commit"] = str(push_folder_to_hub(output_dir, hub_model_id, private=private))
+            try:
+                summary["hub_commit"] = str(push_folder_to_hub(output_dir, hub_model_id, private=private))
+            except Exception as error:  # network and Hub errors come in many types; the model is saved locally
+                summary["total_seconds"] = time.perf_counter() - started
+                raise HubUploadError(hub_model_id, summary["output_dir"], error, summary) from error
             summary["hub_model_id"] = hub_model_id
     summary["total_seconds"] = time.perf_counter() - started
 
@@ -495,6 +513,7 @@ def train_on_dataset(
     train_data, eval_data = prepared["train"], prepared["validation"]
     steps = options.total_steps(len(train_data), DEFAULT_TEXT_EPOCHS)
     callback = plan.make_callback(steps)  # checks the plan before training
+    _create_hub_repo(push_to_hub, hub_model_id, hub_private)
 
     set_seed(options.seed)
     overrides = {} if state_dims is None else {"state_dims": state_dims}

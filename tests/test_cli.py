@@ -123,7 +123,7 @@ def test_one_command_trains_a_reduced_lm_on_a_text_file_with_a_trained_tokenizer
 def test_push_uploads_the_output_folder_in_one_commit(trained_lm):
     assert trained_lm["status"] == 0, trained_lm["err"]
     hub, folder = trained_lm["hub"], trained_lm["dir"]
-    assert hub.repos == [("someone/tiny-lm", True)]  # --hub-private
+    assert hub.repos == [("someone/tiny-lm", True)] * 2  # --hub-private; created before training, then by the upload
     (commit,) = hub.commits
     assert commit["repo_id"] == "someone/tiny-lm"
     assert set(commit["files"]) == LM_OUTPUT_FILES
