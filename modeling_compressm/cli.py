@@ -117,8 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = train.add_argument_group("your own data (text)")
     data.add_argument("--dataset", default=None, help="a local .txt/.json/.jsonl/.csv/.tsv/.parquet file, a folder, or "
-                      "a Hub dataset id (online or from the datasets cache)")
-    data.add_argument("--dataset-config", default=None, help="configuration name of a Hub dataset")
+                      "a Hub dataset id (online or from the datasets cache); a format name (text, json, csv, ...) "
+                      "only with --data-files")
+    data.add_argument("--data-files", nargs="+", action="extend", default=None, metavar="FILE_OR_PATTERN",
+                      help="data files: files or glob patterns (quote them), each optionally SPLIT=... (default "
+                      "split: --split), e.g. --data-files 'books/*.txt' validation=held-out.txt; the format "
+                      "follows the extension, or --dataset text|json|csv|parquet names it (with a dataset folder or "
+                      "Hub id: files inside it)")
+    data.add_argument("--dataset-config", default=None, help="configuration name of a Hub dataset (refused for "
+                      "local files)")
     data.add_argument("--split", default="train", help="training split (default: train)")
     holdout = data.add_mutually_exclusive_group()
     holdout.add_argument("--eval-split", default=None, help="split to evaluate on (default: 'validation' if the "
@@ -242,7 +249,8 @@ def _run_training(args) -> dict:
     configure_threads(args.threads)
     if args.no_progress:
         _hide_progress_bars()
-    preset = args.preset or (DEFAULT_TEXT_PRESET if args.dataset is not None else DEFAULT_PRESET)
+    own_data = args.dataset is not None or args.data_files is not None
+    preset = args.preset or (DEFAULT_TEXT_PRESET if own_data else DEFAULT_PRESET)
     output_dir = args.output_dir
     if output_dir is None:
         name = os.path.splitext(os.path.basename(preset))[0]
@@ -263,10 +271,11 @@ def _run_training(args) -> dict:
         resume_from_checkpoint=args.resume_from_checkpoint, show_progress=not args.no_progress,
     )
     text_model = model_class_for_config(load_preset(preset)).__name__ == "CompreSSMForCausalLM"
-    if args.dataset is None and not text_model:
+    if not own_data and not text_model:
         given = [flag for flag, value, default in (
             ("--tokenizer", args.tokenizer, None), ("--task", args.task, "causal-lm"),
             ("--block-size", args.block_size, None), ("--pad-token", args.pad_token, None),
+            ("--dataset-config", args.dataset_config, None),
         ) if value != default]
         if given:
             raise ValueError(f"{', '.join(given)} apply to text: add --dataset, or use a causal-LM preset")
@@ -274,10 +283,10 @@ def _run_training(args) -> dict:
                                overwrite_output_dir=args.overwrite_output_dir, push_to_hub=args.push_to_hub,
                                hub_model_id=args.hub_model_id, hub_private=args.hub_private or None)
     else:
-        if args.dataset is None and args.task == "classification":
+        if not own_data and args.task == "classification":
             raise ValueError("--task classification needs --dataset with a label column")
         summary = train_on_dataset(
-            args.dataset if args.dataset is not None else "synthetic", preset=preset,
+            args.dataset if own_data else "synthetic", data_files=args.data_files, preset=preset,
             tokenizer=args.tokenizer or "bytes",
             task=args.task, dataset_config=args.dataset_config, split=args.split, eval_split=args.eval_split,
             validation_fraction=args.validation_fraction, text_column=args.text_column,

@@ -417,6 +417,7 @@ def _synthetic_splits():
 def train_on_dataset(
     dataset,
     *,
+    data_files=None,
     preset: str = DEFAULT_TEXT_PRESET,
     tokenizer="bytes",
     task: str = "causal-lm",
@@ -445,8 +446,10 @@ def train_on_dataset(
     folder, Hub access): bad input raises ValueError with a one-line message and writes nothing.
 
     Args:
-        dataset: what `load_text_dataset` takes (file, folder, Hub id), "synthetic" (the generated toy corpus), or
-            a `datasets.DatasetDict` with "train" and "validation".
+        dataset: what `load_text_dataset` takes (file, folder, Hub id; with `data_files` also a builder name such
+            as "text", or None), "synthetic" (the generated toy corpus), or a `datasets.DatasetDict` with "train" and
+            "validation".
+        data_files: files and glob patterns, each optionally "SPLIT=..." (see `load_text_dataset`).
         preset: a token preset (tiny, lm-small, lm-base) or a preset JSON path; its vocabulary follows the tokenizer.
         tokenizer: "bytes", a tokenizer folder or Hub id, or a tokenizer object.
         task: "causal-lm" (packed blocks of `block_size`) or "classification" (texts truncated to `block_size`,
@@ -486,17 +489,21 @@ def train_on_dataset(
     if tokenizer_name == "bytes":
         tokenizer_name = "bytes (byte-level, shipped with compressm)"
 
+    given = isinstance(dataset, hf_datasets.DatasetDict) or (dataset == SYNTHETIC_CORPUS and data_files is None)
+    if given and dataset_config is not None:  # it would name nothing, yet go into the summary and model card
+        raise ValueError("--dataset-config names a configuration of a Hub dataset: give that dataset with --dataset")
     if isinstance(dataset, hf_datasets.DatasetDict):
         splits, dataset_name = dataset, "a DatasetDict"
-    elif dataset == SYNTHETIC_CORPUS:
+    elif given:
         splits, dataset_name = _synthetic_splits(), "synthetic toy corpus (modeling_compressm.data)"
     else:
-        splits, dataset_name = load_text_dataset(
-            dataset, config_name=dataset_config, split=split, eval_split=eval_split,
+        splits = load_text_dataset(
+            dataset, data_files=data_files, config_name=dataset_config, split=split, eval_split=eval_split,
             validation_fraction=validation_fraction,
             columns=(text_column,) if task == "causal-lm" else (text_column, label_column),
             shuffle_split=task == "classification", seed=options.seed, cache_dir=cache_dir,
-        ), str(dataset)
+        )
+        dataset_name = str(dataset) if data_files is None else _data_files_name(dataset, data_files)
     if "train" not in splits or "validation" not in splits:
         raise ValueError(f"the dataset needs 'train' and 'validation' splits, got {', '.join(splits)}")
 
@@ -527,7 +534,8 @@ def train_on_dataset(
     metrics = run.trainer.evaluate(eval_data)
     summary = {
         "preset": str(preset), "task": task, "dataset": dataset_name,
-        "dataset_config": dataset_config, "split": split if isinstance(dataset, str) else None,
+        "dataset_config": dataset_config, "split": split if isinstance(dataset, str) or data_files else None,
+        "data_files": _data_files_list(data_files),
         "validation": _validation_description(splits, split, eval_split),
         "text_column": text_column, "label_column": label_column if task == "classification" else None,
         "tokenizer_name": tokenizer_name, "vocab_size": len(tokenizer), "block_size": block_size,
@@ -546,6 +554,19 @@ def train_on_dataset(
     summary["tokens_per_second"] = (run.tokens_run or 0) / max(run.train_seconds, 1e-9)  # this process only
     _finish(summary, started, output_dir, overwrite_output_dir, push_to_hub, hub_model_id, hub_private)
     return summary
+
+
+def _data_files_list(data_files) -> list[str] | None:
+    """--data-files values as given (the summary and the model card name them)."""
+    if data_files is None:
+        return None
+    return [data_files] if isinstance(data_files, str) else [str(value) for value in data_files]
+
+
+def _data_files_name(dataset, data_files) -> str:
+    """The summary's "dataset" for explicit data files: where they are read from, and the values given."""
+    source = "files" if dataset is None else f"{dataset} files" if isinstance(dataset, str) else str(dataset)
+    return f"{source}: {', '.join(_data_files_list(data_files))}"
 
 
 def _validation_description(splits, train_split: str, eval_split: str | None) -> str:
