@@ -237,10 +237,25 @@ def _train(args) -> int:
         summary = _run_training(args)
     except HubUploadError as error:  # trained and saved, but not uploaded: the report, where it is, one error line
         print(format_summary(error.summary))
+        _hint_missing_plot(error.summary.get("output_dir"))
         _print_error(error)
         return 1
     print(format_summary(summary))
+    _hint_missing_plot(summary.get("output_dir"))
     return 0
+
+
+def _hint_missing_plot(folder: str | None) -> None:
+    """One line on stderr when the model card in `folder` has no HSV plot because matplotlib is not installed."""
+    from .model_card import HSV_PLOT_FILE
+
+    if folder is None or os.path.isfile(os.path.join(folder, HSV_PLOT_FILE)):
+        return
+    try:
+        import matplotlib.figure  # noqa: F401  (what the model card draws with)
+    except ImportError:
+        print(f"compressm: the model card has no Hankel-singular-value plot ({HSV_PLOT_FILE}): matplotlib is not "
+              "installed; `pip install matplotlib` and run the command again to get it", file=sys.stderr)
 
 
 def _run_training(args) -> dict:
@@ -328,6 +343,7 @@ def _reduce(args) -> int:
     else:
         print(f"state dims: {result['dims_before']} (no layer gets smaller at tau={args.tau:g})")
     print(f"saved to  : {result['output_dir']}")
+    _hint_missing_plot(result["output_dir"])
     return 0
 
 

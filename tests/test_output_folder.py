@@ -6,12 +6,18 @@ the new output would overwrite stops the command before anything is written, and
 import json
 import os
 import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
+from without_package import BLOCK_PACKAGE
 from modeling_compressm.cli import main
 from modeling_compressm.output_folder import MANIFEST_FILE, compressm_files, write_output_folder
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SHORT_RUN = ["--max-steps", "2", "--no-progress", "--start-step", "1", "--end-step", "1"]
 
 
@@ -138,3 +144,53 @@ def test_new_output_folders_get_the_mode_save_pretrained_gives(tmp_path):
     os.chmod(tmp_path / "run", 0o700)
     assert _train(tmp_path / "run") == 0
     assert stat.S_IMODE(os.stat(tmp_path / "run").st_mode) == 0o700  # written again: keeps the user's mode
+
+
+def test_without_matplotlib_a_one_line_hint_says_how_to_get_the_plot(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib.figure")  # imported first, so that the modules are restored as they were
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "matplotlib", None)  # import matplotlib... raises ImportError
+        patch.setitem(sys.modules, "matplotlib.figure", None)
+        assert _train(tmp_path / "run") == 0
+        hints = [line for line in capsys.readouterr().err.splitlines() if "matplotlib" in line]
+        assert hints == ["compressm: the model card has no Hankel-singular-value plot (hsv_spectrum.png): matplotlib "
+                         "is not installed; `pip install matplotlib` and run the command again to get it"]
+        assert not (tmp_path / "run" / "hsv_spectrum.png").exists()
+        assert main(["reduce", str(tmp_path / "run"), "--tau", "0.5"]) == 0
+        assert "`pip install matplotlib`" in capsys.readouterr().err
+    assert _train(tmp_path / "run") == 0
+    assert "matplotlib" not in capsys.readouterr().err and (tmp_path / "run" / "hsv_spectrum.png").is_file()
+
+
+TOKENIZER_SCRIPT = BLOCK_PACKAGE + textwrap.dedent(
+    r"""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(sys.argv[2])
+    loaded = sorted(n for n in sys.modules if n.split(".")[0] in ("modeling_compressm", "transformers_modules"))
+    print(json.dumps({"ids": tokenizer("é")["input_ids"], "size": len(tokenizer), "loaded": loaded}))
+    """
+)
+
+
+def test_the_cli_tokenizer_loads_as_the_docs_say_without_custom_code(tmp_path):
+    """The tokenizer of a CLI output loads with no question and no custom code where this package is not importable,
+    the way the docs tell (transformers 5's AutoTokenizer asks about the folder's config.json, which the docs say)."""
+    folder = tmp_path / "lm"
+    assert main(["train", "--preset", "tiny", "--max-steps", "1", "--batch-size", "4", "--block-size", "16",
+                 "--no-progress", "--output-dir", str(folder)]) == 0
+    assert "auto_map" not in json.loads((folder / "tokenizer_config.json").read_text())
+    script = tmp_path / "load.py"
+    script.write_text(TOKENIZER_SCRIPT)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, str(script), str(REPO_ROOT), str(folder)], cwd=tmp_path, env=env,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trust_remote_code" not in result.stdout + result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"ids": [195, 169], "size": 258, "loaded": []}
+    documented = "`PreTrainedTokenizerFast.from_pretrained(\"my-lm\")` loads it without"
+    for doc in (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "train-your-data.md"):
+        assert documented in " ".join(doc.read_text().split()), doc
