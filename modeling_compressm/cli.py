@@ -11,7 +11,8 @@
 The training recipe lives in `modeling_compressm.recipe` (`train_preset`, `train_on_dataset`), the data pieces in
 `modeling_compressm.text_data` and `modeling_compressm.tokenization`, post-hoc reduction and generation in
 `modeling_compressm.posthoc`; this module only parses arguments and prints. Bad input exits with status 2 and a
-one-line message, before anything is written.
+one-line message, before anything is written; a failed Hub upload after training exits with status 1 after the
+report, with one line saying where the model was saved.
 """
 
 from __future__ import annotations
@@ -116,8 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = train.add_argument_group("your own data (text)")
     data.add_argument("--dataset", default=None, help="a local .txt/.json/.jsonl/.csv/.tsv/.parquet file, a folder, or "
-                      "a Hub dataset id (online or from the datasets cache)")
-    data.add_argument("--dataset-config", default=None, help="configuration name of a Hub dataset")
+                      "a Hub dataset id (online or from the datasets cache); a format name (text, json, csv, ...) "
+                      "only with --data-files")
+    data.add_argument("--data-files", nargs="+", action="extend", default=None, metavar="FILE_OR_PATTERN",
+                      help="data files: files or glob patterns (quote them), each optionally SPLIT=... (default "
+                      "split: --split), e.g. --data-files 'books/*.txt' validation=held-out.txt; the format "
+                      "follows the extension, or --dataset text|json|csv|parquet names it (with a dataset folder or "
+                      "Hub id: files inside it)")
+    data.add_argument("--dataset-config", default=None, help="configuration name of a Hub dataset (refused for "
+                      "local files)")
     data.add_argument("--split", default="train", help="training split (default: train)")
     holdout = data.add_mutually_exclusive_group()
     holdout.add_argument("--eval-split", default=None, help="split to evaluate on (default: 'validation' if the "
@@ -189,9 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     output = train.add_argument_group("output")
     output.add_argument("--output-dir", default=None, help=f"where to save the model (default {DEFAULT_OUTPUT_DIR} "
-                        "for digits, ./compressm-<preset> otherwise); replaced as a whole at the end")
+                        "for digits, ./compressm-<preset> otherwise); written whole at the end: the files an earlier "
+                        "compressm run wrote there are replaced, your other files are kept")
     output.add_argument("--overwrite-output-dir", action="store_true",
-                        help="replace an output folder that holds other files")
+                        help="write into a folder that holds no CompreSSM model, and replace files of yours that have "
+                        "the names of output files (other files are kept)")
     output.add_argument("--push-to-hub", action="store_true", help="upload the output folder to the Hugging Face Hub")
     output.add_argument("--hub-model-id", default=None, help="Hub repo id (default: the output folder's name)")
     output.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
@@ -200,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     reduce.add_argument("checkpoint", help="a folder written by `compressm train` or save_pretrained")
     reduce.add_argument("--tau", type=float, required=True, help="tolerance: share of HSV energy dropped, in [0, 1)")
     reduce.add_argument("--min-dim", type=int, default=1, help="least state size per layer")
-    reduce.add_argument("--output-dir", default=None, help="where to save (default: overwrite CHECKPOINT)")
+    reduce.add_argument("--output-dir", default=None, help="where to save (default: overwrite CHECKPOINT's model "
+                        "files); your other files in the folder are kept")
+    reduce.add_argument("--overwrite-output-dir", action="store_true",
+                        help="as for train: replace files of yours in --output-dir that have the names of output files")
 
     generate = commands.add_parser("generate", help="print a continuation of a prompt by a saved causal LM")
     generate.add_argument("checkpoint", help="a folder written by `compressm train` or save_pretrained")
@@ -218,12 +231,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    from .publish import HubUploadError
+
+    try:
+        summary = _run_training(args)
+    except HubUploadError as error:  # trained and saved, but not uploaded: the report, where it is, one error line
+        print(format_summary(error.summary))
+        _hint_missing_plot(error.summary.get("output_dir"))
+        _print_error(error)
+        return 1
+    print(format_summary(summary))
+    _hint_missing_plot(summary.get("output_dir"))
+    return 0
+
+
+def _hint_missing_plot(folder: str | None) -> None:
+    """One line on stderr when the model card in `folder` has no HSV plot because matplotlib is not installed."""
+    from .model_card import HSV_PLOT_FILE
+
+    if folder is None or os.path.isfile(os.path.join(folder, HSV_PLOT_FILE)):
+        return
+    try:
+        import matplotlib.figure  # noqa: F401  (what the model card draws with)
+    except ImportError:
+        print(f"compressm: the model card has no Hankel-singular-value plot ({HSV_PLOT_FILE}): matplotlib is not "
+              "installed; `pip install matplotlib` and run the command again to get it", file=sys.stderr)
+
+
+def _run_training(args) -> dict:
     from .presets import load_preset, model_class_for_config
 
     configure_threads(args.threads)
     if args.no_progress:
         _hide_progress_bars()
-    preset = args.preset or (DEFAULT_TEXT_PRESET if args.dataset is not None else DEFAULT_PRESET)
+    own_data = args.dataset is not None or args.data_files is not None
+    preset = args.preset or (DEFAULT_TEXT_PRESET if own_data else DEFAULT_PRESET)
     output_dir = args.output_dir
     if output_dir is None:
         name = os.path.splitext(os.path.basename(preset))[0]
@@ -244,10 +286,11 @@ def _train(args) -> int:
         resume_from_checkpoint=args.resume_from_checkpoint, show_progress=not args.no_progress,
     )
     text_model = model_class_for_config(load_preset(preset)).__name__ == "CompreSSMForCausalLM"
-    if args.dataset is None and not text_model:
+    if not own_data and not text_model:
         given = [flag for flag, value, default in (
             ("--tokenizer", args.tokenizer, None), ("--task", args.task, "causal-lm"),
             ("--block-size", args.block_size, None), ("--pad-token", args.pad_token, None),
+            ("--dataset-config", args.dataset_config, None),
         ) if value != default]
         if given:
             raise ValueError(f"{', '.join(given)} apply to text: add --dataset, or use a causal-LM preset")
@@ -255,10 +298,10 @@ def _train(args) -> int:
                                overwrite_output_dir=args.overwrite_output_dir, push_to_hub=args.push_to_hub,
                                hub_model_id=args.hub_model_id, hub_private=args.hub_private or None)
     else:
-        if args.dataset is None and args.task == "classification":
+        if not own_data and args.task == "classification":
             raise ValueError("--task classification needs --dataset with a label column")
         summary = train_on_dataset(
-            args.dataset if args.dataset is not None else "synthetic", preset=preset,
+            args.dataset if own_data else "synthetic", data_files=args.data_files, preset=preset,
             tokenizer=args.tokenizer or "bytes",
             task=args.task, dataset_config=args.dataset_config, split=args.split, eval_split=args.eval_split,
             validation_fraction=args.validation_fraction, text_column=args.text_column,
@@ -267,8 +310,15 @@ def _train(args) -> int:
             plan=plan, options=options, output_dir=output_dir, overwrite_output_dir=args.overwrite_output_dir,
             push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_private=args.hub_private or None,
         )
-    print(format_summary(summary))
-    return 0
+    return summary
+
+
+def _print_error(error: BaseException) -> None:
+    """`compressm: error: ...` on stderr; COMPRESSM_DEBUG=1 adds the traceback, for telling an internal error apart
+    from bad input."""
+    if os.environ.get("COMPRESSM_DEBUG", "0") not in ("", "0"):
+        traceback.print_exception(error)
+    print(f"compressm: error: {error}", file=sys.stderr)
 
 
 def _hide_progress_bars() -> None:
@@ -283,7 +333,8 @@ def _reduce(args) -> int:
     from .posthoc import reduce_checkpoint
 
     _hide_progress_bars()
-    result = reduce_checkpoint(args.checkpoint, args.tau, output_dir=args.output_dir, min_dim=args.min_dim)
+    result = reduce_checkpoint(args.checkpoint, args.tau, output_dir=args.output_dir, min_dim=args.min_dim,
+                               overwrite=args.overwrite_output_dir)
     print(f"Hankel singular values of {args.checkpoint} (tau={args.tau:g}):\n")
     print(result["report"])
     print()
@@ -292,6 +343,7 @@ def _reduce(args) -> int:
     else:
         print(f"state dims: {result['dims_before']} (no layer gets smaller at tau={args.tau:g})")
     print(f"saved to  : {result['output_dir']}")
+    _hint_missing_plot(result["output_dir"])
     return 0
 
 
@@ -339,12 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "presets":
             return _presets()
         return {"train": _train, "reduce": _reduce, "generate": _generate}[args.command](args)
-    except ValueError as error:
-        # Bad input raises ValueError with a message meant for the user; COMPRESSM_DEBUG=1 adds the traceback, for
-        # telling an internal error apart from bad input.
-        if os.environ.get("COMPRESSM_DEBUG", "0") not in ("", "0"):
-            traceback.print_exc()
-        print(f"compressm: error: {error}", file=sys.stderr)
+    except ValueError as error:  # bad input: a message meant for the user
+        _print_error(error)
         return 2
     finally:
         logging.getLogger("modeling_compressm").removeHandler(handler)

@@ -73,23 +73,32 @@ def hsv_report(model, tau: float, min_dim: int = 1) -> tuple[list[int | None], s
     return ranks, "\n".join(lines)
 
 
-def reduce_checkpoint(path: str, tau: float, *, output_dir: str | None = None, min_dim: int = 1) -> dict:
+def reduce_checkpoint(path: str, tau: float, *, output_dir: str | None = None, min_dim: int = 1,
+                      overwrite: bool = False) -> dict:
     """Shrink a saved model by balanced truncation at tolerance `tau` and save it with an updated model card.
 
     The other files of the folder (tokenizer, `train_summary.json`, ...) are carried over; the summary gains a
     "posthoc_reductions" entry. The folder is written whole (a temporary folder put in place at the end), so a
-    failure leaves `output_dir` as it was.
+    failure leaves `output_dir` as it was; files of the user's there are kept (see `output_folder`). From a folder
+    with a compressm manifest only compressm's files are carried to another `output_dir`.
 
     Args:
         path: a folder written by `compressm train` or `save_pretrained`.
         tau: tolerance in [0, 1): each layer keeps the fewest states holding (1 - tau) of its HSV sum.
         output_dir: where to save; None overwrites `path`.
         min_dim: least state size per layer.
+        overwrite: replace a file of the user's in `output_dir` that the new output also writes (else ValueError
+            before anything is written); in place, the model's own files are always replaced.
     Returns:
         {"report" (text), "ranks", "dims_before", "dims_after", "changed" (bool), "output_dir"}
     """
-    from .output_folder import SUMMARY_FILE, training_info, write_output_folder
+    from .output_folder import MANIFEST_FILE, SUMMARY_FILE, check_output_dir, compressm_files, training_info
+    from .output_folder import write_output_folder
 
+    target = output_dir if output_dir is not None else path
+    in_place = os.path.realpath(target) == os.path.realpath(path)
+    if not in_place:
+        check_output_dir(target, overwrite)
     model = load_checkpoint(path)
     ranks, report = hsv_report(model, tau, min_dim)
     dims_before = list(model.config.state_dims)
@@ -111,10 +120,15 @@ def reduce_checkpoint(path: str, tau: float, *, output_dir: str | None = None, m
         }
         model.compressm_training_info = info
 
+    # Every file is copied (those of the user's stay theirs: write_output_folder sees the same content), except that
+    # only compressm's files of a folder with a manifest go to another folder.
+    with_manifest = os.path.isfile(os.path.join(path, MANIFEST_FILE))
+    carried = compressm_files(path) if with_manifest and not in_place else os.listdir(path)
+
     def write(folder):
-        for name in os.listdir(path):
+        for name in sorted(carried):
             source = os.path.join(path, name)
-            if os.path.isfile(source):
+            if os.path.isfile(source) and not os.path.islink(source) and name != MANIFEST_FILE:
                 shutil.copy2(source, os.path.join(folder, name))
         model.save_pretrained(folder)
         if summary is not None:
@@ -122,7 +136,7 @@ def reduce_checkpoint(path: str, tau: float, *, output_dir: str | None = None, m
                 json.dump(summary, handle, indent=1)
                 handle.write("\n")
 
-    target = write_output_folder(output_dir if output_dir is not None else path, write)
+    target = write_output_folder(target, write, overwrite=overwrite or in_place)
     return {"report": report, "ranks": ranks, "dims_before": dims_before, "dims_after": dims_after,
             "changed": dims_after != dims_before, "output_dir": target}
 

@@ -326,6 +326,7 @@ def train_preset(
     hub_model_id = _prepare_output(output_dir, overwrite_output_dir, options, push_to_hub, hub_model_id)
     if options.eval_batch_size is None:
         options.eval_batch_size = 256
+    _create_hub_repo(push_to_hub, hub_model_id, hub_private)
 
     set_seed(options.seed)
     model = model_class_for_config(config)(config)
@@ -347,7 +348,8 @@ def train_preset(
 
 def _prepare_output(output_dir, overwrite: bool, options: TrainingOptions, push_to_hub: bool,
                     hub_model_id: str | None) -> str | None:
-    """Checks before training: the output folder, the checkpoint to resume from, Hub access. Returns the repo id."""
+    """Checks before training: the output folder, the checkpoint to resume from, Hub access (offline mode, token;
+    `_create_hub_repo` checks the Hub itself last). Returns the repo id."""
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
     options.resolve_resume(output_dir)
@@ -361,15 +363,31 @@ def _prepare_output(output_dir, overwrite: bool, options: TrainingOptions, push_
     return hub_model_id or os.path.basename(os.path.normpath(output_dir))
 
 
+def _create_hub_repo(push_to_hub: bool, hub_model_id: str | None, private: bool | None) -> None:
+    """The last check before training: the Hub is reachable and the repo exists or can be created (ValueError)."""
+    if push_to_hub:
+        from .publish import check_hub_access
+
+        check_hub_access(hub_model_id, private)
+
+
 def _finish(summary: dict, started: float, output_dir, overwrite: bool, push_to_hub: bool, hub_model_id, private):
-    """Save the output folder and push it (when asked); set the summary's total wall-clock."""
+    """Save the output folder and push it (when asked); set the summary's total wall-clock.
+
+    Raises:
+        publish.HubUploadError (with the summary) when the upload fails: the folder is saved by then.
+    """
     if output_dir is not None:
         summary["total_seconds"] = time.perf_counter() - started
         save_run(summary, output_dir, overwrite)
         if push_to_hub:
-            from .publish import push_folder_to_hub
+            from .publish import HubUploadError, push_folder_to_hub
 
-            summary["hub_commit"] = str(push_folder_to_hub(output_dir, hub_model_id, private=private))
+            try:
+                summary["hub_commit"] = str(push_folder_to_hub(output_dir, hub_model_id, private=private))
+            except Exception as error:  # network and Hub errors come in many types; the model is saved locally
+                summary["total_seconds"] = time.perf_counter() - started
+                raise HubUploadError(hub_model_id, summary["output_dir"], error, summary) from error
             summary["hub_model_id"] = hub_model_id
     summary["total_seconds"] = time.perf_counter() - started
 
@@ -399,6 +417,7 @@ def _synthetic_splits():
 def train_on_dataset(
     dataset,
     *,
+    data_files=None,
     preset: str = DEFAULT_TEXT_PRESET,
     tokenizer="bytes",
     task: str = "causal-lm",
@@ -427,8 +446,10 @@ def train_on_dataset(
     folder, Hub access): bad input raises ValueError with a one-line message and writes nothing.
 
     Args:
-        dataset: what `load_text_dataset` takes (file, folder, Hub id), "synthetic" (the generated toy corpus), or
-            a `datasets.DatasetDict` with "train" and "validation".
+        dataset: what `load_text_dataset` takes (file, folder, Hub id; with `data_files` also a builder name such
+            as "text", or None), "synthetic" (the generated toy corpus), or a `datasets.DatasetDict` with "train" and
+            "validation".
+        data_files: files and glob patterns, each optionally "SPLIT=..." (see `load_text_dataset`).
         preset: a token preset (tiny, lm-small, lm-base) or a preset JSON path; its vocabulary follows the tokenizer.
         tokenizer: "bytes", a tokenizer folder or Hub id, or a tokenizer object.
         task: "causal-lm" (packed blocks of `block_size`) or "classification" (texts truncated to `block_size`,
@@ -468,17 +489,21 @@ def train_on_dataset(
     if tokenizer_name == "bytes":
         tokenizer_name = "bytes (byte-level, shipped with compressm)"
 
+    given = isinstance(dataset, hf_datasets.DatasetDict) or (dataset == SYNTHETIC_CORPUS and data_files is None)
+    if given and dataset_config is not None:  # it would name nothing, yet go into the summary and model card
+        raise ValueError("--dataset-config names a configuration of a Hub dataset: give that dataset with --dataset")
     if isinstance(dataset, hf_datasets.DatasetDict):
         splits, dataset_name = dataset, "a DatasetDict"
-    elif dataset == SYNTHETIC_CORPUS:
+    elif given:
         splits, dataset_name = _synthetic_splits(), "synthetic toy corpus (modeling_compressm.data)"
     else:
-        splits, dataset_name = load_text_dataset(
-            dataset, config_name=dataset_config, split=split, eval_split=eval_split,
+        splits = load_text_dataset(
+            dataset, data_files=data_files, config_name=dataset_config, split=split, eval_split=eval_split,
             validation_fraction=validation_fraction,
             columns=(text_column,) if task == "causal-lm" else (text_column, label_column),
             shuffle_split=task == "classification", seed=options.seed, cache_dir=cache_dir,
-        ), str(dataset)
+        )
+        dataset_name = str(dataset) if data_files is None else _data_files_name(dataset, data_files)
     if "train" not in splits or "validation" not in splits:
         raise ValueError(f"the dataset needs 'train' and 'validation' splits, got {', '.join(splits)}")
 
@@ -495,6 +520,7 @@ def train_on_dataset(
     train_data, eval_data = prepared["train"], prepared["validation"]
     steps = options.total_steps(len(train_data), DEFAULT_TEXT_EPOCHS)
     callback = plan.make_callback(steps)  # checks the plan before training
+    _create_hub_repo(push_to_hub, hub_model_id, hub_private)
 
     set_seed(options.seed)
     overrides = {} if state_dims is None else {"state_dims": state_dims}
@@ -508,7 +534,8 @@ def train_on_dataset(
     metrics = run.trainer.evaluate(eval_data)
     summary = {
         "preset": str(preset), "task": task, "dataset": dataset_name,
-        "dataset_config": dataset_config, "split": split if isinstance(dataset, str) else None,
+        "dataset_config": dataset_config, "split": split if isinstance(dataset, str) or data_files else None,
+        "data_files": _data_files_list(data_files),
         "validation": _validation_description(splits, split, eval_split),
         "text_column": text_column, "label_column": label_column if task == "classification" else None,
         "tokenizer_name": tokenizer_name, "vocab_size": len(tokenizer), "block_size": block_size,
@@ -527,6 +554,19 @@ def train_on_dataset(
     summary["tokens_per_second"] = (run.tokens_run or 0) / max(run.train_seconds, 1e-9)  # this process only
     _finish(summary, started, output_dir, overwrite_output_dir, push_to_hub, hub_model_id, hub_private)
     return summary
+
+
+def _data_files_list(data_files) -> list[str] | None:
+    """--data-files values as given (the summary and the model card name them)."""
+    if data_files is None:
+        return None
+    return [data_files] if isinstance(data_files, str) else [str(value) for value in data_files]
+
+
+def _data_files_name(dataset, data_files) -> str:
+    """The summary's "dataset" for explicit data files: where they are read from, and the values given."""
+    source = "files" if dataset is None else f"{dataset} files" if isinstance(dataset, str) else str(dataset)
+    return f"{source}: {', '.join(_data_files_list(data_files))}"
 
 
 def _validation_description(splits, train_split: str, eval_split: str | None) -> str:

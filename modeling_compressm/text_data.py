@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 
+from .data_files import DATA_FILE_BUILDERS, builder_for_files, is_builder_name, resolve_data_files, split_and_pattern
 from .tokenization import _first_line
 
 __all__ = [
@@ -31,20 +32,55 @@ __all__ = [
     "DATA_FILE_BUILDERS",
 ]
 
-# file extension -> datasets packaged builder (and its extra arguments)
-DATA_FILE_BUILDERS = {
-    ".txt": ("text", {"keep_linebreaks": True}),
-    ".text": ("text", {"keep_linebreaks": True}),
-    ".json": ("json", {}),
-    ".jsonl": ("json", {}),
-    ".csv": ("csv", {}),
-    ".tsv": ("csv", {"sep": "\t"}),
-    ".parquet": ("parquet", {}),
-    ".arrow": ("arrow", {}),
-}
 # `load_text_dataset` marks the splits of a .txt file with this description: their rows are lines (kept with their
 # line breaks), which `pack_dataset` concatenates as they are instead of separating them with eos.
 LINES_DESCRIPTION = "compressm: rows are the lines of a text file, line breaks included"
+
+
+def _load_files(builder: str, extra: dict, files: dict[str, list[str]], cache_dir: str | None, shown: str):
+    """DatasetDict of local `files` ({split: paths}) read by the `datasets` builder; ValueError naming them."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir, **extra)
+    except Exception as error:  # parse errors of csv/json/parquet readers come in many types
+        if isinstance(error, StopIteration) or "corresponds to no data" in str(error):
+            raise ValueError(f"{shown} has no rows; give a file with rows of text") from None
+        raise ValueError(f"could not read {shown} as {builder}: {_first_line(error)}") from None
+    if builder == "text":
+        for split in loaded.values():
+            split.info.description = LINES_DESCRIPTION
+    return loaded
+
+
+def _refuse_config(config_name: str | None, what: str) -> None:
+    if config_name is not None:
+        raise ValueError(f"--dataset-config {config_name!r} names a configuration of a Hub dataset (or of a dataset "
+                         f"folder), but the data is {what}, which has none: drop --dataset-config")
+
+
+def _load_data_files(spec: str | None, data_files, config_name: str | None, cache_dir: str | None, split: str):
+    """DatasetDict of explicit data files: local files/patterns read by a builder (named by `spec`, else by their
+    extension), or files of a local dataset folder / Hub dataset `spec` (resolved there by `datasets`)."""
+    import datasets
+
+    if spec is not None and os.path.isfile(spec):
+        raise ValueError(f"--dataset {spec!r} is a file and --data-files names files too: give the data one way")
+    if spec is not None and not is_builder_name(spec) and (os.path.isdir(spec) or not os.path.exists(spec)):
+        values = [data_files] if isinstance(data_files, str) else list(data_files)
+        patterns: dict[str, list[str]] = {}
+        for value in values:
+            name, pattern = split_and_pattern(value, split)
+            patterns.setdefault(name, []).append(pattern)
+        try:
+            return datasets.load_dataset(spec, config_name, data_files=patterns, cache_dir=cache_dir)
+        except Exception as error:
+            raise ValueError(f"could not load --data-files {values} of dataset {spec!r}: {_first_line(error)}") from None
+    _refuse_config(config_name, "local data files")
+    files = resolve_data_files(data_files, default_split=split)
+    builder, extra = builder_for_files(files, spec)
+    count = sum(len(paths) for paths in files.values())
+    return _load_files(builder, extra, files, cache_dir, f"the {count} file(s) of --data-files")
 
 
 def _load_raw(spec: str, config_name: str | None, cache_dir: str | None):
@@ -60,20 +96,12 @@ def _load_raw(spec: str, config_name: str | None, cache_dir: str | None):
             )
         if os.path.getsize(spec) == 0:
             raise ValueError(f"dataset file {spec!r} is empty; give a file with rows of text")
+        _refuse_config(config_name, f"the local file {spec!r}")
         builder, extra = DATA_FILE_BUILDERS[extension]
-        try:
-            loaded = datasets.load_dataset(builder, data_files={"train": os.path.abspath(spec)}, cache_dir=cache_dir,
-                                           **extra)
-        except Exception as error:  # parse errors of csv/json/parquet readers come in many types
-            if isinstance(error, StopIteration) or "corresponds to no data" in str(error):
-                raise ValueError(f"dataset file {spec!r} has no rows; give a file with rows of text") from None
-            raise ValueError(f"could not read dataset file {spec!r} as {builder}: {_first_line(error)}") from None
-        if builder == "text":
-            for split in loaded.values():
-                split.info.description = LINES_DESCRIPTION
-        return loaded
+        return _load_files(builder, extra, {"train": [os.path.abspath(spec)]}, cache_dir, f"dataset file {spec!r}")
     if os.path.isdir(spec):
         if any(os.path.isfile(os.path.join(spec, name)) for name in ("dataset_dict.json", "state.json")):
+            _refuse_config(config_name, f"the saved dataset {spec!r}")
             return datasets.load_from_disk(spec)
         try:
             return datasets.load_dataset(spec, config_name, cache_dir=cache_dir)
@@ -81,6 +109,11 @@ def _load_raw(spec: str, config_name: str | None, cache_dir: str | None):
             raise ValueError(f"could not load a dataset from folder {spec!r}: {_first_line(error)}") from None
     if extension in DATA_FILE_BUILDERS or os.path.isabs(spec) or spec.startswith(".") or spec.count("/") > 1:
         raise ValueError(f"dataset file or folder {spec!r} does not exist")
+    if is_builder_name(spec):  # datasets would read whatever files of the current folder have "train" in their name
+        raise ValueError(
+            f"--dataset {spec} names a file format, not the data: give the files with --data-files (files or glob "
+            f"patterns, e.g. --data-files 'corpus/*.txt' validation=held-out.txt), or pass one file as --dataset"
+        )
     try:
         return datasets.load_dataset(spec, config_name, cache_dir=cache_dir)
     except ConnectionError as error:
@@ -93,8 +126,9 @@ def _load_raw(spec: str, config_name: str | None, cache_dir: str | None):
 
 
 def load_text_dataset(
-    spec: str,
+    spec: str | None,
     *,
+    data_files=None,
     config_name: str | None = None,
     split: str = "train",
     eval_split: str | None = None,
@@ -108,8 +142,13 @@ def load_text_dataset(
 
     Args:
         spec: a local data file (by extension: .txt (one row per line), .json/.jsonl, .csv, .tsv, .parquet, .arrow),
-            a folder, or a Hub dataset id.
-        config_name: the dataset's configuration (Hub datasets with several), else None.
+            a folder, or a Hub dataset id; with `data_files`: a builder name ("text", "json", "csv", ...; None: by
+            the files' extension), a dataset folder or a Hub dataset id. A builder name alone is refused (`datasets`
+            would guess the files from the current folder).
+        data_files: files and glob patterns, each optionally "SPLIT=..." (see `data_files.resolve_data_files`;
+            values without a split are for `split`).
+        config_name: the dataset's configuration (Hub datasets with several, or a dataset folder), else None;
+            refused for local data files, which have none.
         split: the training split.
         eval_split: the split to evaluate on. When None: the dataset's "validation" split if it has one, otherwise
             `validation_fraction` of the training split (default 0.1) is held out.
@@ -131,19 +170,25 @@ def load_text_dataset(
         isinstance(validation_fraction, (int, float)) and 0.0 < float(validation_fraction) < 1.0
     ):
         raise ValueError(f"validation fraction must lie strictly between 0 and 1, got {validation_fraction!r}")
-    loaded = _load_raw(spec, config_name, cache_dir)
+    if data_files is not None:
+        loaded = _load_data_files(spec, data_files, config_name, cache_dir, split)
+        shown = "from --data-files" if spec is None else f"{spec!r} (--data-files)"
+    elif spec is None:
+        raise ValueError("no data: give --dataset (a file, folder or Hub dataset id) or --data-files")
+    else:
+        loaded, shown = _load_raw(spec, config_name, cache_dir), repr(spec)
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     if not isinstance(loaded, datasets.DatasetDict):
-        raise ValueError(f"dataset {spec!r} loaded as {type(loaded).__name__}, expected a DatasetDict of splits")
+        raise ValueError(f"dataset {shown} loaded as {type(loaded).__name__}, expected a DatasetDict of splits")
     names = ", ".join(loaded)
     if split not in loaded:
-        raise ValueError(f"dataset {spec!r} has no split {split!r} (splits: {names}); choose one with --split")
+        raise ValueError(f"dataset {shown} has no split {split!r} (splits: {names}); choose one with --split")
     train = loaded[split]
     if eval_split is not None:
         if eval_split not in loaded:
             raise ValueError(
-                f"dataset {spec!r} has no split {eval_split!r} (splits: {names}); choose one with --eval-split"
+                f"dataset {shown} has no split {eval_split!r} (splits: {names}); choose one with --eval-split"
             )
         validation = loaded[eval_split]
     elif validation_fraction is None and "validation" in loaded and split != "validation":
@@ -152,7 +197,7 @@ def load_text_dataset(
         fraction = 0.1 if validation_fraction is None else float(validation_fraction)
         if len(train) < 2:
             raise ValueError(
-                f"dataset {spec!r} split {split!r} has {len(train)} row(s): too few to hold out a validation part; "
+                f"dataset {shown} split {split!r} has {len(train)} row(s): too few to hold out a validation part; "
                 "add data or give an --eval-split"
             )
         held_out = min(len(train) - 1, max(1, int(round(fraction * len(train)))))
@@ -166,12 +211,12 @@ def load_text_dataset(
         validation.info.description = train.info.description = loaded[split].info.description
     for name, part in (("training", train), ("validation", validation)):
         if len(part) == 0:
-            raise ValueError(f"dataset {spec!r}: the {name} split is empty; give a dataset with rows")
+            raise ValueError(f"dataset {shown}: the {name} split is empty; give a dataset with rows")
         missing = [column for column in columns if column not in part.column_names]
         if missing:
             flag = "--text-column" if missing[0] == columns[0] else "--label-column"
             raise ValueError(
-                f"dataset {spec!r} has no column {missing[0]!r} in its {name} split (columns: "
+                f"dataset {shown} has no column {missing[0]!r} in its {name} split (columns: "
                 f"{', '.join(part.column_names)}); name the right one with {flag}"
             )
     return datasets.DatasetDict({"train": train, "validation": validation})

@@ -2,9 +2,11 @@
 `AutoTokenizer` with errors that say what to change.
 
 The byte-level tokenizer is a standard `tokenizers`-backed fast tokenizer (`PreTrainedTokenizerFast`), not a custom
-class: saved next to a model it is two files (`tokenizer.json`, `tokenizer_config.json`), and plain
-`AutoTokenizer.from_pretrained(folder)` and `pipeline("text-generation", model=folder, trust_remote_code=True)` load
-it offline without this package and without `trust_remote_code` for the tokenizer.
+class: saved next to a model it is two files (`tokenizer.json`, `tokenizer_config.json`) with no `auto_map`, and
+`PreTrainedTokenizerFast.from_pretrained(folder)` loads it offline without this package and without any question.
+`AutoTokenizer.from_pretrained(folder)` of transformers 5 first reads the folder's `config.json`, whose model type is
+CompreSSM's remote code: where this package is not imported it asks the `trust_remote_code` question for that config
+(not for the tokenizer); `trust_remote_code=True` (as for the model and `pipeline`) runs only the configuration class.
 
     from modeling_compressm import byte_level_tokenizer
     tokenizer = byte_level_tokenizer()

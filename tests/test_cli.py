@@ -25,6 +25,7 @@ from fake_hub import install_fake_hub
 from without_package import BLOCK_PACKAGE
 from modeling_compressm.cli import build_parser, main
 from modeling_compressm.data import DigitsSequenceDataset, digits_collator, load_digits_sequences
+from modeling_compressm.output_folder import MANIFEST_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HANG_GUARD_S = 1800  # subprocesses: a guard against hangs, not a speed requirement
@@ -97,7 +98,7 @@ def test_one_command_trains_a_reduced_lm_on_a_text_file_with_a_trained_tokenizer
     assert "vocab_size 64 of preset 'tiny' -> 320" in trained_lm["err"]  # the vocabulary follows the tokenizer
     for label in ("eval loss", "eval perplexity", "bits per byte "):
         assert re.search(rf"^{label}\s*: \d+\.\d+$", out, re.M), label
-    assert set(os.listdir(folder)) == LM_OUTPUT_FILES
+    assert set(os.listdir(folder)) == LM_OUTPUT_FILES | {MANIFEST_FILE}  # + which files compressm wrote
     assert not [name for name in os.listdir(folder.parent) if name.startswith(".")]  # no staging folder left
 
     summary = json.loads((folder / "train_summary.json").read_text())
@@ -122,7 +123,7 @@ def test_one_command_trains_a_reduced_lm_on_a_text_file_with_a_trained_tokenizer
 def test_push_uploads_the_output_folder_in_one_commit(trained_lm):
     assert trained_lm["status"] == 0, trained_lm["err"]
     hub, folder = trained_lm["hub"], trained_lm["dir"]
-    assert hub.repos == [("someone/tiny-lm", True)]  # --hub-private
+    assert hub.repos == [("someone/tiny-lm", True)] * 2  # --hub-private; created before training, then by the upload
     (commit,) = hub.commits
     assert commit["repo_id"] == "someone/tiny-lm"
     assert set(commit["files"]) == LM_OUTPUT_FILES
@@ -212,7 +213,7 @@ def test_reduce_a_saved_model_post_hoc(trained_lm, tmp_path, capsys):
     assert len(ranks) == 2 and new_dims == [min(rank, dim) for rank, dim in zip(ranks, dims)]
     assert sum(new_dims) < sum(dims) and f"state dims: {dims} -> {new_dims}" in out
     assert json.loads((source / "config.json").read_text())["state_dims"] == dims  # the source is untouched
-    assert set(os.listdir(target)) == LM_OUTPUT_FILES  # tokenizer and summary carried over
+    assert set(os.listdir(target)) == LM_OUTPUT_FILES | {MANIFEST_FILE}  # tokenizer and summary carried over
     summary = json.loads((target / "train_summary.json").read_text())
     assert summary["posthoc_reductions"] == [{"tau": 0.5, "min_dim": 1, "dims_before": dims, "dims_after": new_dims}]
     card = (target / "README.md").read_text()
@@ -338,8 +339,9 @@ def test_an_output_folder_with_other_files_is_not_replaced(text_data, tmp_path, 
     assert "already holds files that are not a CompreSSM model" in capsys.readouterr().err
     assert os.listdir(folder) == ["notes.txt"]
     assert main(argv + ["--overwrite-output-dir"]) == 0
-    assert "notes.txt" not in os.listdir(folder) and "config.json" in os.listdir(folder)
-    assert main(argv) == 0  # an earlier CompreSSM output is replaced as a whole
+    assert (folder / "notes.txt").read_text() == "keep me" and "config.json" in os.listdir(folder)
+    assert main(argv) == 0  # an earlier CompreSSM output is written again, the user's files kept
+    assert (folder / "notes.txt").read_text() == "keep me"
     assert not [name for name in os.listdir(tmp_path) if name != "mine"]
 
 

@@ -8,7 +8,7 @@ import torch
 
 from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM
 from modeling_compressm.model_card import render_model_card
-from modeling_compressm.output_folder import write_output_folder
+from modeling_compressm.output_folder import MANIFEST_FILE, write_output_folder
 from modeling_compressm.optim import DEFAULT_SSM_LR_FACTOR, DEFAULT_SSM_PARAMETER_NAMES
 from modeling_compressm.recipe import build_optimizer
 from modeling_compressm.run_settings import ReductionPlan, TrainingOptions, configure_threads, default_num_threads
@@ -84,7 +84,7 @@ def test_output_folder_is_written_whole_or_not_at_all(tmp_path):
                 handle.write(name)
 
     assert write_output_folder(str(target), write_two) == str(target)
-    assert sorted(os.listdir(target)) == ["a.txt", "b.txt"]
+    assert sorted(os.listdir(target)) == [MANIFEST_FILE, "a.txt", "b.txt"]
     assert os.path.dirname((tmp_path / "seen").read_text()) == str(tmp_path)  # staged beside the target
 
     def fail_half_way(folder):
@@ -94,11 +94,11 @@ def test_output_folder_is_written_whole_or_not_at_all(tmp_path):
 
     with pytest.raises(RuntimeError, match="disk full"):
         write_output_folder(str(target), fail_half_way)
-    assert (target / "a.txt").read_text() == "a.txt" and sorted(os.listdir(target)) == ["a.txt", "b.txt"]
+    assert (target / "a.txt").read_text() == "a.txt" and sorted(os.listdir(target)) == [MANIFEST_FILE, "a.txt", "b.txt"]
     assert sorted(os.listdir(tmp_path)) == ["out", "seen"]  # no staging folder left behind
 
     write_output_folder(str(target), lambda folder: open(os.path.join(folder, "c.txt"), "w").close())
-    assert os.listdir(target) == ["c.txt"]  # replaced as a whole: no stale files
+    assert sorted(os.listdir(target)) == [MANIFEST_FILE, "c.txt"]  # what the last write wrote: no stale files
     assert sorted(os.listdir(tmp_path)) == ["out", "seen"]
 
 
