@@ -50,6 +50,7 @@ from .model_card import refresh_card_spectrum
 from .modeling_compressm import CompreSSMForCausalLM
 from .optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
 from .optimizer_state import optimizer_state_repair
+from .reduction import check_system
 from .reducer import CompreSSMReducer, compressm_model_of
 from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, RollbackRule, resolve_policy_arguments
 
@@ -149,6 +150,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         rollback_metric, rollback_tolerance, greater_is_better: see `schedule.RollbackRule`.
         log_hsv: store the per-layer HSVs in each history event and log their sums.
         optimizer_state: optimizer-state repair mode ("reset").
+        system: the balanced system: "real" (default), the map u -> Re(C h) each layer computes, ranks counted in
+            LRU states; "complex", the paper's complex map (lam, B, C), to reproduce its numbers.
     Defaults come from `schedule.DEFAULTS`. Invalid values raise ValueError here; checks that need the model
     (`total_budget` against `min_dim` x layers) or the TrainingArguments run when training starts, before step 1.
 
@@ -174,8 +177,10 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         log_hsv: bool = DEFAULTS.log_hsv,
         optimizer_state: str = DEFAULTS.optimizer_state,
         final_fraction: float = DEFAULTS.final_fraction,
+        system: str = DEFAULTS.system,
     ):
         policy, tau, fraction = resolve_policy_arguments(policy, tau, fraction)
+        self.system = check_system(system)
         self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget, final_fraction)
         self.schedule = ReductionSchedule(start_step, end_step, interval)
         self.rollback_rule = RollbackRule(rollback_metric, rollback_tolerance, greater_is_better)
@@ -262,7 +267,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             "min_dim": policy.min_dim, "total_budget": policy.total_budget, "final_fraction": policy.final_fraction,
             "start_step": schedule.start_step,
             "end_step": schedule.end_step, "interval": schedule.interval, "optimizer_state": self.optimizer_state,
-            "log_hsv": self.log_hsv,
+            "log_hsv": self.log_hsv, "system": self.system,
         }
 
     def state(self) -> dict:

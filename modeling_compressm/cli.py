@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     reduce.add_argument("--tau", type=float, required=True, help="tolerance: share of HSV energy dropped, in [0, 1)")
     reduce.add_argument("--min-dim", type=int, default=1, help="least state size per layer")
     reduce.add_argument("--output-dir", default=None, help="where to save (default: overwrite CHECKPOINT)")
+    reduce.add_argument("--system", choices=("real", "complex"), default="real",
+                        help="balanced system: real (the map each layer computes, default) or complex (the paper's)")
 
     generate = commands.add_parser("generate", help="print a continuation of a prompt by a saved causal LM")
     generate.add_argument("checkpoint", help="a folder written by `compressm train` or save_pretrained")
@@ -283,7 +285,8 @@ def _reduce(args) -> int:
     from .posthoc import reduce_checkpoint
 
     _hide_progress_bars()
-    result = reduce_checkpoint(args.checkpoint, args.tau, output_dir=args.output_dir, min_dim=args.min_dim)
+    result = reduce_checkpoint(args.checkpoint, args.tau, output_dir=args.output_dir, min_dim=args.min_dim,
+                               system=args.system)
     print(f"Hankel singular values of {args.checkpoint} (tau={args.tau:g}):\n")
     print(result["report"])
     print()

@@ -50,7 +50,7 @@ from .optimizer_state import (
     unwrap_optimizer,
     watch_for_replaced_parameters,
 )
-from .reduction import ReductionError, balance
+from .reduction import ReductionError, balance, check_system
 from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, resolve_policy_arguments
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,9 @@ class CompreSSMReducer:
             (0, 1] fractions of `max_steps`.
         max_steps: length of the run in optimizer steps (needed when the schedule uses fractions).
         optimizer_state: optimizer-state repair mode (`optimizer_state.OPTIMIZER_STATE_REPAIRS`, "reset" deletes it).
-        log_hsv: store each layer's HSVs in the events.
-        collective_timeout: seconds a distributed collective may wait before failing with a clear error.
+        log_hsv: store each layer's HSVs in the events (per LRU state, `reduction.Balancing.state_hsv`).
+        system: the balanced system, "real" (the layer's real output map, default) or "complex" (the paper's
+            complex map, to reproduce it); see `reduction.SYSTEMS`.
     Defaults come from `schedule.DEFAULTS`.
     """
 
@@ -143,8 +144,10 @@ class CompreSSMReducer:
         log_hsv: bool = DEFAULTS.log_hsv,
         collective_timeout: float = DEFAULTS.collective_timeout,
         final_fraction: float = DEFAULTS.final_fraction,
+        system: str = DEFAULTS.system,
     ):
         policy, tau, fraction = resolve_policy_arguments(policy, tau, fraction)
+        self.system = check_system(system)
         self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget, final_fraction)
         self.schedule = ReductionSchedule(start_step, end_step, interval)
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
@@ -345,13 +348,13 @@ class CompreSSMReducer:
         balancings, errors = [], [None] * len(layers)
         for index, layer in enumerate(layers):
             try:
-                balancings.append(balance(*layer.to_lti()[:3]))
+                balancings.append(balance(*layer.to_lti()[:3], self.system))
             except ReductionError as error:
                 balancings.append(None)
                 errors[index] = f"Hankel singular values failed: {error}"
                 logger.warning("CompreSSMReducer: step %s: layer %d left at %d states (%s)", step, index,
                                current[index], errors[index])
-        hsv = [balancing.hsv if balancing is not None else None for balancing in balancings]
+        hsv = [balancing.state_hsv if balancing is not None else None for balancing in balancings]
         ranks = self.rank_policy.select(hsv, current, events=self.scheduled_events())
         targets = [rank if hsv[index] is not None and rank < current[index] else None for index, rank in enumerate(ranks)]
         report = None
