@@ -190,6 +190,9 @@ class CompreSSMReducer:
                 "CompreSSMReducer: the schedule (start_step=%r, end_step=%r, interval=%r) has no event in a run of %d "
                 "steps: nothing will be reduced", start_step, end_step, interval, max_steps,
             )
+            if self.regularizer is not None and self.regularizer.end_step is None:
+                logger.warning("CompreSSMReducer: the reducibility regularizer's window ends at the last reduction "
+                               "event, and there is none: it will not act (give it an end_step)")
 
     # ---------------------------------------------------------------------------------------------- properties
     @property

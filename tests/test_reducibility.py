@@ -113,3 +113,9 @@ def test_a_plain_trainer_with_the_callback_applies_and_logs_the_penalty(tmp_path
     assert any("compressm/reducibility_penalty" in entry for entry in history)
     assert _hsv_sum(regularized) < 0.9 * _hsv_sum(plain)
     assert callback.state()["args"]["regularizer"] == {"weight": 1.0, "every": 2, "start_step": 1, "end_step": None}
+
+
+def test_a_regularizer_without_a_window_says_so(caplog):
+    with caplog.at_level("WARNING"):
+        CompreSSMReducer(_lm(), None, max_steps=5, regularizer=ReducibilityRegularizer())
+    assert "will not act" in caplog.text
