@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="reduce a layer only below gate x its size (default: the callback's, 0.95)")
     reduction.add_argument("--min-dim", type=int, default=None, help="least state size per layer (default 1)")
     reduction.add_argument("--total-budget", type=int, default=None, help="total state size over all layers")
+    reduction.add_argument("--system", choices=("real", "complex"), default=None,
+                           help="balanced system: real (the map each layer computes, default) or complex (the paper's)")
     reduction.add_argument("--no-compress", action="store_true", help="train without reductions (baseline)")
 
     training = train.add_argument_group("training")
@@ -237,6 +239,7 @@ def _train(args) -> int:
         compress=not args.no_compress, policy=args.policy, tau=args.tau, fraction=args.fraction,
         start_step=args.start_step, end_step=args.end_step, interval=args.interval, gate=args.gate,
         min_dim=args.min_dim, total_budget=args.total_budget, final_fraction=args.final_fraction,
+        system=args.system,
     )
     options = TrainingOptions(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,

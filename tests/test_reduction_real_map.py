@@ -223,3 +223,12 @@ def test_a_layer_whose_real_map_has_few_states_keeps_it_exactly_with_fewer_state
     assert real_map_error((lam, B, C), reduced[:3]) <= 1e-9 * map_gain((lam, B, C))
     with pytest.raises(ReductionError, match="rank must be"):
         balanced_truncation(lam, B, C, 7)
+
+
+def test_compressm_train_threads_the_system_to_the_callback():
+    from modeling_compressm.run_settings import ReductionPlan
+
+    args = build_parser().parse_args(["train", "--system", "complex"])
+    assert args.system == "complex"
+    assert ReductionPlan(system=args.system).make_callback(100).system == "complex"
+    assert ReductionPlan().make_callback(100).system == "real"
