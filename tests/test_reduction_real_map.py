@@ -169,8 +169,6 @@ def test_a_model_reduces_its_real_map_by_default_and_the_complex_map_on_request(
     model = CompreSSMForCausalLM(config).double()
     paper = CompreSSMForCausalLM(config).double()
     paper.load_state_dict(model.state_dict())
-    tokens = torch.randint(0, 16, (2, 30))
-    reference = model(input_ids=tokens).logits
     report = model.reduce([5])
     paper_report = paper.reduce([5], system="complex")
     assert model.config.state_dims[0] <= 5 and report[0]["hsv"].shape == (20,)
@@ -232,3 +230,22 @@ def test_compressm_train_threads_the_system_to_the_callback():
     assert args.system == "complex"
     assert ReductionPlan(system=args.system).make_callback(100).system == "complex"
     assert ReductionPlan().make_callback(100).system == "real"
+
+
+def test_the_layer_run_on_inputs_changes_by_at_most_the_bound_times_the_input_norm():
+    from modeling_compressm import CompreSSMLRU
+
+    torch.manual_seed(1)
+    layer = CompreSSMLRU(6, 12, 0.9, 0.999, 6.28)
+    inputs = torch.randn(2, 300, 6)
+    outputs = layer(inputs)[0] - layer.D * inputs  # the state-space branch Re(C h)
+    lam, B, C, _ = layer.to_lti()
+    for rank in (3, 6, 9):
+        balancing = balance(lam, B, C)
+        reduced = truncate(balancing, rank)
+        copy = CompreSSMLRU(6, 12, 0.9, 0.999, 6.28)
+        copy.load_system(reduced.lam, reduced.B, reduced.C)
+        change = (copy(inputs)[0] - copy.D * inputs - outputs).square().sum(dim=(1, 2)).sqrt()
+        bound = hinf_error_bound(balancing.hsv, reduced.order) * inputs.square().sum(dim=(1, 2)).sqrt()
+        assert (change <= bound * 1.001 + 1e-4).all(), (rank, change, bound)
+        assert copy.state_dim <= rank
