@@ -164,6 +164,13 @@ def _fold(balancing: Balancing, order: int) -> ReducedSystem:
     rows = torch.linalg.solve(eigenvectors, inverse_transform.to(torch.complex128))  # (q, 2N): modes = rows @ x
     columns = transform.to(torch.complex128) @ eigenvectors  # (2N, q): C_x @ columns = the modes' output columns
     lam_r, rows, columns = _fold_modes(mu, rows, columns, upper, real)
+    # Each state's phase (and a real pole's sign) is free: b -> b e^{i phi}, c -> c e^{-i phi} keeps Re(c h). Fix it so
+    # that the largest entry of each C column is real and positive, so the result is a continuous function of the
+    # layer (eig's sign or phase choice of an eigenvector can flip under a change of the input at round-off level).
+    unaligned = C_x.to(torch.complex128) @ columns  # (H, r)
+    largest = unaligned.gather(0, unaligned.abs().argmax(dim=0, keepdim=True))[0]
+    phase = torch.where(largest.abs() > 0, largest / largest.abs().clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+    rows, columns = rows * phase[:, None], columns * phase.conj()[None, :]
     B_r = rows @ B_x.to(torch.complex128)
     C_r = C_x.to(torch.complex128) @ columns
     _check_reduced(lam_r, B_r, C_r)

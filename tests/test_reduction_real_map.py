@@ -249,3 +249,21 @@ def test_the_layer_run_on_inputs_changes_by_at_most_the_bound_times_the_input_no
         bound = hinf_error_bound(balancing.hsv, reduced.order) * inputs.square().sum(dim=(1, 2)).sqrt()
         assert (change <= bound * 1.001 + 1e-4).all(), (rank, change, bound)
         assert copy.state_dim <= rank
+
+
+def test_the_reduced_parameters_are_a_continuous_function_of_the_layer():
+    """eig may flip an eigenvector's sign or phase under a round-off-level change of its input; each state's free
+    phase is fixed (largest C entry real and positive), so nearby layers give nearby parameters, not just maps."""
+    for seed in range(3):
+        lam, B, C = lru_layer_system(12, 6, seed=20 + seed)
+        lam[:3] = torch.tensor([0.9, -0.6, 0.3], dtype=torch.complex128)
+        B[:3], C[:, :3] = B[:3].real.to(torch.complex128), C[:, :3].real.to(torch.complex128)
+        nearby = (lam, B * (1 + 1e-10), C * (1 - 1e-10))
+        first, second = balanced_truncation(lam, B, C, 7), balanced_truncation(*nearby, 7)
+        largest = first.C.gather(0, first.C.abs().argmax(dim=0, keepdim=True))[0]
+        torch.testing.assert_close(largest.imag, torch.zeros_like(largest.imag), rtol=0, atol=1e-12)
+        assert (largest.real > 0).all()
+        order = torch.argsort(first.lam.real * 10 + first.lam.imag)
+        other = torch.argsort(second.lam.real * 10 + second.lam.imag)
+        torch.testing.assert_close(second.B[other], first.B[order], rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(second.C[:, other], first.C[:, order], rtol=1e-6, atol=1e-8)
