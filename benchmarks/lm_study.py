@@ -307,7 +307,7 @@ def hsv_probe(model, taus=(0.02, 0.05, 0.1, 0.2), fractions=(0.25, 0.5)) -> list
     for layer in model.lru_layers():
         lam, B, C, _ = layer.to_lti()
         P, Q = gramians(lam, B, C)
-        balancing = balance(lam, B, C)
+        balancing = balance(lam, B, C, system="complex")  # a probe of the complex Gramians and their bases
         controllability, sigma, Vh = balancing.controllability_factor, balancing.hsv, balancing.Vh
         n = sigma.numel()
         bases = {}

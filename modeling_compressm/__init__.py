@@ -28,6 +28,7 @@ from .optim import compressm_adamw, compressm_parameter_groups
 from .optimizer_state import StaleOptimizerStateError
 from .presets import build_model_for_tokenizer, build_model_from_preset, list_presets, load_preset
 from .reducer import CompreSSMReducer
+from .reducibility import ReducibilityRegularizer
 from .reduction import (
     ReductionError,
     balanced_truncation,
@@ -79,6 +80,7 @@ __all__ = [
     "balanced_truncation",
     "rank_for_energy",
     "CompreSSMReducer",
+    "ReducibilityRegularizer",
     "CompreSSMCallback",
     "CompreSSMTrainer",
     "prepare_model_for_resume",

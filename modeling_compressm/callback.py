@@ -50,6 +50,8 @@ from .model_card import refresh_card_spectrum
 from .modeling_compressm import CompreSSMForCausalLM
 from .optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
 from .optimizer_state import optimizer_state_repair
+from .reducibility import regularizer_from
+from .reduction import check_system
 from .reducer import CompreSSMReducer, compressm_model_of
 from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, RollbackRule, resolve_policy_arguments
 
@@ -149,6 +151,11 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         rollback_metric, rollback_tolerance, greater_is_better: see `schedule.RollbackRule`.
         log_hsv: store the per-layer HSVs in each history event and log their sums.
         optimizer_state: optimizer-state repair mode ("reset").
+        system: the balanced system: "real" (default), the map u -> Re(C h) each layer computes, ranks counted in
+            LRU states; "complex", the paper's complex map (lam, B, C), to reproduce its numbers.
+        regularizer: a `reducibility.ReducibilityRegularizer` to train the model to be reducible (a Hankel
+            nuclear-norm penalty whose gradient is added before each optimizer step of its window, by default up to
+            the last reduction event; works in a plain Trainer); None (default) for none.
     Defaults come from `schedule.DEFAULTS`. Invalid values raise ValueError here; checks that need the model
     (`total_budget` against `min_dim` x layers) or the TrainingArguments run when training starts, before step 1.
 
@@ -174,8 +181,13 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         log_hsv: bool = DEFAULTS.log_hsv,
         optimizer_state: str = DEFAULTS.optimizer_state,
         final_fraction: float = DEFAULTS.final_fraction,
+        system: str = DEFAULTS.system,
+        regularizer=None,
     ):
         policy, tau, fraction = resolve_policy_arguments(policy, tau, fraction)
+        self.system = check_system(system)
+        self.regularizer = regularizer_from(regularizer)
+        self._penalty: float | None = None
         self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget, final_fraction)
         self.schedule = ReductionSchedule(start_step, end_step, interval)
         self.rollback_rule = RollbackRule(rollback_metric, rollback_tolerance, greater_is_better)
@@ -262,7 +274,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             "min_dim": policy.min_dim, "total_budget": policy.total_budget, "final_fraction": policy.final_fraction,
             "start_step": schedule.start_step,
             "end_step": schedule.end_step, "interval": schedule.interval, "optimizer_state": self.optimizer_state,
-            "log_hsv": self.log_hsv,
+            "log_hsv": self.log_hsv, "system": self.system,
+            "regularizer": self.regularizer.settings() if self.regularizer is not None else None,
         }
 
     def state(self) -> dict:
@@ -429,7 +442,19 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 save_pending_check(self.reducer, folder)
         return control
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # After backward and clipping, before optimizer.step(): the reducibility regularizer adds its gradient.
+        if self.reducer is not None:
+            value = self.reducer.apply_regularizer(state.global_step + 1)
+            self._penalty = value if value is not None else self._penalty
+        return control
+
     def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
+        if logs is not None and "loss" in logs and self._penalty is not None:  # with the training-loss entries
+            logs["compressm/reducibility_penalty"] = self._penalty  # integrations called after this callback
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1]["compressm/reducibility_penalty"] = self._penalty  # appended before on_log
+            self._penalty = None
         # Unbound callback in a plain Trainer: transformers >= 5.3 logs its final metrics ("train_runtime", ...) right
         # before `load_best_model_at_end` loads the best checkpoint: give the model that checkpoint's sizes first, so
         # the weights fit. (A bound callback wraps the Trainer's `_load_best_model` instead; CompreSSMTrainer does it.)

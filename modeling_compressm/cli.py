@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="reduce a layer only below gate x its size (default: the callback's, 0.95)")
     reduction.add_argument("--min-dim", type=int, default=None, help="least state size per layer (default 1)")
     reduction.add_argument("--total-budget", type=int, default=None, help="total state size over all layers")
+    reduction.add_argument("--system", choices=("real", "complex"), default=None,
+                           help="balanced system: real (the map each layer computes, default) or complex (the paper's)")
     reduction.add_argument("--no-compress", action="store_true", help="train without reductions (baseline)")
 
     training = train.add_argument_group("training")
@@ -214,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "files); your other files in the folder are kept")
     reduce.add_argument("--overwrite-output-dir", action="store_true",
                         help="as for train: replace files of yours in --output-dir that have the names of output files")
+    reduce.add_argument("--system", choices=("real", "complex"), default="real",
+                        help="balanced system: real (the map each layer computes, default) or complex (the paper's)")
 
     generate = commands.add_parser("generate", help="print a continuation of a prompt by a saved causal LM")
     generate.add_argument("checkpoint", help="a folder written by `compressm train` or save_pretrained")
@@ -277,6 +281,7 @@ def _run_training(args) -> dict:
         compress=not args.no_compress, policy=args.policy, tau=args.tau, fraction=args.fraction,
         start_step=args.start_step, end_step=args.end_step, interval=args.interval, gate=args.gate,
         min_dim=args.min_dim, total_budget=args.total_budget, final_fraction=args.final_fraction,
+        system=args.system,
     )
     options = TrainingOptions(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
@@ -334,7 +339,7 @@ def _reduce(args) -> int:
 
     _hide_progress_bars()
     result = reduce_checkpoint(args.checkpoint, args.tau, output_dir=args.output_dir, min_dim=args.min_dim,
-                               overwrite=args.overwrite_output_dir)
+                               overwrite=args.overwrite_output_dir, system=args.system)
     print(f"Hankel singular values of {args.checkpoint} (tau={args.tau:g}):\n")
     print(result["report"])
     print()

@@ -147,6 +147,7 @@ class FSDP2Strategy(CollectiveStrategy):
     evaluation forward, so the reducer sees the parameters the optimizer holds."""
 
     snapshot_is_per_rank = True
+    shards_parameters = True  # each rank holds shards: refused by what needs full parameters (the regularizer)
 
     def __init__(self, model, optimizer=None, timeout: float = DEFAULTS.collective_timeout):
         check_fsdp_param_api()  # an unknown torch fails here, before training, not at the first event

@@ -46,9 +46,10 @@ from .configuration_compressm import CompreSSMConfig
 from .events import HISTORY_FILE, ReductionEvent, coerce_events, history_problems, read_history, write_history
 from .reduction import (
     ReductionError,
+    balance,
     balanced_truncation,
+    check_system,
     gain_lower_bound,
-    hankel_singular_values,
     hinf_error_bound,
     lru_parameters_from_system,
     truncate,
@@ -645,16 +646,19 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
         return [module for module in self.modules() if isinstance(module, CompreSSMLRU)]
 
     @torch.no_grad()
-    def hankel_singular_values(self, state_dict: dict | None = None) -> list[torch.Tensor]:
-        """Hankel singular values of every layer: a list of float64 (N_i,) tensors, descending, on the model device
-        (on the tensors' device with `state_dict`).
+    def hankel_singular_values(self, state_dict: dict | None = None, system: str = "real") -> list[torch.Tensor]:
+        """Hankel singular values of every layer per LRU state: a list of float64 (N_i,) tensors, descending, on the
+        model device (on the tensors' device with `state_dict`); see `reduction.Balancing.state_hsv`.
 
         Args:
             state_dict: compute them from these tensors (the model's parameter names, e.g. the gathered state dict of
                 a sharded model) instead of the parameters; ValueError if a layer's tensor is missing.
+            system: "real" (default): of the layer's real map u -> Re(C h), its 2N HSVs summed in consecutive pairs
+                (so N_i values whose sum is the real map's HSV sum); "complex": of the complex map (the paper's).
         """
+        check_system(system)
         if state_dict is None:
-            return [hankel_singular_values(*layer.to_lti()[:3]) for layer in self.lru_layers()]
+            return [balance(*layer.to_lti()[:3], system).state_hsv for layer in self.lru_layers()]
         values = []
         for prefix, module in self.named_modules():
             if isinstance(module, CompreSSMLRU):
@@ -662,8 +666,8 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
                 missing = [name for name in names if name not in state_dict]
                 if missing:
                     raise ValueError(f"state_dict lacks {missing[0]!r} (and {len(missing) - 1} more LRU tensors)")
-                system = CompreSSMLRU.system_from_parameters(*(state_dict[name] for name in names))
-                values.append(hankel_singular_values(*system))
+                lam, B, C = CompreSSMLRU.system_from_parameters(*(state_dict[name] for name in names))
+                values.append(balance(lam, B, C, system).state_hsv)
         return values
 
     @torch.no_grad()
@@ -703,6 +707,7 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
         optimizer=None,
         optimizer_state: str = "reset",
         balancings: list | None = None,
+        system: str = "real",
     ) -> list[dict]:
         """Shrink layers in place by balanced truncation and rewrite `config.state_dims`.
 
@@ -718,11 +723,13 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
                 `StaleOptimizerStateError` saying so.
             optimizer_state: repair mode, a name in `optimizer_state.OPTIMIZER_STATE_REPAIRS` ("reset" deletes it).
             balancings: per layer the `reduction.Balancing` already computed for this event (or None entries), so
-                the factorisation that picked the ranks is not computed again.
+                the factorisation that picked the ranks is not computed again (each carries its own system).
+            system: "real" (default): balanced truncation of the layer's real map u -> Re(C h), at most `ranks[i]`
+                LRU states (a conjugate pair or a real pole is one); "complex": of the complex map (the paper's).
         Returns:
             One dict per layer: {"layer", "old_dim", "new_dim", "status" ("reduced" | "unchanged" | "failed"),
-            "error" (str or None), "hsv" (float64 tensor or None), "kept_energy", "hinf_bound" (2 * sum of the
-            discarded HSVs), "hinf_bound_relative" (that bound over a lower bound of the layer's H-infinity gain, so
+            "error" (str or None), "hsv" (float64 tensor or None: the balanced system's HSVs, 2N_i of them for the
+            real map), "kept_energy", "hinf_bound" (2 * sum of the discarded HSVs), "hinf_bound_relative" (that bound over a lower bound of the layer's H-infinity gain, so
             an upper bound of the relative change of the layer's map) (floats or None), "change"
             (`optimizer_state.LayerChange` or None)}. Parameters of reduced layers keep their identity but change
             shape, and their gradients are dropped.
@@ -730,6 +737,7 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
         from .optimizer_state import LayerChange, optimizer_state_repair, repair_optimizer_state, watch_for_stale_state
 
         optimizer_state_repair(optimizer_state)  # unknown mode: fail before changing anything
+        check_system(system)
         layers = self.lru_layers()
         if len(ranks) != len(layers):
             raise ValueError(f"ranks has {len(ranks)} entries, the model has {len(layers)} LRU layers")
@@ -753,7 +761,7 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
                     reduced = truncate(balancing, rank)
                 else:
                     lam, B, C, _ = layer.to_lti()
-                    reduced = balanced_truncation(lam, B, C, rank)
+                    reduced = balanced_truncation(lam, B, C, rank, system)
                 previous = layer.load_system(reduced.lam, reduced.B, reduced.C)
             except ReductionError as error:
                 if strict:
@@ -763,13 +771,13 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
                 continue
             hsv = reduced.hsv
             total = float(hsv.sum())
-            gain = max(float(hsv[0]), gain_lower_bound(lam, B, C)) if total > 0 else 0.0  # <= the layer's H-inf norm
-            bound = hinf_error_bound(hsv, rank)
+            gain = max(float(hsv[0]), gain_lower_bound(lam, B, C, system=reduced.system)) if total > 0 else 0.0
+            bound = hinf_error_bound(hsv, reduced.order)  # gain <= the layer's H-inf norm, bound >= its change
             entry.update(
                 new_dim=layer.state_dim,
                 status="reduced",
                 hsv=hsv,
-                kept_energy=float(hsv[:rank].sum()) / total if total > 0 else 1.0,
+                kept_energy=float(hsv[: reduced.order].sum()) / total if total > 0 else 1.0,
                 hinf_bound=bound,
                 hinf_bound_relative=bound / gain if gain > 0 else 0.0,
                 change=LayerChange(

@@ -200,29 +200,42 @@ def _split_state(state: dict, old_shape: torch.Size) -> tuple[dict, dict, dict] 
 
 
 def _map_pair(first_re, first_im, second_re, second_im, left=None, right=None):
-    """Map the moments of a complex matrix X = X_re + i X_im through X -> left @ X @ right (complex maps).
+    """Map the moments of a complex matrix X = X_re + i X_im through X -> M1 X + M2 conj(X) (left, a pair (M1, M2),
+    M2 None for a complex-linear map) or X -> X R1 + conj(X) R2 (right, a pair (R1, R2)).
 
-    First moments map linearly. Second moments map as the variances of the image of independent entries: for
-    Y = M X, var(Re Y) = Re(M)^2 var(Re X) + Im(M)^2 var(Im X) and var(Im Y) = Im(M)^2 var(Re X) + Re(M)^2 var(Im X).
+    First moments map linearly. Second moments map as the variances of the image of independent entries: with
+    Y = M1 X + M2 conj(X), Re Y = Re(M1 + M2) Re X + Im(M2 - M1) Im X and Im Y = Im(M1 + M2) Re X + Re(M1 - M2) Im X,
+    so var(Re Y) = Re(M1 + M2)^2 var(Re X) + Im(M2 - M1)^2 var(Im X), and likewise for Im Y.
     """
+    def squares(first, second):  # the squared real coefficients of (Re, Im) of the image
+        second = torch.zeros_like(first) if second is None else second
+        total, difference = first + second, first - second
+        return total.real.square(), difference.imag.square(), total.imag.square(), difference.real.square()
+
     out = ({}, {}, {}, {})
     for key in first_re:
         value = torch.complex(first_re[key].double(), first_im[key].double())
         if left is not None:
-            value = left @ value
+            value = left[0] @ value + (left[1] @ value.conj() if left[1] is not None else 0)
         if right is not None:
-            value = value @ right
+            value = value @ right[0] + (value.conj() @ right[1] if right[1] is not None else 0)
         out[0][key], out[1][key] = value.real, value.imag
     for key in second_re:
         re, im = second_re[key].double(), second_im[key].double()
         if left is not None:
-            a, b = left.real.square(), left.imag.square()
-            re, im = a @ re + b @ im, b @ re + a @ im
+            re_re, re_im, im_re, im_im = squares(*left)
+            re, im = re_re @ re + re_im @ im, im_re @ re + im_im @ im
         if right is not None:
-            a, b = right.real.square(), right.imag.square()
-            re, im = re @ a + im @ b, re @ b + im @ a
+            re_re, re_im, im_re, im_im = squares(*right)
+            re, im = re @ re_re + im @ re_im, re @ im_re + im @ im_im
         out[2][key], out[3][key] = re, im
     return out
+
+
+def _halves(matrix: torch.Tensor, dim: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(M1, M2) of a map on [X; conj X] (`matrix.shape[dim]` == 2n, a real-map reduction) or (M, None) of a
+    complex-linear map (== n)."""
+    return tuple(torch.split(matrix, n, dim)) if matrix.shape[dim] == 2 * n else (matrix, None)
 
 
 @torch.no_grad()
@@ -230,7 +243,8 @@ def project_optimizer_state(optimizer: torch.optim.Optimizer, changes: list[Laye
     """Repair mode "project": carry the optimizer state of reduced layers through the change of basis.
 
     With `project` (r, N) and `lift` (N, r) of the reduction (new B~ = project @ old B~, new C = old C @ lift) and the
-    input gains g = exp(gamma_log) before/after (the stored B is B~ / g):
+    input gains g = exp(gamma_log) before/after (the stored B is B~ / g); a real-map reduction gives `project`
+    (r, 2N) and `lift` (2N, r) on [B~; conj B~] and [C, conj C], mapped as the real-linear maps they are:
 
     * B_re/B_im: first moments (exp_avg, momentum_buffer) map by diag(1/g_new) @ project @ diag(g_old); second
       moments (exp_avg_sq, max_exp_avg_sq) as the variances of that linear image (see `_map_pair`);
@@ -262,11 +276,14 @@ def project_optimizer_state(optimizer: torch.optim.Optimizer, changes: list[Laye
         lift = change.lift.to(device=device, dtype=torch.complex128)
         gain_old = torch.exp(change.previous["gamma_log"].to(device=device, dtype=torch.float64))
         gain_new = torch.exp(parameters["gamma_log"].detach().to(torch.float64))
-        b_map = project * (gain_old[None, :] / gain_new[:, None]).to(torch.complex128)
+        n = gain_old.shape[0]
+        gains = (gain_old.repeat(project.shape[1] // n)[None, :] / gain_new[:, None]).to(torch.complex128)
+        b_map, c_map = _halves(project * gains, 1, n), _halves(lift, 0, n)
         weights = (project * lift.T).abs()
+        weights = weights[:, :n] + weights[:, n:] if weights.shape[1] == 2 * n else weights
         weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-300)  # (r, N), rows sum to 1
         new_states = {}
-        for (re_name, im_name), maps in ((("B_re", "B_im"), {"left": b_map}), (("C_re", "C_im"), {"right": lift})):
+        for (re_name, im_name), maps in ((("B_re", "B_im"), {"left": b_map}), (("C_re", "C_im"), {"right": c_map})):
             (first_re, second_re, other_re), (first_im, second_im, other_im) = split[re_name], split[im_name]
             mapped = _map_pair(first_re, first_im, second_re, second_im, **maps)
             new_states[re_name] = {**other_re, **mapped[0], **mapped[2]}

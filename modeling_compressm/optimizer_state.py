@@ -53,8 +53,9 @@ class LayerChange:
     parameters: name -> the nn.Parameter, now holding the new values (state size r).
     previous: name -> the values before (state size N), same dtype/device.
     project: complex128 (r, N), new state = project @ old state; None when the layer was re-allocated rather than
-        reduced (no basis relation between old and new values).
-    lift: complex128 (N, r), old state ~ lift @ new state; None likewise.
+        reduced (no basis relation between old and new values). A reduction of the real map (`system="real"`, the
+        default) gives (r, 2N): new state = project @ [old state; conj(old state)] (`reduction.ReducedSystem`).
+    lift: complex128 (N, r), old state ~ lift @ new state; None likewise. Real map: (2N, r), new C = [C, conj(C)] @ lift.
     """
 
     layer: int

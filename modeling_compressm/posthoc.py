@@ -42,8 +42,9 @@ def load_checkpoint(path: str):
     return model_class_for_config(config).from_pretrained(path).eval()
 
 
-def hsv_report(model, tau: float, min_dim: int = 1) -> tuple[list[int | None], str]:
-    """Ranks for tolerance `tau` per layer and a plain-text table of the Hankel singular values.
+def hsv_report(model, tau: float, min_dim: int = 1, system: str = "real") -> tuple[list[int | None], str]:
+    """Ranks for tolerance `tau` per layer and a plain-text table of the Hankel singular values (per LRU state, of
+    the balanced `system`: "real" (default) or "complex", see `model.hankel_singular_values`).
 
     Returns:
         (ranks: one entry per layer, the new size or None where the layer keeps its size; report text with, per
@@ -57,7 +58,7 @@ def hsv_report(model, tau: float, min_dim: int = 1) -> tuple[list[int | None], s
     if isinstance(min_dim, bool) or not isinstance(min_dim, int) or min_dim < 1:
         raise ValueError(f"min dim must be a positive int, got {min_dim!r}")
     ranks, rows = [], [("layer", "N", "rank", "kept energy", "σ max", "largest dropped σ", "dropped energy")]
-    for index, hsv in enumerate(model.hankel_singular_values()):
+    for index, hsv in enumerate(model.hankel_singular_values(system=system)):
         values = hsv.detach().double().sort(descending=True).values
         size = int(values.numel())
         rank = min(size, max(min_dim, rank_for_energy(values, float(tau))))
@@ -74,7 +75,7 @@ def hsv_report(model, tau: float, min_dim: int = 1) -> tuple[list[int | None], s
 
 
 def reduce_checkpoint(path: str, tau: float, *, output_dir: str | None = None, min_dim: int = 1,
-                      overwrite: bool = False) -> dict:
+                      overwrite: bool = False, system: str = "real") -> dict:
     """Shrink a saved model by balanced truncation at tolerance `tau` and save it with an updated model card.
 
     The other files of the folder (tokenizer, `train_summary.json`, ...) are carried over; the summary gains a
@@ -89,6 +90,7 @@ def reduce_checkpoint(path: str, tau: float, *, output_dir: str | None = None, m
         min_dim: least state size per layer.
         overwrite: replace a file of the user's in `output_dir` that the new output also writes (else ValueError
             before anything is written); in place, the model's own files are always replaced.
+        system: "real" (default): balance each layer's real output map; "complex": the paper's complex map.
     Returns:
         {"report" (text), "ranks", "dims_before", "dims_after", "changed" (bool), "output_dir"}
     """
@@ -100,9 +102,9 @@ def reduce_checkpoint(path: str, tau: float, *, output_dir: str | None = None, m
     if not in_place:
         check_output_dir(target, overwrite)
     model = load_checkpoint(path)
-    ranks, report = hsv_report(model, tau, min_dim)
+    ranks, report = hsv_report(model, tau, min_dim, system)
     dims_before = list(model.config.state_dims)
-    model.reduce(ranks)  # records a "manual" event in model.reduction_history
+    model.reduce(ranks, system=system)  # records a "manual" event in model.reduction_history
     dims_after = list(model.config.state_dims)
     summary_path = os.path.join(path, SUMMARY_FILE)
     summary = None

@@ -50,7 +50,8 @@ from .optimizer_state import (
     unwrap_optimizer,
     watch_for_replaced_parameters,
 )
-from .reduction import ReductionError, balance
+from .reducibility import regularizer_from
+from .reduction import ReductionError, balance, check_system
 from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, resolve_policy_arguments
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,12 @@ class CompreSSMReducer:
             (0, 1] fractions of `max_steps`.
         max_steps: length of the run in optimizer steps (needed when the schedule uses fractions).
         optimizer_state: optimizer-state repair mode (`optimizer_state.OPTIMIZER_STATE_REPAIRS`, "reset" deletes it).
-        log_hsv: store each layer's HSVs in the events.
+        log_hsv: store each layer's HSVs in the events (per LRU state, `reduction.Balancing.state_hsv`).
+        system: the balanced system, "real" (the layer's real output map, default) or "complex" (the paper's
+            complex map, to reproduce it); see `reduction.SYSTEMS`.
+        regularizer: a `reducibility.ReducibilityRegularizer` (or its settings dict) to train the model to be
+            reducible: call `apply_regularizer(step)` between `loss.backward()` and `optimizer.step()`; None (default)
+            for none. Refused (ValueError) for FSDP2-sharded models.
         collective_timeout: seconds a distributed collective may wait before failing with a clear error.
     Defaults come from `schedule.DEFAULTS`.
     """
@@ -143,8 +149,12 @@ class CompreSSMReducer:
         log_hsv: bool = DEFAULTS.log_hsv,
         collective_timeout: float = DEFAULTS.collective_timeout,
         final_fraction: float = DEFAULTS.final_fraction,
+        system: str = DEFAULTS.system,
+        regularizer=None,
     ):
         policy, tau, fraction = resolve_policy_arguments(policy, tau, fraction)
+        self.system = check_system(system)
+        self.regularizer = regularizer_from(regularizer)
         self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget, final_fraction)
         self.schedule = ReductionSchedule(start_step, end_step, interval)
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
@@ -168,6 +178,11 @@ class CompreSSMReducer:
         self.strategy = strategy_for(model, optimizer, self.collective_timeout)
         if optimizer is not None:
             self._check_optimizer(optimizer)
+        if self.regularizer is not None and getattr(self.strategy, "shards_parameters", False):
+            raise ValueError(
+                "the reducibility regularizer needs each LRU layer's full parameters on every rank; this model is "
+                "sharded (FSDP2): train without regularizer=, or without sharding"
+            )
         self.stopped = False  # after a rollback: no further reductions
         self.pending: PendingCheck | None = None
         if max_steps is not None and not self.schedule.steps(max_steps):
@@ -175,6 +190,9 @@ class CompreSSMReducer:
                 "CompreSSMReducer: the schedule (start_step=%r, end_step=%r, interval=%r) has no event in a run of %d "
                 "steps: nothing will be reduced", start_step, end_step, interval, max_steps,
             )
+            if self.regularizer is not None and self.regularizer.end_step is None:
+                logger.warning("CompreSSMReducer: the reducibility regularizer's window ends at the last reduction "
+                               "event, and there is none: it will not act (give it an end_step)")
 
     # ---------------------------------------------------------------------------------------------- properties
     @property
@@ -206,6 +224,16 @@ class CompreSSMReducer:
         if self.schedule.needs_max_steps and self.max_steps is None:
             return 1
         return max(1, len(self.schedule.steps(self.max_steps)))
+
+    def apply_regularizer(self, step: int) -> float | None:
+        """Add the reducibility regularizer's gradient to the SSM parameters' `.grad` (see `reducibility`): call it
+        after `loss.backward()` (and gradient clipping), before `optimizer.step()`; `step` is the optimizer step about
+        to be taken (1-based). Returns the penalty value when it was evaluated at this step, else None (also without
+        a regularizer)."""
+        if self.regularizer is None:
+            return None
+        events = self.schedule.steps(self.max_steps)
+        return self.regularizer.apply(self.model, step, self.system, events[-1] if events else None)
 
     def is_due(self, step: int) -> bool:
         """Whether the schedule asks for an event after optimizer step `step` (ignores a pending check / stop).
@@ -345,13 +373,13 @@ class CompreSSMReducer:
         balancings, errors = [], [None] * len(layers)
         for index, layer in enumerate(layers):
             try:
-                balancings.append(balance(*layer.to_lti()[:3]))
+                balancings.append(balance(*layer.to_lti()[:3], self.system))
             except ReductionError as error:
                 balancings.append(None)
                 errors[index] = f"Hankel singular values failed: {error}"
                 logger.warning("CompreSSMReducer: step %s: layer %d left at %d states (%s)", step, index,
                                current[index], errors[index])
-        hsv = [balancing.hsv if balancing is not None else None for balancing in balancings]
+        hsv = [balancing.state_hsv if balancing is not None else None for balancing in balancings]
         ranks = self.rank_policy.select(hsv, current, events=self.scheduled_events())
         targets = [rank if hsv[index] is not None and rank < current[index] else None for index, rank in enumerate(ranks)]
         report = None

@@ -5,16 +5,21 @@ The system of one LRU layer (discrete time, complex state of size N, real input/
     h_k = diag(lam) h_{k-1} + B u_k,      y_k = Re(C h_k) + D u_k
 
 with `lam` complex (N,), `B` complex (N, H) (the input gain gamma already folded in), `C` complex (H, N).
-Everything here works on the complex map (lam, B, C); D is a feed-through and is never changed by a reduction.
+D is a feed-through and is never changed by a reduction. Two systems can be balanced (`system=`, see `SYSTEMS`):
+
+    "real"    (default) the map the layer computes, u -> Re(C h): 2N real states, 2N Hankel singular values, ranks
+              counted in LRU states (a kept conjugate pair or a real pole is one state); see `real_map`.
+    "complex" the complex map (lam, B, C) with N states, as in the paper and its reference implementation; its error
+              bound holds for Re(.) too but is loose, and it loses more at the same number of states.
 
 Functions:
-    gramians(lam, B, C)                        -> P, Q           complex128 (N, N) each
-    balance(lam, B, C)                         -> Balancing      square-root factors and HSVs, computed once
-    hankel_singular_values(lam, B, C)          -> sigma          float64 (N,), descending
+    gramians(lam, B, C)                        -> P, Q           complex128 (N, N) each, of the complex map
+    balance(lam, B, C, system)                 -> Balancing      square-root factors and HSVs, computed once
+    hankel_singular_values(lam, B, C, system)  -> sigma          float64 (2N,) real map / (N,) complex map, descending
     truncate(balancing, rank)                  -> ReducedSystem  (lam_r, B_r, C_r, hsv, project, lift), re-diagonalised
-    balanced_truncation(lam, B, C, rank)       -> ReducedSystem  balance + truncate in one call
-    hinf_error_bound(hsv, rank)                -> float          2 * sum(hsv[rank:]), the H-infinity error bound
-    gain_lower_bound(lam, B, C)                -> float          a lower bound of the H-infinity norm (layer gain)
+    balanced_truncation(lam, B, C, rank, system) -> ReducedSystem balance + truncate in one call
+    hinf_error_bound(hsv, order)               -> float          2 * sum(hsv[order:]), the H-infinity error bound
+    gain_lower_bound(lam, B, C, system=...)    -> float          a lower bound of the H-infinity norm (layer gain)
     rank_for_energy(hsv, tau)                  -> int
     lru_parameters_from_system(lam, B)         -> nu_log, theta_log, gamma_log, B_normalised (LRU storage form)
 
@@ -32,6 +37,8 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
+    "SYSTEMS",
+    "check_system",
     "ReductionError",
     "ReducedSystem",
     "Balancing",
@@ -50,10 +57,22 @@ __all__ = [
 STABILITY_MARGIN = 1e-6
 # Largest accepted condition number of the eigenvector matrix used to re-diagonalise the reduced system.
 MAX_EIGENVECTOR_CONDITION = 1e8
+# The systems a layer can be balanced on: "real" (default) is the map u -> Re(C h) the layer computes, "complex" the
+# complex map (lam, B, C) of the paper.
+SYSTEMS = ("real", "complex")
+DEFAULT_SYSTEM = "real"
 
 
 class ReductionError(ValueError):
     """A reduction could not be carried out safely (NaN/Inf, unstable or ill-conditioned result, bad rank)."""
+
+
+def check_system(system) -> str:
+    """Return `system` if it names a system in `SYSTEMS`, else raise ValueError saying which names are accepted."""
+    if system not in SYSTEMS:
+        raise ValueError(f"system must be one of {SYSTEMS} (\"real\": the layer's real output map, the default; "
+                         f"\"complex\": the paper's complex map), got {system!r}")
+    return system
 
 
 class ReducedSystem(NamedTuple):
@@ -62,9 +81,14 @@ class ReducedSystem(NamedTuple):
     lam:     complex128 (r,) eigenvalues, |lam| < 1.
     B:       complex128 (r, H) input matrix (input gain included).
     C:       complex128 (H, r) output matrix.
-    hsv:     float64 (N,) Hankel singular values of the original system, descending.
-    project: complex128 (r, N): new state = project @ old state (so B_r = project @ B).
-    lift:    complex128 (N, r): old state ~ lift @ new state (so C_r = C @ lift); project @ lift = I_r.
+    hsv:     float64 (N,) (complex map) or (2N,) (real map) Hankel singular values of the original system, descending.
+    project: complex map: complex128 (r, N): new state = project @ old state (so B_r = project @ B).
+             real map: complex128 (r, 2N): new state = project @ [h; conj(h)] (B_r = project @ [B; conj(B)]).
+    lift:    complex map: complex128 (N, r): old state ~ lift @ new state (so C_r = C @ lift); project @ lift = I_r.
+             real map: complex128 (2N, r): C_r = [C, conj(C)] @ lift.
+    order:   number of balanced states kept (r for the complex map, the real order q <= 2r for the real map), so
+             the H-infinity error of the balanced map is at most `hinf_error_bound(hsv, order)`; None if unknown.
+    system:  "complex" or "real" (see `SYSTEMS`).
     """
 
     lam: torch.Tensor
@@ -73,16 +97,19 @@ class ReducedSystem(NamedTuple):
     hsv: torch.Tensor
     project: torch.Tensor
     lift: torch.Tensor
+    order: int | None = None
+    system: str = "complex"
 
 
 class Balancing(NamedTuple):
     """Square-root balancing of one diagonal system (`balance`): everything a truncation to any rank needs.
 
-    lam, B, C:              the system, complex128 (N,), (N, H), (H, N).
-    controllability_factor: complex128 (N, N), Lc with P = Lc Lc^H.
-    observability_factor:   complex128 (N, N), Lo with Q = Lo Lo^H.
-    U, Vh:                  complex128 (N, N), SVD(Lo^H Lc) = U diag(hsv) Vh.
-    hsv:                    float64 (N,), the Hankel singular values, descending.
+    lam, B, C:              the layer's system, complex128 (N,), (N, H), (H, N).
+    controllability_factor: Lc with P = Lc Lc^H: complex128 (N, N) (complex map) or float64 (2N, 2N) (real map).
+    observability_factor:   Lo with Q = Lo Lo^H, likewise.
+    U, Vh:                  SVD(Lo^H Lc) = U diag(hsv) Vh, likewise.
+    hsv:                    float64 (N,) or (2N,), the Hankel singular values of the balanced system, descending.
+    system:                 "complex" or "real" (see `SYSTEMS`).
     """
 
     lam: torch.Tensor
@@ -93,6 +120,16 @@ class Balancing(NamedTuple):
     U: torch.Tensor
     hsv: torch.Tensor
     Vh: torch.Tensor
+    system: str = "complex"
+
+    @property
+    def state_hsv(self) -> torch.Tensor:
+        """Per LRU state, float64 (N,) descending: the HSVs themselves for the complex map; for the real map the 2N
+        HSVs summed in consecutive pairs (state i holds real orders 2i-1, 2i), so the energy of the first k entries is
+        that of real order 2k, sums are unchanged, and rank rules on these values count LRU states."""
+        if self.system == "complex":
+            return self.hsv
+        return self.hsv.reshape(-1, 2).sum(dim=1)
 
 
 def _as_system(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
@@ -145,16 +182,23 @@ def _psd_factor(matrix: torch.Tensor) -> torch.Tensor:
     return eigenvectors * eigenvalues.clamp_min(0.0).sqrt()[None, :]
 
 
-def balance(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> Balancing:
+def balance(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, system: str = DEFAULT_SYSTEM) -> Balancing:
     """Gramians, their square-root factors and SVD(Lo^H Lc) of the diagonal system: computed once per layer and event.
 
     Args:
         lam: complex (N,), |lam| < 1.   B: complex (N, H).   C: complex (H, N).
+        system: "real" (default): balance the layer's real map u -> Re(C h) (2N states, `real_map.balance_real_map`);
+            "complex": the complex map (lam, B, C) (N states), as in the paper.
     Returns:
         Balancing (complex128 / float64 tensors on the inputs' device); `.hsv` are the Hankel singular values.
     Raises:
         ReductionError: NaN/Inf input, |lam| >= 1, or non-finite singular values.
+        ValueError: unknown `system`.
     """
+    if check_system(system) == "real":
+        from .real_map import balance_real_map
+
+        return balance_real_map(lam, B, C)
     lam, B, C = _as_system(lam, B, C)
     P, Q = _gramians(lam, B, C)
     controllability_factor = _psd_factor(P)
@@ -166,25 +210,30 @@ def balance(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> Balancing:
     return Balancing(lam, B, C, controllability_factor, observability_factor, U, sigma, Vh)
 
 
-def hankel_singular_values(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """Hankel singular values sigma_i = sqrt(eig(P Q)) of the diagonal system, computed by the square-root method.
+def hankel_singular_values(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                           system: str = DEFAULT_SYSTEM) -> torch.Tensor:
+    """Hankel singular values sigma_i = sqrt(eig(P Q)) of the layer's real map (default) or of its complex map,
+    computed by the square-root method.
 
     Args:
-        lam: complex (N,), |lam| < 1.   B: complex (N, H).   C: complex (H, N).
+        lam: complex (N,), |lam| < 1.   B: complex (N, H).   C: complex (H, N).   system: see `balance`.
     Returns:
-        float64 (N,), sorted descending, on the inputs' device.
+        float64 (2N,) for system="real", (N,) for "complex", sorted descending, on the inputs' device
+        (`balance(...).state_hsv` gives N per-state values for either system).
     Raises:
         ReductionError: NaN/Inf input or |lam| >= 1.
     """
-    return balance(lam, B, C).hsv
+    return balance(lam, B, C, system).hsv
 
 
-def hinf_error_bound(hsv: torch.Tensor, rank: int) -> float:
-    """The balanced-truncation bound ||G - G_r||_inf <= 2 * sum(hsv[rank:]) (hsv float (N,), descending)."""
-    return 2.0 * float(hsv[rank:].sum())
+def hinf_error_bound(hsv: torch.Tensor, order: int) -> float:
+    """The balanced-truncation bound ||G - G_r||_inf <= 2 * sum(hsv[order:]) (hsv float (N,) or (2N,), descending;
+    `order` the number of balanced states kept, `ReducedSystem.order`)."""
+    return 2.0 * float(hsv[order:].sum())
 
 
-def gain_lower_bound(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, peaks: int = 16, iterations: int = 12) -> float:
+def gain_lower_bound(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, peaks: int = 16, iterations: int = 12,
+                     system: str = "complex") -> float:
     """A lower bound of the H-infinity norm ||G||_inf = max_w sigma_max(C (e^{iw} - diag(lam))^{-1} B).
 
     sigma_max(G(e^{iw})) is estimated by power iteration at w = 0, pi and the phases of the `peaks` modes with the
@@ -193,10 +242,16 @@ def gain_lower_bound(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, peaks:
 
     Args:
         lam: complex (N,), |lam| < 1.   B: complex (N, H).   C: complex (H, N).
+        system: "complex": of the map (lam, B, C); "real": of the layer's real map u -> Re(C h) (through the
+            conjugate-augmented system, whose transfer function it is).
     Returns:
         float >= 0.
     """
     lam, B, C = (t.detach().to(torch.complex128) for t in (lam, B, C))
+    if check_system(system) == "real":
+        from .real_map import augmented_system
+
+        lam, B, C = augmented_system(lam, B, C)
     strength = B.abs().pow(2).sum(1).sqrt() * C.abs().pow(2).sum(0).sqrt() / (1.0 - lam.abs()).clamp_min(1e-12)
     chosen = torch.argsort(strength, descending=True)[: min(peaks, lam.shape[0])]
     phases = torch.cat([torch.angle(lam[chosen]), lam.real.new_tensor([0.0, math.pi])])
@@ -229,8 +284,32 @@ def _truncate_zero_system(balancing: Balancing, rank: int) -> ReducedSystem:
     selection = torch.zeros(rank, lam.shape[0], dtype=torch.complex128, device=lam.device)
     selection[torch.arange(rank, device=lam.device), keep] = 1.0
     return ReducedSystem(
-        lam=lam[keep], B=B[keep], C=C[:, keep], hsv=balancing.hsv, project=selection, lift=selection.conj().T
+        lam=lam[keep], B=B[keep], C=C[:, keep], hsv=balancing.hsv, project=selection, lift=selection.conj().T,
+        order=rank,
     )
+
+
+def _eigendecomposition(A_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eig of a reduced (q, q) matrix: eigenvalues complex128 (q,), eigenvectors (q, q); ReductionError when the
+    eigenvector matrix has a condition number above MAX_EIGENVECTOR_CONDITION."""
+    eigenvalues, eigenvectors = torch.linalg.eig(A_r)
+    condition = torch.linalg.cond(eigenvectors).real.item()
+    if not math.isfinite(condition) or condition > MAX_EIGENVECTOR_CONDITION:
+        raise ReductionError(
+            f"re-diagonalising the reduced system is ill-conditioned (cond(V) = {condition:.3g} > "
+            f"{MAX_EIGENVECTOR_CONDITION:.0e})"
+        )
+    return eigenvalues, eigenvectors
+
+
+def _check_reduced(lam_r: torch.Tensor, B_r: torch.Tensor, C_r: torch.Tensor) -> None:
+    """ReductionError if the reduced diagonal system has NaN/Inf entries or |lam| >= 1 - STABILITY_MARGIN."""
+    for name, tensor in (("lam", lam_r), ("B", B_r), ("C", C_r)):
+        if not torch.isfinite(torch.view_as_real(tensor)).all():
+            raise ReductionError(f"reduced {name} contains NaN or Inf")
+    max_modulus = lam_r.abs().max().item()
+    if max_modulus >= 1.0 - STABILITY_MARGIN:
+        raise ReductionError(f"reduced system is not stable enough: max |lam| = {max_modulus:.9f}")
 
 
 def truncate(balancing: Balancing, rank: int) -> ReducedSystem:
@@ -243,7 +322,8 @@ def truncate(balancing: Balancing, rank: int) -> ReducedSystem:
 
     A_r is dense; its eigendecomposition A_r = V diag(lam_r) V^{-1} maps it back to diagonal form:
     B_r <- V^{-1} B_r, C_r <- C_r V. The basis maps are project = V^{-1} T_r^+ (r, N) and lift = T_r V (N, r).
-    The H-infinity error of the complex map is at most 2 * sum(hsv[rank:]).
+    The H-infinity error of the complex map is at most 2 * sum(hsv[rank:]). A balancing of the real map
+    (system="real") is truncated by `real_map.truncate_real_map` instead.
 
     A system whose Hankel singular values are all zero (B or C vanished: the layer outputs nothing) is truncated
     by keeping `rank` of its modes, which realises the same zero map.
@@ -259,6 +339,10 @@ def truncate(balancing: Balancing, rank: int) -> ReducedSystem:
             with |lam| >= 1 - STABILITY_MARGIN, or an eigenvector matrix with condition number >
             MAX_EIGENVECTOR_CONDITION.
     """
+    if balancing.system == "real":
+        from .real_map import truncate_real_map
+
+        return truncate_real_map(balancing, rank)
     lam, B, C = balancing.lam, balancing.B, balancing.C
     sigma = balancing.hsv
     n = lam.shape[0]
@@ -279,32 +363,23 @@ def truncate(balancing: Balancing, rank: int) -> ReducedSystem:
 
     A_r = inverse_transform @ (lam[:, None] * transform)
 
-    lam_r, eigenvectors = torch.linalg.eig(A_r)
-    condition = torch.linalg.cond(eigenvectors).real.item()
-    if not math.isfinite(condition) or condition > MAX_EIGENVECTOR_CONDITION:
-        raise ReductionError(
-            f"re-diagonalising the reduced system is ill-conditioned (cond(V) = {condition:.3g} > "
-            f"{MAX_EIGENVECTOR_CONDITION:.0e})"
-        )
+    lam_r, eigenvectors = _eigendecomposition(A_r)
     project = torch.linalg.solve(eigenvectors, inverse_transform)  # V^{-1} T_r^+, (r, N)
     lift = transform @ eigenvectors  # T_r V, (N, r)
     B_diag = project @ B
     C_diag = C @ lift
-    for name, tensor in (("lam", lam_r), ("B", B_diag), ("C", C_diag)):
-        if not torch.isfinite(torch.view_as_real(tensor)).all():
-            raise ReductionError(f"reduced {name} contains NaN or Inf")
-    max_modulus = lam_r.abs().max().item()
-    if max_modulus >= 1.0 - STABILITY_MARGIN:
-        raise ReductionError(f"reduced system is not stable enough: max |lam| = {max_modulus:.9f}")
-    return ReducedSystem(lam=lam_r, B=B_diag, C=C_diag, hsv=sigma, project=project, lift=lift)
+    _check_reduced(lam_r, B_diag, C_diag)
+    return ReducedSystem(lam=lam_r, B=B_diag, C=C_diag, hsv=sigma, project=project, lift=lift, order=rank)
 
 
-def balanced_truncation(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, rank: int) -> ReducedSystem:
-    """Reduce the diagonal system to `rank` states by balanced truncation: `truncate(balance(lam, B, C), rank)`.
+def balanced_truncation(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, rank: int,
+                        system: str = DEFAULT_SYSTEM) -> ReducedSystem:
+    """Reduce the diagonal system to `rank` LRU states by balanced truncation: `truncate(balance(lam, B, C, system),
+    rank)` (with system="real", at most `rank` states: see `real_map.truncate_real_map`).
 
     Args:
         lam: complex (N,), |lam| < 1.   B: complex (N, H).   C: complex (H, N).
-        rank: number of states to keep, 1 <= rank <= N.
+        rank: number of states to keep, 1 <= rank <= N.   system: see `balance`.
     Returns:
         ReducedSystem (see `truncate`).
     Raises:
@@ -314,7 +389,7 @@ def balanced_truncation(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, ran
     n = lam.shape[0]
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= n:
         raise ReductionError(f"rank must be an int in [1, {n}], got {rank!r}")
-    return truncate(balance(lam, B, C), rank)
+    return truncate(balance(lam, B, C, system), rank)
 
 
 def rank_for_energy(hsv: torch.Tensor, tau: float) -> int:
@@ -345,15 +420,20 @@ def rank_for_energy(hsv: torch.Tensor, tau: float) -> int:
     return int(torch.searchsorted(cumulative, threshold).item()) + 1
 
 
-def lru_parameters_from_system(lam: torch.Tensor, B: torch.Tensor, min_phase: float = 1e-6):
+def lru_parameters_from_system(lam: torch.Tensor, B: torch.Tensor, min_phase: float = 1e-12):
     """Map a diagonal stable system back to the LRU parametrisation.
 
     lam = exp(-exp(nu_log) + i exp(theta_log)), B = B_normalised * exp(gamma_log) with the LRU normalisation
     exp(gamma_log) = sqrt(1 - |lam|^2).
 
+    Phases are taken in (0, 2 pi]: theta = log(phase) needs phase > 0, so a positive real lam (phase 0) is stored
+    at phase 2 pi, which gives the same lam (to round-off, 2e-16 in float64) with an ordinary, trainable theta_log
+    (log 2 pi, no -inf); a negative real lam has phase pi. Other phases below `min_phase` (a complex pair within
+    1e-12 rad of the real axis) are raised to it, which moves lam by less than 1e-12 |lam|.
+
     Args:
         lam: complex (N,), 0 < |lam| < 1.   B: complex (N, H), input gain included.
-        min_phase: phases are taken modulo 2 pi and clamped to at least this value (theta = log(phase) needs > 0).
+        min_phase: least phase stored for a non-real lam (> 0).
     Returns:
         nu_log float64 (N,), theta_log float64 (N,), gamma_log float64 (N,), B_normalised complex128 (N, H).
     Raises:
@@ -364,7 +444,8 @@ def lru_parameters_from_system(lam: torch.Tensor, B: torch.Tensor, min_phase: fl
     if (modulus <= 0).any() or (modulus >= 1.0 - STABILITY_MARGIN).any():
         raise ReductionError(f"eigenvalue moduli must lie in (0, 1), got range [{modulus.min():.3g}, {modulus.max():.9f}]")
     nu_log = torch.log(-torch.log(modulus))
-    phase = torch.remainder(torch.angle(lam), 2 * math.pi).clamp_min(min_phase)
+    phase = torch.remainder(torch.angle(lam), 2 * math.pi)
+    phase = torch.where(phase == 0, 2 * math.pi, phase.clamp_min(min_phase))
     theta_log = torch.log(phase)
     gamma = torch.sqrt(1.0 - modulus**2)
     gamma_log = torch.log(gamma)

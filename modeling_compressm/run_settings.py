@@ -67,6 +67,7 @@ class ReductionPlan:
     min_dim: int | None = None
     total_budget: int | None = None
     final_fraction: float | None = None
+    system: str | None = None
 
     def resolve(self, max_steps: int) -> dict[str, int]:
         """{"start_step", "end_step", "interval"} as ints for a run of `max_steps` steps."""
@@ -101,7 +102,7 @@ class ReductionPlan:
         from .callback import CompreSSMCallback
 
         optional = {name: getattr(self, name) for name in ("fraction", "gate", "min_dim", "total_budget",
-                                                            "final_fraction")}
+                                                            "final_fraction", "system")}
         return CompreSSMCallback(
             policy=self.policy, tau=self.tau, **self.resolve(max_steps),
             **{name: value for name, value in optional.items() if value is not None},

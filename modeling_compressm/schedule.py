@@ -43,6 +43,8 @@ class ReductionDefaults:
     min_dim: int = 1
     total_budget: int | None = None
     optimizer_state: str = "reset"
+    # Balanced system: "real" (the map u -> Re(C h) the layer computes) or "complex" (the paper's map (lam, B, C)).
+    system: str = "real"
     log_hsv: bool = True
     rollback_metric: str = "eval_loss"
     rollback_tolerance: float = 0.01

@@ -65,7 +65,10 @@ def carry_test(optimizer, changes):
     """Optimizer-state repair mode of this test: new moments = |project| applied to the old ones (exp_avg also gets
     1e-3 x the new value), so the result depends on the old state, the basis map and the new parameters."""
     for change in changes:
-        weights = change.project.abs().to(torch.float32)  # (r, N)
+        weights = change.project.abs().to(torch.float32)  # (r, N), or (r, 2N) on [h; conj h] for the real map
+        old_size = change.previous["nu_log"].shape[0]
+        if weights.shape[1] == 2 * old_size:
+            weights = weights[:, :old_size] + weights[:, old_size:]
         for name, parameter in change.parameters.items():
             old = optimizer.state.get(parameter)
             if not old:

@@ -29,8 +29,8 @@ from modeling_compressm.output_folder import MANIFEST_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HANG_GUARD_S = 1800  # subprocesses: a guard against hangs, not a speed requirement
-REMOTE_CODE_FILES = {"modeling_compressm.py", "configuration_compressm.py", "reduction.py", "scan.py", "model_card.py",
-                     "events.py", "optimizer_state.py"}
+REMOTE_CODE_FILES = {"modeling_compressm.py", "configuration_compressm.py", "reduction.py", "real_map.py", "scan.py",
+                     "model_card.py", "events.py", "optimizer_state.py"}
 LM_OUTPUT_FILES = REMOTE_CODE_FILES | {
     "config.json", "generation_config.json", "model.safetensors", "compressm_history.json", "README.md",
     "hsv_spectrum.png", "tokenizer.json", "tokenizer_config.json", "train_summary.json",

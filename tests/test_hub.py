@@ -25,6 +25,7 @@ REMOTE_CODE_FILES = {
     "modeling_compressm.py",
     "configuration_compressm.py",
     "reduction.py",
+    "real_map.py",
     "scan.py",
     "model_card.py",
     "events.py",

@@ -235,7 +235,7 @@ def test_project_carries_b_and_c_moments_through_the_change_of_basis():
     optimizer.state[layer.B_re]["exp_avg_sq"] = torch.ones(12, 8)
     optimizer.state[layer.B_im]["exp_avg_sq"] = torch.ones(12, 8)
     step_before = optimizer.state[layer.B_re]["step"].clone()
-    report = model.reduce([5, None], optimizer=optimizer, optimizer_state="project")
+    report = model.reduce([5, None], optimizer=optimizer, optimizer_state="project", system="complex")
     assert report[0]["status"] == "reduced"
     state = optimizer.state
     for name in ("B_re", "B_im", "C_re", "C_im"):

@@ -236,9 +236,9 @@ def test_each_layer_is_factorised_once_per_event(monkeypatch):
     calls = []
     real_balance = reducer_module.balance
 
-    def counting_balance(lam, B, C):
+    def counting_balance(lam, B, C, system="real"):
         calls.append(lam.shape[0])
-        return real_balance(lam, B, C)
+        return real_balance(lam, B, C, system)
 
     def no_second_factorisation(*args, **kwargs):
         raise AssertionError("model.reduce factorised a layer again")
@@ -265,7 +265,8 @@ def test_registered_optimizer_state_repair_receives_the_basis_maps(monkeypatch):
     monkeypatch.setitem(optimizer_state_module.OPTIMIZER_STATE_REPAIRS, "record", record)
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    reducer = CompreSSMReducer(model, optimizer, policy="fixed", fraction=0.5, optimizer_state="record")
+    reducer = CompreSSMReducer(model, optimizer, policy="fixed", fraction=0.5, optimizer_state="record",
+                               system="complex")
     reducer.reduce_now(1)
     assert seen == [(0, (8, 16), (16, 8), (16, 16), (8, 16)), (1, (8, 16), (16, 8), (16, 16), (8, 16))]
     with pytest.raises(ValueError, match="optimizer_state must be one of"):

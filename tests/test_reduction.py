@@ -49,7 +49,7 @@ def test_gramians_solve_the_lyapunov_equations():
 
 def test_hsv_match_a_dense_solver_and_are_invariant_under_state_transforms():
     lam, B, C = random_stable_system(6, 3)
-    hsv = hankel_singular_values(lam, B, C)
+    hsv = hankel_singular_values(lam, B, C, system="complex")
     # Any invertible change of state basis T leaves the Hankel singular values unchanged.
     generator = torch.Generator().manual_seed(3)
     T = torch.complex(torch.randn(6, 6, generator=generator, dtype=torch.float64),
@@ -62,7 +62,9 @@ def test_hsv_match_a_dense_solver_and_are_invariant_under_state_transforms():
     # A diagonal rescaling plus permutation keeps the system diagonal: the closed form must agree with itself.
     scale = torch.polar(torch.rand(6, dtype=torch.float64) + 0.5, torch.rand(6, dtype=torch.float64))
     order = torch.randperm(6)
-    hsv_scaled = hankel_singular_values(lam[order], (scale[:, None] * B)[order], (C / scale[None, :])[:, order])
+    hsv_scaled = hankel_singular_values(
+        lam[order], (scale[:, None] * B)[order], (C / scale[None, :])[:, order], system="complex"
+    )
     assert torch.allclose(hsv, hsv_scaled, rtol=1e-9)
     assert torch.all(hsv[:-1] >= hsv[1:])
 
@@ -71,7 +73,7 @@ def test_hsv_match_a_dense_solver_and_are_invariant_under_state_transforms():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_truncation_error_is_within_twice_the_discarded_hsv_sum(rank, seed):
     lam, B, C = random_stable_system(20, 4, max_modulus=0.97, seed=seed)
-    reduced = balanced_truncation(lam, B, C, rank)
+    reduced = balanced_truncation(lam, B, C, rank, system="complex")
     assert reduced.lam.shape == (rank,) and reduced.B.shape == (rank, 4) and reduced.C.shape == (4, rank)
     assert reduced.lam.abs().max() < 1
     bound = 2 * reduced.hsv[rank:].sum()
@@ -87,16 +89,16 @@ def test_truncation_error_is_within_twice_the_discarded_hsv_sum(rank, seed):
 
 def test_full_rank_truncation_reproduces_the_system():
     lam, B, C = random_stable_system(8, 3, seed=4)
-    reduced = balanced_truncation(lam, B, C, 8)
+    reduced = balanced_truncation(lam, B, C, 8, system="complex")
     u = torch.randn(2, 50, 3, dtype=torch.float64)
     assert torch.allclose(simulate(lam, B, C, u), simulate(reduced.lam, reduced.B, reduced.C, u), atol=1e-9)
 
 
 def test_hsv_of_the_reduced_system_are_the_kept_ones():
     lam, B, C = random_stable_system(16, 2, seed=5)
-    reduced = balanced_truncation(lam, B, C, 6)
+    reduced = balanced_truncation(lam, B, C, 6, system="complex")
     # Balanced truncation keeps the leading Hankel singular values only approximately; they must stay close.
-    kept = hankel_singular_values(reduced.lam, reduced.B, reduced.C)
+    kept = hankel_singular_values(reduced.lam, reduced.B, reduced.C, system="complex")
     assert torch.allclose(kept, reduced.hsv[:6], rtol=0.05, atol=2 * reduced.hsv[6:].sum().item())
 
 
@@ -134,7 +136,7 @@ def test_guards_raise_reduction_error():
     C_deficient = C.clone()
     C_deficient[:, :3] = 0
     with pytest.raises(ReductionError, match="zero Hankel"):
-        balanced_truncation(lam, B, C_deficient, 6)
+        balanced_truncation(lam, B, C_deficient, 6, system="complex")
     assert isinstance(ReductionError("x"), ValueError)
 
 
@@ -154,13 +156,13 @@ def test_basis_maps_relate_old_and_new_states():
     """ReducedSystem.project (r, N) maps old states to new ones and lift (N, r) back: at full rank the reduced
     recurrence follows project @ h exactly; at any rank B_r = project B, C_r = C lift and project lift = I."""
     lam, B, C = random_stable_system(10, 3, seed=4)
-    full = balanced_truncation(lam, B, C, 10)
+    full = balanced_truncation(lam, B, C, 10, system="complex")
     u = torch.randn(2, 40, 3, dtype=torch.float64)
     old_states = sequential_diagonal_scan(u.to(torch.complex128) @ B.T, lam)  # (batch, L, N)
     new_states = sequential_diagonal_scan(u.to(torch.complex128) @ full.B.T, full.lam)  # (batch, L, N)
     torch.testing.assert_close(new_states, old_states @ full.project.T, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(full.lift @ full.project, torch.eye(10, dtype=torch.complex128), rtol=0, atol=1e-8)
-    reduced = balanced_truncation(lam, B, C, 4)
+    reduced = balanced_truncation(lam, B, C, 4, system="complex")
     assert reduced.project.shape == (4, 10) and reduced.lift.shape == (10, 4)
     assert reduced.project.dtype == reduced.lift.dtype == torch.complex128
     torch.testing.assert_close(reduced.project @ reduced.lift, torch.eye(4, dtype=torch.complex128), rtol=0, atol=1e-8)
