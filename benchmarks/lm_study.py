@@ -50,6 +50,8 @@ import torch
 from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM, CompreSSMForSequenceClassification
 from modeling_compressm.optim import DEFAULT_SSM_PARAMETER_NAMES, compressm_parameter_groups
 from modeling_compressm.rank_selection import apply_gate, budget_ranks, select_ranks
+from modeling_compressm.reducibility import ReducibilityRegularizer
+from modeling_compressm.schedule import ReductionSchedule
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_LOG = RESULTS_DIR / "lm_study_runs.jsonl"
@@ -246,8 +248,9 @@ def equalise_state_norms(layer, optimizer=None) -> torch.Tensor:
 
 
 def reduce_with_optimizer(model, optimizer, ranks: list[int | None], moments: str = "reset",
-                          gauge: str = "balanced") -> dict:
-    """`model.reduce(ranks, optimizer=optimizer, optimizer_state=moments)`, then the state scaling `gauge`.
+                          gauge: str = "balanced", system: str = "real") -> dict:
+    """`model.reduce(ranks, optimizer=optimizer, optimizer_state=moments, system=system)`, then the state scaling
+    `gauge`.
 
     moments: "reset" deletes the Adam state of every SSM parameter of a reduced layer (the package default);
         "project" carries it through the reduction's change of basis (`modeling_compressm.optim.project_optimizer_state`).
@@ -257,7 +260,7 @@ def reduce_with_optimizer(model, optimizer, ranks: list[int | None], moments: st
     """
     if gauge not in ("balanced", "equal-norm"):
         raise ValueError(f"gauge must be 'balanced' or 'equal-norm', got {gauge!r}")
-    report = model.reduce(list(ranks), record=False, optimizer=optimizer, optimizer_state=moments)
+    report = model.reduce(list(ranks), record=False, optimizer=optimizer, optimizer_state=moments, system=system)
     layers = model.lru_layers()
     mapped = []
     for layer, entry in zip(layers, report):
@@ -387,6 +390,9 @@ def train_run(
     rewarmup_groups: str = "ssm",
     probe_every: float | None = None,
     eval_before_after_events: int = 16,
+    system: str = "real",
+    reducibility: float | None = None,
+    reducibility_every: int = 10,
     init_state: dict | None = None,
     data_seed: int | None = None,
     keep_model: bool = False,
@@ -403,6 +409,11 @@ def train_run(
     `CompreSSMReducer(model, optimizer, max_steps=max_steps)` at `schedule.DEFAULTS` (what users get). `moments` is the optimizer-state repair and `gauge` the state scaling after a reduction (see
     `reduce_with_optimizer`). `rewarmup` (fraction of
     max_steps) ramps the learning rate of `rewarmup_groups` ("ssm" or "all") linearly from 0 after each event.
+    system: the balanced map ("real": the layer's real output map, the package default; "complex": the paper's).
+    reducibility: weight of the reducibility regulariser (`modeling_compressm.ReducibilityRegularizer`, evaluated
+    every `reducibility_every` steps), applied from step 1 to the last reduction event of the run's schedule, or, in a
+    run without reduction, to the last event the package's default schedule would have at max_steps (so the full and
+    from-scratch arms get the same aid over the same window); None = off.
     probe_every (fraction): record HSV stability probes (no reduction needed). init_state: start from these weights
     (post-hoc fine-tune). data_seed: seed of the batch order (default: seed, so arms of one seed see the same batches).
 
@@ -428,8 +439,13 @@ def train_run(
     if compress and policy == "package-default":  # the package's CompreSSMReducer with schedule.DEFAULTS, as shipped
         from modeling_compressm import CompreSSMReducer
 
-        reducer = CompreSSMReducer(model, optimizer, max_steps=max_steps)
+        regularizer = ReducibilityRegularizer(weight=reducibility, every=reducibility_every) if reducibility else None
+        reducer = CompreSSMReducer(model, optimizer, max_steps=max_steps, system=system, regularizer=regularizer)
         schedule_events = reducer.schedule.steps(max_steps)
+    step_regularizer = None  # the regulariser of a run that the package's reducer does not drive
+    if reducibility and reducer is None:
+        window_end = schedule_events[-1] if schedule_events else ReductionSchedule().steps(max_steps)[-1]
+        step_regularizer = ReducibilityRegularizer(weight=reducibility, every=reducibility_every, end_step=window_end)
     rewarmup_steps = int(rewarmup * max_steps)
     total_start = sum(dims)
     budgets = {}
@@ -470,6 +486,10 @@ def train_run(
         del loss  # the graph holds the parameters' AccumulateGrad nodes, which must not outlive a reduction
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if reducer is not None:
+            reducer.apply_regularizer(step + 1)
+        elif step_regularizer is not None:
+            step_regularizer.apply(model, step + 1, system, None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state_time += sum(layer.state_dim for layer in model.lru_layers())
@@ -485,10 +505,10 @@ def train_run(
                 outcome = {"status": list(event.status) if event is not None else ["unchanged"] * len(current),
                            "mapped": [False] * len(current)}
             else:
-                hsv = model.hankel_singular_values()
+                hsv = model.hankel_singular_values(system=system)
                 ranks = choose_ranks(hsv, current, policy, tau, gate, min_dim, budgets.get(done))
-                outcome = reduce_with_optimizer(model, optimizer,
-                                                [r if r < d else None for r, d in zip(ranks, current)], moments, gauge)
+                outcome = reduce_with_optimizer(model, optimizer, [r if r < d else None for r, d in zip(ranks, current)],
+                                                moments, gauge, system)
             event_seconds = time.perf_counter() - started
             train_seconds += event_seconds
             after = task.evaluate(model, eval_before_after_events)["eval_loss"] if eval_before_after_events else None

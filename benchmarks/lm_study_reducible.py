@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""LM study, second protocol (issue 21): which balanced map, and does training to be reducible make in-training
+compression win on real text?
+
+Same corpus, model and optimizer as `lm_study.py` (byte-level or BPE causal LM on the installed standard library's
+source; 2 layers, hidden 64, 128 states per layer, 800 steps, AdamW with the package's parameter groups). The
+compressed arms run the package's `CompreSSMReducer` at its defaults (what `CompreSSMCallback()` does in a plain
+Trainer: the "global" policy keeping half the total state over 4 events in the first 10% of the run), with:
+
+    compressm-complex      system="complex" (the paper's complex map)
+    compressm-real         system="real"    (the layer's real output map, the package default)
+    compressm-real-reg     system="real" + the reducibility regulariser (weight 0.02, every 10 steps, until the last
+                           event)
+
+Every aid given to a compressed arm is also given to the others (the fairness rule): the full-size and the
+small-from-scratch arms run with and without the same regulariser over the same window (steps 1 to the default
+schedule's last event). Small-from-scratch arms use the final per-layer sizes of `compressm-real-reg` (and of the
+other compressed arms where those differ). Post-hoc arms truncate the trained full models (with and without the
+regulariser) by real-map balanced truncation to the same sizes and fine-tune them for `--posthoc-steps`.
+
+    OMP_NUM_THREADS=1 python benchmarks/lm_study_reducible.py run --task bytes --seeds 0 1 2
+    python benchmarks/lm_study_reducible.py report --task bytes
+
+Runs append to `benchmarks/results/lm_study_reducible_runs.jsonl` as they finish; `report` writes
+`lm_study_reducible_<task>_<device>_<date>.md` from it (mean ± seed std per arm, per-seed wins against the
+small-from-scratch arm with the same aid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lm_study import BASE, RESULTS_DIR, append_log, device_tag, make_task, print_row, run_variant  # noqa: E402
+
+DEFAULT_LOG = RESULTS_DIR / "lm_study_reducible_runs.jsonl"
+REGULARIZER_WEIGHT = 0.02
+COMPRESSED_ARMS = {
+    "compressm-complex": {"system": "complex"},
+    "compressm-real": {"system": "real"},
+    "compressm-real-reg": {"system": "real", "reducibility": REGULARIZER_WEIGHT},
+}
+
+
+def _record(log: Path, task, arm: str, row: dict, tag: str, full_state_time: int) -> dict:
+    row = {k: v for k, v in row.items() if not k.startswith("_")}
+    row["state_time_full"] = full_state_time
+    row.update(study="reducible", arm=arm, tag=tag, device=device_tag(), threads=torch.get_num_threads(),
+               eval_blocks=int(task.eval_ids.shape[0]) if hasattr(task, "eval_ids") else None)
+    append_log(log, row)
+    print_row(row)
+    return row
+
+
+def run_seed(task, seed: int, args) -> None:
+    log = Path(args.log)
+    common = {"state_dims": args.state_dims, "max_steps": args.steps}
+    full = {}
+    for arm, extra in (("full", {}), ("full-reg", {"reducibility": REGULARIZER_WEIGHT})):
+        row = run_variant(task, "baseline", seed, extra, keep_model=True, **common)
+        full[arm] = row.pop("_model")
+        _record(log, task, arm, row, args.tag, row["state_time_full"])
+    full_state_time = args.state_dims * task.num_layers * args.steps
+    final_dims = {}
+    for arm, extra in COMPRESSED_ARMS.items():
+        row = run_variant(task, "package-default", seed, {"compress": True, "policy": "package-default", **extra},
+                          **common)
+        final_dims[arm] = row["dims_after"]
+        _record(log, task, arm, row, args.tag, full_state_time)
+    reference = final_dims["compressm-real-reg"]
+    distinct = [reference] + [dims for dims in final_dims.values() if dims != reference]
+    distinct = [dims for i, dims in enumerate(distinct) if dims not in distinct[:i]]
+    for dims in distinct:
+        for arm, extra in (("small", {}), ("small-reg", {"reducibility": REGULARIZER_WEIGHT})):
+            if arm == "small-reg" and dims != reference:
+                continue
+            row = run_variant(task, "small-scratch", seed, extra, state_dims=dims, max_steps=args.steps)
+            _record(log, task, arm, row, args.tag, full_state_time)
+    if not args.posthoc_steps:
+        return
+    for source in ("full", "full-reg"):
+        truncated = copy.deepcopy(full[source])
+        truncated.reduce([d if d < n else None for d, n in zip(reference, truncated.config.state_dims)],
+                         record=False, system="real")
+        state = {k: v.clone() for k, v in truncated.state_dict().items()}
+        row = run_variant(task, "posthoc-finetune", seed, {}, init_state=state, state_dims=reference,
+                          max_steps=args.posthoc_steps, warmup=0.1, learning_rate=BASE["learning_rate"] * 0.3,
+                          data_seed=10_000 + seed)
+        row["state_time"] += full_state_time  # the full run it starts from, then the fine-tune
+        _record(log, task, f"posthoc-real-finetune[{source}]", row, args.tag, full_state_time)
+
+
+def cmd_run(args) -> None:
+    task = make_task(args.task, args)
+    for seed in args.seeds:
+        started = time.perf_counter()
+        run_seed(task, seed, args)
+        print(f"seed {seed} done in {time.perf_counter() - started:.0f}s", flush=True)
+
+
+def _rows(log: Path, task: str, tag: str | None) -> list[dict]:
+    rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if r.get("study") == "reducible" and r["task"] == task
+            and (tag is None or r.get("tag") == tag)]
+
+
+def report(rows: list[dict], task: str) -> str:
+    """Markdown: one row per arm (mean ± sample std of bits per byte over seeds, dims, state-time), then per-seed
+    comparisons of each compressed arm against the small-from-scratch arm at its sizes with the same aid."""
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
+    first = rows[0]
+    lines = [f"# LM study, reducibility protocol ({task})", "",
+             f"Device {first['device']}, {first['threads']} torch thread(s), {first['max_steps']} steps per run, "
+             f"seeds {seeds}, {first.get('eval_blocks')} held-out blocks; generated "
+             f"{datetime.date.today().isoformat()} by `benchmarks/lm_study_reducible.py report`.", "",
+             "| arm | bpb mean ± std | per seed | final dims | state-time / full |", "|---|---|---|---|---|"]
+    by_arm = {}
+    for arm in arms:
+        entries = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"])
+        by_arm[arm] = entries
+        values = [r["bpb"] for r in entries]
+        spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+        dims = sorted({str(r["dims_after"]) for r in entries})
+        state_time = statistics.mean(r["state_time"] / r["state_time_full"] for r in entries)
+        lines.append(f"| {arm} | {statistics.mean(values):.4f} ± {spread:.4f} | "
+                     f"{', '.join(f'{v:.4f}' for v in values)} | {'; '.join(dims)} | {state_time:.3f} |")
+    lines += ["", "Per seed, compressed arm vs the small-from-scratch arm at the same final sizes (positive = the "
+              "compressed model is better, bits per byte):", "", "| comparison | advantage per seed | mean | wins |",
+              "|---|---|---|---|"]
+    pairs = [("compressm-complex", "small"), ("compressm-real", "small"), ("compressm-real-reg", "small"),
+             ("compressm-real-reg", "small-reg"), ("compressm-real-reg", "full"), ("compressm-real", "full"),
+             ("posthoc-real-finetune[full]", "small"), ("posthoc-real-finetune[full-reg]", "small")]
+    for arm, other in pairs:
+        advantages = []
+        for seed in seeds:
+            mine = [r for r in by_arm.get(arm, []) if r["seed"] == seed]
+            theirs = [r for r in by_arm.get(other, []) if r["seed"] == seed
+                      and (other.startswith("full") or not mine or r["dims_after"] == mine[0]["dims_after"])]
+            if mine and theirs:
+                advantages.append(theirs[0]["bpb"] - mine[0]["bpb"])
+        if advantages:
+            wins = sum(a > 0 for a in advantages)
+            lines.append(f"| {arm} vs {other} | {', '.join(f'{a:+.4f}' for a in advantages)} | "
+                         f"{statistics.mean(advantages):+.4f} | {wins}/{len(advantages)} |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_report(args) -> None:
+    rows = _rows(Path(args.log), args.task, args.tag)
+    if not rows:
+        raise SystemExit(f"no runs of task {args.task!r} in {args.log}")
+    text = report(rows, args.task)
+    out = RESULTS_DIR / f"lm_study_reducible_{args.task}_{rows[0]['device']}_{datetime.date.today().isoformat()}.md"
+    out.write_text(text, encoding="utf-8")
+    print(text)
+    print(f"written: {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="train every arm for each seed, appending to the log")
+    run.add_argument("--task", default="bytes", choices=("bytes", "bpe"))
+    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    run.add_argument("--steps", type=int, default=800)
+    run.add_argument("--state-dims", type=int, default=128)
+    run.add_argument("--hidden", type=int, default=64)
+    run.add_argument("--layers", type=int, default=2)
+    run.add_argument("--seq-len", type=int, default=256)
+    run.add_argument("--batch-size", type=int, default=16)
+    run.add_argument("--eval-blocks", type=int, default=256)
+    run.add_argument("--bpe-vocab", type=int, default=1024)
+    run.add_argument("--posthoc-steps", type=int, default=80)
+    run.add_argument("--tag", default="")
+    run.add_argument("--log", default=str(DEFAULT_LOG))
+    rep = commands.add_parser("report", help="markdown report from the log")
+    rep.add_argument("--task", default="bytes", choices=("bytes", "bpe"))
+    rep.add_argument("--tag", default=None)
+    rep.add_argument("--log", default=str(DEFAULT_LOG))
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    {"run": cmd_run, "report": cmd_report}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
