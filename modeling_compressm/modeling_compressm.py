@@ -462,6 +462,10 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
     # forward has no graph break and no host-device synchronisation (tested with torch.compile(fullgraph=True)).
     _can_compile_fullgraph = True
 
+    def __init__(self, config: CompreSSMConfig, *args, **kwargs):
+        config.check_values()  # values set after the config was made (a NaN norm_eps, ...) are refused here
+        super().__init__(config, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, CompreSSMLRU):
