@@ -21,8 +21,8 @@ FLOAT_RANGES = {
     "max_phase": ("(0, 2*pi]", lambda value: 0.0 < value <= 2 * math.pi + 1e-4,  # 2*pi written as 6.2832 passes
                   "the largest initial eigenvalue phase, an angle"),
     "dropout": ("[0, 1)", lambda value: 0.0 <= value < 1.0, "a probability"),
-    "norm_eps": (f"[{NORM_EPS_MIN:g}, 1)", lambda value: NORM_EPS_MIN <= value < 1.0,
-                 "a small positive number that float32 does not round away"),
+    "norm_eps": (f"[{NORM_EPS_MIN:g}, 1]", lambda value: NORM_EPS_MIN <= value <= 1.0,
+                 "a small positive number that float32 does not round away; larger ones swamp the activations"),
     "initializer_range": ("[0, 1]", lambda value: 0.0 <= value <= 1.0, "the standard deviation of initial weights"),
 }
 
@@ -49,7 +49,7 @@ class CompreSSMConfig(PretrainedConfig):
             0 < max_phase <= 2*pi.
         dropout (`float`, defaults to 0.0): dropout after the LRU non-linearity and after the GLU; in [0, 1).
         norm_type (`str`, defaults to "rmsnorm"): "rmsnorm" or "layernorm" (both causal-safe).
-        norm_eps (`float`, defaults to 1e-5): epsilon of the norms; in [1e-30, 1).
+        norm_eps (`float`, defaults to 1e-5): epsilon of the norms; in [1e-30, 1].
         initializer_range (`float`, defaults to 0.02): standard deviation of the initial embedding and linear
             weights; in [0, 1].
         input_dim (`int`, *optional*): if set, inputs are continuous features `(batch, length, input_dim)` passed

@@ -72,7 +72,7 @@ NAN, INF = float("nan"), float("inf")
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("norm_eps", NAN), ("norm_eps", INF), ("norm_eps", 0.0), ("norm_eps", 1e-40), ("norm_eps", 2.0),
+        ("norm_eps", NAN), ("norm_eps", INF), ("norm_eps", 0.0), ("norm_eps", 1e-40), ("norm_eps", 1.5),
         ("max_phase", INF), ("max_phase", NAN), ("max_phase", 1e30), ("max_phase", 10**400),
         ("r_min", NAN), ("r_max", NAN), ("r_max", 1.0 - 1e-9),
         ("dropout", NAN), ("dropout", -INF),
