@@ -254,15 +254,15 @@ class ReductionEvent:
                                     lambda v: isinstance(v, str), "a string"),
         )
         if not isinstance(values["rolled_back"], bool):
-            raise HistoryError(source, f"{where}.rolled_back", f"expected true/false, got {_shown(values['rolled_back'])}")
+            problem = f"expected true/false, got {_shown(values['rolled_back'])}"
+            raise HistoryError(source, f"{where}.rolled_back", problem)
         extra = {key: value for key, value in data.items() if key not in known}
         return cls(**values, extra=extra)
 
     # ------------------------------------------------------------------------------- read-only mapping protocol
-    # An event also reads as a mapping, for code written against the earlier dict events: the keys are the field
-    # names (None where unset), then the keys of `extra`, plus the version-0 key "type" on rollback events (version-0
-    # files wrote "type": "rollback" on rollbacks only). `get` returns its default for unset (None) fields too, as a
-    # dict from `to_dict()`, which leaves them out, would.
+    # For code written against the earlier dict events: the keys are the field names (None where unset), the keys of
+    # `extra`, and on rollbacks the version-0 key "type" (version 0 wrote "type": "rollback" on rollbacks only).
+    # `get` returns its default for unset (None) fields too, as a dict from `to_dict()`, which leaves them out, would.
     def keys(self) -> list[str]:
         names = [item.name for item in dataclasses.fields(self) if item.name != "extra"]
         if self.kind == "rollback":
@@ -270,13 +270,11 @@ class ReductionEvent:
         return names + [key for key in self.extra if key not in names]
 
     def __getitem__(self, key: str):
+        if key != "extra" and key in self.__dataclass_fields__:
+            return getattr(self, key)
         if key == "type" and self.kind == "rollback":
             return "rollback"
-        if key != "extra" and key != "type" and key in self.__dataclass_fields__:
-            return getattr(self, key)
-        if key in self.extra:
-            return self.extra[key]
-        raise KeyError(key)
+        return self.extra[key]  # KeyError for any other key
 
     def __contains__(self, key) -> bool:
         return key in self.keys()
@@ -350,13 +348,10 @@ def histories_matching_weights(copies, state_dims, weights_source: str):
     """Pick, among the copies of one history (a checkpoint's history file and the one in its trainer_state.json),
     those that agree with the weights (`weights_disagreement`).
 
-    Args:
-        copies: (source, events, recorded state_dims or None) for each copy that exists.
-        state_dims: the weights' per-layer state sizes.   weights_source: where those come from (config.json).
-    Returns:
-        (the agreeing copies, one warning per copy left out).
-    Raises:
-        HistoryError naming every copy, its field and the weights when copies exist and none agrees.
+    Args: copies: (source, events, recorded state_dims or None) for each copy that exists; state_dims: the weights'
+    per-layer state sizes; weights_source: where those come from (config.json).
+    Returns (the agreeing copies, one warning per copy left out); raises HistoryError naming every copy, its field and
+    the weights when copies exist and none agrees.
     """
     matching, problems = [], []
     for source, events, recorded in copies:
@@ -373,11 +368,8 @@ def histories_matching_weights(copies, state_dims, weights_source: str):
             f"{problem}{also}. No copy of the history describes the weights ({weights_source} gives the state sizes "
             f"{list(state_dims)}): resume from another checkpoint, or move the history away to go on without one",
         )
-    used = matching[0][0] if matching else None
-    warnings = [
-        f"{source}: {where}: {problem}; not used: {used} matches the weights" for source, where, problem in problems
-    ]
-    return matching, warnings
+    return matching, [f"{source}: {where}: {problem}; not used: {matching[0][0]} matches the weights"
+                      for source, where, problem in problems]
 
 
 def _check_rollbacks(events: list[ReductionEvent], source: str) -> None:
@@ -456,15 +448,13 @@ def read_history(path: str) -> History:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
         history = parse_history(data, source=path)  # (inside: repr of a deep value in an error may recurse too)
-    except FileNotFoundError:
-        raise
     except json.JSONDecodeError as error:
         raise HistoryError(path, "", f"not valid JSON ({error})") from None
     except UnicodeDecodeError as error:
         raise HistoryError(path, "", f"not UTF-8 text ({error})") from None
     except RecursionError:
         raise HistoryError(path, "", "JSON nested too deeply to be a history file (it is damaged or not one)") from None
-    except OSError as error:
+    except PermissionError as error:
         raise HistoryError(path, "", f"cannot be read ({error})") from None
     history.path = path
     return history
