@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 
 from transformers import PretrainedConfig
 
@@ -25,6 +27,10 @@ FLOAT_RANGES = {
                  "a small positive number that float32 does not round away; larger ones swamp the activations"),
     "initializer_range": ("[0, 1]", lambda value: 0.0 <= value <= 1.0, "the standard deviation of initial weights"),
 }
+
+# Every field check_values checks (its error messages start with the field's name).
+CHECKED_FIELDS = {"vocab_size", "hidden_size", "num_hidden_layers", "state_dims", *FLOAT_RANGES, "norm_type",
+                  "input_dim", "pooling", "pad_token_id", "bos_token_id", "eos_token_id", "num_labels"}
 
 
 class CompreSSMConfig(PretrainedConfig):
@@ -114,6 +120,20 @@ class CompreSSMConfig(PretrainedConfig):
             **kwargs,
         )
         self.check_values()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PretrainedConfig.from_pretrained`; a value `check_values` refuses that came from the config file (not from
+        a keyword argument) is reported with the file's path and what to do."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except ValueError as error:
+            field = re.match(r"\w+", str(error))
+            if field is None or field.group(0) not in CHECKED_FIELDS or field.group(0) in kwargs:
+                raise
+            folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+            source = os.path.join(folder, "config.json") if os.path.isdir(folder) else f"{pretrained_model_name_or_path}"
+            raise ValueError(f"{source}: {error}. Correct {field.group(0)} in that file") from None
 
     def check_values(self) -> None:
         """Raise ValueError naming the first field whose value is invalid (wrong type, out of range, NaN or

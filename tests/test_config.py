@@ -112,5 +112,9 @@ def test_a_config_file_with_a_non_finite_value_is_refused_by_from_pretrained(tmp
         tmp_path)
     document = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(document, norm_eps=INF)))  # written as Infinity
-    with pytest.raises(ValueError, match="^norm_eps must be a finite number"):
-        CompreSSMForCausalLM.from_pretrained(tmp_path)
+    for load in (CompreSSMForCausalLM.from_pretrained, CompreSSMConfig.from_pretrained):
+        with pytest.raises(ValueError) as error:
+            load(tmp_path)
+        message = str(error.value)
+        assert message.startswith(f"{tmp_path / 'config.json'}: norm_eps must be a finite number in [1e-30, 1]")
+        assert message.endswith(", got inf. Correct norm_eps in that file")
