@@ -62,6 +62,8 @@ def _read_json(path: str):
             return json.load(handle)
     except json.JSONDecodeError as error:
         raise HistoryError(path, "", f"not valid JSON ({error})") from None
+    except RecursionError:
+        raise HistoryError(path, "", "JSON nested too deeply to be read (the file is damaged)") from None
 
 
 def _read_state_dims(checkpoint_dir: str) -> list[int]:

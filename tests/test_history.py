@@ -162,6 +162,14 @@ def test_deeply_nested_json_fails_naming_the_file(saved):
         CompreSSMForCausalLM.from_pretrained(saved)
 
 
+def test_a_deeply_nested_trainer_state_fails_naming_the_file(tmp_path):
+    checkpoint = tmp_path / "checkpoint-2"
+    reduced_lm([6, 6]).save_pretrained(checkpoint)
+    (checkpoint / "trainer_state.json").write_text('{"stateful_callbacks": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(HistoryError, match=rf"^{checkpoint / 'trainer_state.json'}: JSON nested too deeply"):
+        read_checkpoint(checkpoint)
+
+
 @pytest.mark.parametrize("field, value", [
     ("step", 10**400), ("step", 2**63), ("dims_before", [2**64, 8]), ("ranks_requested", [10**30, None]),
     ("wall_time_s", 10**400), ("tau", float("nan")),
