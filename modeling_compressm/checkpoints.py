@@ -4,7 +4,8 @@ reconcile its two copies of the history, and write checkpoints atomically.
 A Trainer checkpoint of a reduced model holds the sizes (`config.json`), the history (`compressm_history.json`), the
 callback's state inside `trainer_state.json` (history, stop flag, pending rollback check) and, while a rollback check
 is pending, the state before that event (`compressm_pending.pt`). `read_checkpoint` validates all of it with errors
-that name the file and the field, and reconciles the two histories: the richer one wins and a warning says so.
+that name the file and the field, and reconciles the two histories: a copy that disagrees with the weights is not
+used (an error when neither agrees); of two that agree, the richer one wins; a warning says which was used.
 
 `atomic_checkpoint_save(trainer, save)` is what `CompreSSMTrainer._save_checkpoint` runs: the Trainer writes the
 checkpoint into a staging folder that the resume logic does not recognise, and the folder is renamed to
@@ -25,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .distributed import find_wrapper, rebuild_ddp_reducer
 from .events import HISTORY_FILE, HistoryError, ReductionEvent, coerce_events, history_problems, read_history
+from .events import histories_matching_weights
 from .optimizer_state import repair_optimizer_state
 from .reducer import compressm_model_of
 
@@ -60,6 +62,8 @@ def _read_json(path: str):
             return json.load(handle)
     except json.JSONDecodeError as error:
         raise HistoryError(path, "", f"not valid JSON ({error})") from None
+    except RecursionError:
+        raise HistoryError(path, "", "JSON nested too deeply to be read (the file is damaged)") from None
 
 
 def _read_state_dims(checkpoint_dir: str) -> list[int]:
@@ -134,11 +138,19 @@ def read_checkpoint(checkpoint_dir) -> CheckpointReductionState:
     checkpoint_dir = os.fspath(checkpoint_dir)
     dims = _read_state_dims(checkpoint_dir)
     history_path = os.path.join(checkpoint_dir, HISTORY_FILE)
-    file_events = read_history(history_path).events if os.path.isfile(history_path) else None
+    file_history = read_history(history_path) if os.path.lexists(history_path) else None  # a folder there: an error
+    file_events = file_history.events if file_history is not None else None
     attributes, state_path = _callback_state(checkpoint_dir)
     state_events, stopped, pending = _state_events(attributes, state_path) if attributes is not None else (None, False, None)
-    events, message = reconcile_histories(file_events, state_events, history_path, state_path)
-    warnings = [message] if message else []
+    # A copy that disagrees with the weights is left out (an error when no copy agrees); the agreeing ones reconcile.
+    copies = [copy for copy in ((history_path, file_events, file_history and file_history.state_dims),
+                                (state_path, state_events, None)) if copy[1] is not None]
+    matching, warnings = histories_matching_weights(copies, dims, os.path.join(checkpoint_dir, CONFIG_FILE))
+    if len(matching) < len(copies):
+        events, message = matching[0][1], None
+    else:
+        events, message = reconcile_histories(file_events, state_events, history_path, state_path)
+    warnings += [message] if message else []
     warnings += [f"{checkpoint_dir}: {problem}" for problem in history_problems(events, dims)]
     if attributes is None and events and events[-1].kind == "rollback":
         stopped = True  # only the history is known: a well-formed rollback at its end means reductions had stopped

@@ -41,6 +41,8 @@ __all__ = [
     "write_history",
     "coerce_events",
     "history_problems",
+    "weights_disagreement",
+    "histories_matching_weights",
     "event_metrics",
 ]
 
@@ -54,17 +56,34 @@ class HistoryError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------- checks
+# Integers in a history (steps, state sizes, ranks, the version) must fit a signed 64-bit int, as they do wherever
+# torch, numpy or a Trainer state hold them; JSON has no limit, so `"step": 1e400` written as digits would parse.
+INT_LIMIT = 2**63 - 1
+
+
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and -INT_LIMIT - 1 <= value <= INT_LIMIT
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return _is_int(value) or isinstance(value, float)
+
+
+def _is_finite_number(value) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _shown(value, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters, so a huge int or a long list does not flood an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _dims(value, where: str, source: str) -> list[int]:
     if not isinstance(value, list) or not value or not all(_is_int(item) and item >= 1 for item in value):
-        raise HistoryError(source, where, f"expected a non-empty list of positive ints, got {value!r}")
+        raise HistoryError(
+            source, where, f"expected a non-empty list of positive ints (at most 2**63 - 1), got {_shown(value)}"
+        )
     return list(value)
 
 
@@ -72,25 +91,25 @@ def _per_layer(value, where: str, source: str, layers: int, check, expected: str
     if value is None:
         return None
     if not isinstance(value, list) or len(value) != layers:
-        raise HistoryError(source, where, f"expected a list of {layers} entries (one per layer), got {value!r}")
+        raise HistoryError(source, where, f"expected a list of {layers} entries (one per layer), got {_shown(value)}")
     for index, item in enumerate(value):
         if not check(item):
-            raise HistoryError(source, f"{where}[{index}]", f"expected {expected}, got {item!r}")
+            raise HistoryError(source, f"{where}[{index}]", f"expected {expected}, got {_shown(item)}")
     return list(value)
 
 
 def _optional(value, where: str, source: str, check, expected: str):
     if value is not None and not check(value):
-        raise HistoryError(source, where, f"expected {expected} or null, got {value!r}")
+        raise HistoryError(source, where, f"expected {expected} or null, got {_shown(value)}")
     return value
 
 
 def _finite_or_none(item) -> bool:
-    return item is None or (_is_number(item) and math.isfinite(item))
+    return item is None or _is_finite_number(item)
 
 
 def _hsv_list(item) -> bool:
-    return item is None or (isinstance(item, list) and all(_is_number(v) and math.isfinite(v) and v >= 0 for v in item))
+    return item is None or (isinstance(item, list) and all(_is_finite_number(v) and v >= 0 for v in item))
 
 
 # ------------------------------------------------------------------------------------------------------ event
@@ -119,7 +138,8 @@ class ReductionEvent:
         restored_from: "restored" events: the checkpoint folder.
         extra: fields this version does not know (kept as they were when a newer file is read and written back).
 
-    For code written against the earlier dict events, fields can also be read as `event["step"]` / `event.get(...)`.
+    For code written against the earlier dict events, an event also reads as a (read-only) mapping: `event["step"]`,
+    `"hsv" in event`, `event.get(...)`, `keys()`, `values()`, `items()`, `len(event)`, `iter(event)`, `dict(event)`.
     """
 
     step: int | None
@@ -178,10 +198,12 @@ class ReductionEvent:
                 data["kind"] = "manual"
         step = data.get("step")
         if step is not None and not (_is_int(step) and step >= 0):
-            raise HistoryError(source, f"{where}.step", f"expected an int >= 0 or null, got {step!r}")
+            raise HistoryError(
+                source, f"{where}.step", f"expected an int in [0, 2**63 - 1] or null, got {_shown(step)}"
+            )
         kind = data.get("kind", "reduction")
         if kind not in EVENT_KINDS:
-            raise HistoryError(source, f"{where}.kind", f"expected one of {list(EVENT_KINDS)}, got {kind!r}")
+            raise HistoryError(source, f"{where}.kind", f"expected one of {list(EVENT_KINDS)}, got {_shown(kind)}")
         if "dims_before" not in data or "dims_after" not in data:
             missing = "dims_before" if "dims_before" not in data else "dims_after"
             raise HistoryError(source, f"{where}.{missing}", "missing")
@@ -212,11 +234,13 @@ class ReductionEvent:
             hsv=_per_layer(data.get("hsv"), f"{where}.hsv", source, layers, _hsv_list,
                            "a list of non-negative finite numbers or null"),
             ranks_requested=_per_layer(data.get("ranks_requested"), f"{where}.ranks_requested", source, layers,
-                                       lambda v: v is None or (_is_int(v) and v >= 1), "a positive int or null"),
+                                       lambda v: v is None or (_is_int(v) and v >= 1),
+                                       "a positive int (at most 2**63 - 1) or null"),
             wall_time_s=_optional(data.get("wall_time_s"), f"{where}.wall_time_s", source,
-                                  lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-            tau=_optional(data.get("tau"), f"{where}.tau", source, _is_number, "a number"),
-            fraction=_optional(data.get("fraction"), f"{where}.fraction", source, _is_number, "a number"),
+                                  lambda v: _is_finite_number(v) and v >= 0, "a finite number >= 0"),
+            tau=_optional(data.get("tau"), f"{where}.tau", source, _is_finite_number, "a finite number"),
+            fraction=_optional(data.get("fraction"), f"{where}.fraction", source, _is_finite_number,
+                               "a finite number"),
             rolled_back=data.get("rolled_back", False),
             verified=_optional(data.get("verified"), f"{where}.verified", source,
                                lambda v: isinstance(v, bool), "true/false"),
@@ -230,19 +254,42 @@ class ReductionEvent:
                                     lambda v: isinstance(v, str), "a string"),
         )
         if not isinstance(values["rolled_back"], bool):
-            raise HistoryError(source, f"{where}.rolled_back", f"expected true/false, got {values['rolled_back']!r}")
+            problem = f"expected true/false, got {_shown(values['rolled_back'])}"
+            raise HistoryError(source, f"{where}.rolled_back", problem)
         extra = {key: value for key, value in data.items() if key not in known}
         return cls(**values, extra=extra)
 
-    # ---------------------------------------------------------------------------------- dict-style read access
+    # ------------------------------------------------------------------------------- read-only mapping protocol
+    # For code written against the earlier dict events: the keys are the field names (None where unset), the keys of
+    # `extra`, and on rollbacks the version-0 key "type" (version 0 wrote "type": "rollback" on rollbacks only).
+    # `get` returns its default for unset (None) fields too, as a dict from `to_dict()`, which leaves them out, would.
+    def keys(self) -> list[str]:
+        names = [item.name for item in dataclasses.fields(self) if item.name != "extra"]
+        if self.kind == "rollback":
+            names.append("type")
+        return names + [key for key in self.extra if key not in names]
+
     def __getitem__(self, key: str):
-        if key == "type":  # version-0 name: "rollback" for rollbacks, absent otherwise
-            return "rollback" if self.kind == "rollback" else None
         if key != "extra" and key in self.__dataclass_fields__:
             return getattr(self, key)
-        if key in self.extra:
-            return self.extra[key]
-        raise KeyError(key)
+        if key == "type" and self.kind == "rollback":
+            return "rollback"
+        return self.extra[key]  # KeyError for any other key
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def values(self) -> list:
+        return [self[key] for key in self.keys()]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(key, self[key]) for key in self.keys()]
 
     def get(self, key: str, default=None):
         try:
@@ -273,6 +320,56 @@ def history_problems(events: list[ReductionEvent], state_dims: list[int] | None 
     if state_dims is not None and events and list(events[-1].dims_after) != list(state_dims):
         problems.append(f"state_dims {list(state_dims)} are not the sizes the last event ended at ({events[-1].dims_after})")
     return problems
+
+
+def weights_disagreement(events, state_dims, recorded_state_dims=None) -> tuple[str, str] | None:
+    """Where a history disagrees with the weights it is stored with: (field, problem), or None if it agrees.
+
+    It agrees when the sizes it recorded (`recorded_state_dims`, the file's "state_dims"; None: not recorded) are the
+    weights' per-layer state sizes `state_dims`, every event has one entry per layer, and the last event ended at
+    those sizes. A history that disagrees describes other weights: saved beside these, it makes a folder that cannot
+    be loaded (or one whose card and resume state are wrong).
+    """
+    state_dims = list(state_dims)
+    if recorded_state_dims is not None and list(recorded_state_dims) != state_dims:
+        return "state_dims", f"is {list(recorded_state_dims)} but the weights have the state sizes {state_dims}"
+    for index, event in enumerate(events):
+        if len(event.dims_after) != len(state_dims):
+            return (f"events[{index}].dims_after",
+                    f"has {len(event.dims_after)} layers but the weights have {len(state_dims)} (state sizes "
+                    f"{state_dims})")
+    if events and list(events[-1].dims_after) != state_dims:
+        return (f"events[{len(events) - 1}].dims_after",
+                f"the last event ends at {events[-1].dims_after} but the weights have the state sizes {state_dims}")
+    return None
+
+
+def histories_matching_weights(copies, state_dims, weights_source: str):
+    """Pick, among the copies of one history (a checkpoint's history file and the one in its trainer_state.json),
+    those that agree with the weights (`weights_disagreement`).
+
+    Args: copies: (source, events, recorded state_dims or None) for each copy that exists; state_dims: the weights'
+    per-layer state sizes; weights_source: where those come from (config.json).
+    Returns (the agreeing copies, one warning per copy left out); raises HistoryError naming every copy, its field and
+    the weights when copies exist and none agrees.
+    """
+    matching, problems = [], []
+    for source, events, recorded in copies:
+        disagreement = weights_disagreement(events, state_dims, recorded)
+        if disagreement is None:
+            matching.append((source, events, recorded))
+        else:
+            problems.append((source, *disagreement))
+    if problems and not matching:
+        (source, where, problem), others = problems[0], problems[1:]
+        also = "".join(f"; and {other}: {other_where}: {other_problem}" for other, other_where, other_problem in others)
+        raise HistoryError(
+            source, where,
+            f"{problem}{also}. No copy of the history describes the weights ({weights_source} gives the state sizes "
+            f"{list(state_dims)}): resume from another checkpoint, or move the history away to go on without one",
+        )
+    return matching, [f"{source}: {where}: {problem}; not used: {matching[0][0]} matches the weights"
+                      for source, where, problem in problems]
 
 
 def _check_rollbacks(events: list[ReductionEvent], source: str) -> None:
@@ -313,14 +410,14 @@ def parse_history(data: Any, source: str = "history") -> History:
         )
     version = data.get("version", 0)
     if not _is_int(version) or version < 0:
-        raise HistoryError(source, "version", f"expected a non-negative int, got {version!r}")
+        raise HistoryError(source, "version", f"expected a non-negative int, got {_shown(version)}")
     if version > HISTORY_VERSION:
         raise HistoryError(
             source, "version",
             f"written by a newer release (version {version}; this one reads up to {HISTORY_VERSION}): upgrade compressm",
         )
     if version >= 1 and data.get("format") != HISTORY_FORMAT:
-        raise HistoryError(source, "format", f"expected {HISTORY_FORMAT!r}, got {data.get('format')!r}")
+        raise HistoryError(source, "format", f"expected {HISTORY_FORMAT!r}, got {_shown(data.get('format'))}")
     state_dims = data.get("state_dims")
     if state_dims is not None or version >= 1:
         state_dims = _dims(state_dims, "state_dims", source)
@@ -338,16 +435,27 @@ def parse_history(data: Any, source: str = "history") -> History:
 
 
 def read_history(path: str) -> History:
-    """Read and validate a history file. Raises FileNotFoundError if it is missing, HistoryError if it is invalid."""
+    """Read and validate a history file. Raises FileNotFoundError if nothing is at `path`, HistoryError (naming the
+    file, and the field where one is wrong) if it is invalid or is not a readable file (a folder, say)."""
     path = os.fspath(path)
+    if os.path.lexists(path) and not os.path.isfile(path):
+        kind = "a folder" if os.path.isdir(path) else "not a regular file (or a broken link)"
+        raise HistoryError(
+            path, "", f"is {kind}, not a history file: move it away (the weights then load without a history) or "
+            f"put the {HISTORY_FILE} saved with these weights in its place",
+        )
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
+        history = parse_history(data, source=path)  # (inside: repr of a deep value in an error may recurse too)
     except json.JSONDecodeError as error:
         raise HistoryError(path, "", f"not valid JSON ({error})") from None
     except UnicodeDecodeError as error:
         raise HistoryError(path, "", f"not UTF-8 text ({error})") from None
-    history = parse_history(data, source=path)
+    except RecursionError:
+        raise HistoryError(path, "", "JSON nested too deeply to be a history file (it is damaged or not one)") from None
+    except PermissionError as error:
+        raise HistoryError(path, "", f"cannot be read ({error})") from None
     history.path = path
     return history
 

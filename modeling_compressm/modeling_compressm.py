@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
+import re
 import sys
 
 import torch
@@ -43,7 +45,16 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_compressm import CompreSSMConfig
-from .events import HISTORY_FILE, ReductionEvent, coerce_events, history_problems, read_history, write_history
+from .events import (
+    HISTORY_FILE,
+    HistoryError,
+    ReductionEvent,
+    coerce_events,
+    history_problems,
+    read_history,
+    weights_disagreement,
+    write_history,
+)
 from .reduction import (
     ReductionError,
     balance,
@@ -111,25 +122,43 @@ class CompreSSMLRU(nn.Module):
         return [self.nu_log, self.theta_log, self.gamma_log, self.B_re, self.B_im, self.C_re, self.C_im]
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, names: list[str] | tuple[str, ...] | None = None) -> None:
         """LRU initialisation: |lam| uniform (in area) on the ring [r_min, r_max], phase uniform on [0, max_phase],
-        gamma = sqrt(1 - |lam|^2), B ~ N(0, 1/(2H)) per part, C ~ N(0, 1/N) per part, D ~ N(0, 1)."""
+        gamma = sqrt(1 - |lam|^2), B ~ N(0, 1/(2H)) per part, C ~ N(0, 1/N) per part, D ~ N(0, 1).
+
+        Args:
+            names: initialise only these parameters (names in PARAMETER_NAMES; default: all). The others keep their
+                values; a fresh gamma_log is computed from the layer's nu_log, kept or new (from a fresh draw while
+                the kept nu_log is not loaded yet).
+        """
+        names = self.PARAMETER_NAMES if names is None else tuple(names)
+        unknown = sorted(set(names) - set(self.PARAMETER_NAMES))
+        if unknown:
+            raise KeyError(f"{unknown} are not parameters of CompreSSMLRU ({self.PARAMETER_NAMES})")
         n, h = self.state_dim, self.hidden_size
-        device = self.nu_log.device
+        # Draw where the initialised tensors live: transformers < 5 initialises missing tensors while the loaded
+        # ones still wait on the meta device.
+        targets = [getattr(self, name) for name in names]
+        device = next((tensor.device for tensor in targets if not tensor.is_meta), self.nu_log.device)
         u1 = torch.rand(n, device=device)
         u2 = torch.rand(n, device=device)
         modulus_sq = u1 * (self.r_max**2 - self.r_min**2) + self.r_min**2
-        self.nu_log.copy_(torch.log(-0.5 * torch.log(modulus_sq)))
-        self.theta_log.copy_(torch.log(self.max_phase * u2 + 1e-8))
-        modulus = torch.exp(-torch.exp(self.nu_log))
-        self.gamma_log.copy_(torch.log(torch.sqrt(1 - modulus**2)))
-        self.B_re.normal_(0.0, 1.0 / math.sqrt(2 * h))
-        self.B_im.normal_(0.0, 1.0 / math.sqrt(2 * h))
-        self.C_re.normal_(0.0, 1.0 / math.sqrt(n))
-        self.C_im.normal_(0.0, 1.0 / math.sqrt(n))
-        self.D.normal_(0.0, 1.0)
+        nu_log = torch.log(-0.5 * torch.log(modulus_sq))
+        if "nu_log" in names:
+            self.nu_log.copy_(nu_log)
+        if "theta_log" in names:
+            self.theta_log.copy_(torch.log(self.max_phase * u2 + 1e-8))
+        if "gamma_log" in names:
+            kept_nu_log = nu_log if self.nu_log.is_meta and not self.gamma_log.is_meta else self.nu_log
+            modulus = torch.exp(-torch.exp(kept_nu_log))
+            self.gamma_log.copy_(torch.log(torch.sqrt(1 - modulus**2)))
+        for name, std in (("B_re", 1.0 / math.sqrt(2 * h)), ("B_im", 1.0 / math.sqrt(2 * h)),
+                          ("C_re", 1.0 / math.sqrt(n)), ("C_im", 1.0 / math.sqrt(n)), ("D", 1.0)):
+            if name in names:
+                getattr(self, name).normal_(0.0, std)
 
     SSM_PARAMETER_NAMES = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "C_im")
+    PARAMETER_NAMES = SSM_PARAMETER_NAMES + ("D",)
 
     @torch.no_grad()
     def assign_parameters(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -454,6 +483,84 @@ def _dtensor_type():
     return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
+def _weights_file(location, subfolder: str, names: list[str]) -> str:
+    """The weights file under a local checkpoint folder that holds the first of `names` found in its shard index (the
+    single weights file when unsharded), for error messages; the location itself where that cannot be told (a Hub
+    id, a `state_dict` given to from_pretrained)."""
+    if location is None:
+        return "the state_dict given to from_pretrained"
+    folder = os.path.join(str(location), subfolder)
+    if not os.path.isdir(folder):
+        return str(location)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = os.path.join(folder, index_name)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path, encoding="utf-8") as handle:
+                    weight_map = json.load(handle)["weight_map"]
+                return os.path.join(folder, next(weight_map[name] for name in names if name in weight_map))
+            except (OSError, ValueError, KeyError, TypeError, StopIteration):
+                return index_path
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(folder, single)):
+            return os.path.join(folder, single)
+    return folder
+
+
+def _layer_of(name: str) -> str:
+    """" (layer i)" for a parameter name inside block i, else ""."""
+    match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+    return f" (layer {match.group(1)})" if match else ""
+
+
+def _warn_about_initialised_lru_tensors(model: nn.Module, missing_keys, weights_file) -> None:
+    """Warn, naming them, when from_pretrained initialised LRU tensors that the weights file lacks: the other tensors
+    of those layers kept their saved values, so such a layer no longer computes what was trained."""
+    lru_names = {
+        f"{prefix}.{name}" for prefix, module in model.named_modules() if isinstance(module, CompreSSMLRU)
+        for name in CompreSSMLRU.PARAMETER_NAMES
+    }
+    initialised = sorted(name for name in missing_keys if name in lru_names)
+    if initialised:
+        logger.warning(
+            "CompreSSM: %s lacks %d LRU tensor(s): %s. Only these were initialised afresh; the other tensors of the "
+            "same layer(s) keep their saved values, so those layers no longer compute what was trained. If the file "
+            "was damaged, load an intact copy (an earlier checkpoint or the original upload).",
+            weights_file(initialised[0]), len(initialised), ", ".join(name + _layer_of(name) for name in initialised),
+        )
+
+
+@torch.no_grad()
+def _check_loaded_weights(model: nn.Module, weights_file) -> None:
+    """Raise ValueError naming the weights file, tensor and layer for a loaded floating-point tensor with NaN or
+    infinite values, or an LRU layer with an eigenvalue of modulus |λ| = exp(-exp(nu_log)) >= 1 as float32 computes
+    it (a state that never decays). Tensors on the meta device (offloaded) are not read."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta or not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            first = [int(index) for index in torch.nonzero(~finite)[0]]
+            raise ValueError(
+                f"{weights_file(name)}: tensor {name!r}{_layer_of(name)} holds {int((~finite).sum())} NaN or infinite "
+                f"value(s) (the first at index {first}): the weights are damaged. Load an intact copy (an earlier "
+                "checkpoint or the original upload)"
+            )
+    for prefix, module in model.named_modules():
+        if isinstance(module, CompreSSMLRU) and not module.nu_log.is_meta:
+            modulus = torch.exp(-torch.exp(module.nu_log.detach().float()))
+            if bool((modulus >= 1).any()):
+                state = int(torch.argmax(modulus))
+                name = f"{prefix}.nu_log"
+                raise ValueError(
+                    f"{weights_file(name)}: tensor {name!r}{_layer_of(name)} gives state {state} an eigenvalue of "
+                    f"modulus |λ| = exp(-exp(nu_log)) = {float(modulus[state]):.9g} (nu_log = "
+                    f"{float(module.nu_log[state]):.6g}); an LRU layer needs |λ| < 1 (float32 rounds |λ| to 1 once "
+                    "nu_log < -16.6), or its state never decays. The weights are damaged or were trained past "
+                    "stability: load an intact copy or an earlier checkpoint"
+                )
+
+
 class CompreSSMPreTrainedModel(PreTrainedModel):
     config_class = CompreSSMConfig
     base_model_prefix = "model"
@@ -463,10 +570,19 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
     # forward has no graph break and no host-device synchronisation (tested with torch.compile(fullgraph=True)).
     _can_compile_fullgraph = True
 
+    def __init__(self, config: CompreSSMConfig, *args, **kwargs):
+        config.check_values()  # values set after the config was made (a NaN norm_eps, ...) are refused here
+        super().__init__(config, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, CompreSSMLRU):
-            module.reset_parameters()
+            # While from_pretrained loads, transformers marks every loaded tensor `_is_hf_initialized`: initialise only
+            # the tensors the checkpoint lacks, so one missing tensor does not replace the layer's loaded ones.
+            module.reset_parameters([
+                name for name in module.PARAMETER_NAMES
+                if not getattr(getattr(module, name), "_is_hf_initialized", False)
+            ])
         elif isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -541,7 +657,7 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
             ):
                 auto_map.setdefault(auto_class, f"{module}.{class_name}")
             self.config.auto_map = auto_map
-        self.reduction_history  # validates entries appended by hand before anything is written
+        self._check_history_matches_weights()  # before anything is written
         rank_zero = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
             torch.distributed.get_rank() == 0
         )
@@ -552,6 +668,19 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
         if writes and not os.path.isfile(save_directory):
             self._write_compressm_files(save_directory)
         return result
+
+    def _check_history_matches_weights(self) -> None:
+        """Raise HistoryError unless `reduction_history` is valid (entries appended by hand are validated) and agrees
+        with the model's state sizes: saved together, a history that disagrees makes a folder that cannot be loaded."""
+        disagreement = weights_disagreement(self.reduction_history, self.config.state_dims)
+        if disagreement is not None:
+            where, problem = disagreement
+            raise HistoryError(
+                "model.reduction_history", where,
+                f"{problem}: the history does not describe this model's weights (were sizes changed without an "
+                "event, e.g. by set_state_dims?). Set model.reduction_history to the events that lead to "
+                "config.state_dims, or to [] to save without a history; nothing was written",
+            )
 
     @contextlib.contextmanager
     def _as_unsharded_class(self):
@@ -606,39 +735,79 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, restoring `reduction_history` when the checkpoint has one.
+        """`PreTrainedModel.from_pretrained`, with checks of what was loaded and the reduction history restored.
 
-        An invalid `compressm_history.json` raises `events.HistoryError` naming the file and the field; the weights
-        are intact, so moving that file away loads them without a history."""
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
-        if pretrained_model_name_or_path is not None:
-            subfolder = kwargs.get("subfolder") or ""  # the history sits beside the weights it describes
-            history_path = os.path.join(str(pretrained_model_name_or_path), subfolder, cls.HISTORY_FILE)
-            if not os.path.isfile(history_path):
-                try:
-                    from transformers.utils import cached_file
+        - A weight with NaN or infinite values, or an LRU layer with an eigenvalue modulus |λ| >= 1, raises ValueError
+          naming the weights file, the tensor and the layer.
+        - Tensors the weights file lacks are initialised, and only those (the loaded tensors of the same LRU layer
+          keep their values); a warning names the missing LRU tensors.
+        - `compressm_history.json`, when the checkpoint has one, becomes `reduction_history`. A history that is
+          invalid, is not a file, or disagrees with the weights (other layer count or state sizes) raises
+          `events.HistoryError` naming the file and the field; the weights are intact, so moving that file away
+          loads them without a history. With `ignore_mismatched_sizes=True` (layers re-initialised at other sizes on
+          purpose) a disagreeing history is left out with a warning instead.
+        """
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        subfolder = kwargs.get("subfolder") or ""
 
-                    history_path = cached_file(
-                        pretrained_model_name_or_path,
-                        cls.HISTORY_FILE,
-                        subfolder=subfolder,
-                        _raise_exceptions_for_missing_entries=False,
-                        _raise_exceptions_for_connection_errors=False,
-                        revision=kwargs.get("revision"),
-                        cache_dir=kwargs.get("cache_dir"),
-                        local_files_only=kwargs.get("local_files_only", False),
-                        token=kwargs.get("token"),
-                        proxies=kwargs.get("proxies"),
-                    )
-                except (OSError, ValueError):
-                    history_path = None
-            if history_path and os.path.isfile(history_path):
-                history = read_history(history_path)  # HistoryError names the file and the field
+        def weights_file(name: str) -> str:
+            return _weights_file(pretrained_model_name_or_path, subfolder, [name, f"{cls.base_model_prefix}.{name}"])
+
+        _warn_about_initialised_lru_tensors(model, loading_info.get("missing_keys") or (), weights_file)
+        _check_loaded_weights(model, weights_file)
+        history_path = cls._history_file(pretrained_model_name_or_path, subfolder, kwargs)
+        if history_path is not None:
+            history = read_history(history_path)  # HistoryError names the file and the field
+            disagreement = weights_disagreement(history.events, model.config.state_dims, history.state_dims)
+            if disagreement is not None and kwargs.get("ignore_mismatched_sizes"):
+                # Layers re-initialised at the requested sizes on purpose: the checkpoint's history is not theirs.
+                logger.warning(
+                    "CompreSSM: %s: %s: %s; not restored (ignore_mismatched_sizes re-initialised the layers whose "
+                    "sizes differ, so the model starts without a history)", history_path, *disagreement,
+                )
+            elif disagreement is not None:
+                where, problem = disagreement
+                raise HistoryError(
+                    history_path, where,
+                    f"{problem}: this history describes other weights. Move it away to load the weights without a "
+                    f"history, or put back the {cls.HISTORY_FILE} saved with these weights",
+                )
+            else:
                 for problem in history_problems(history.events, model.config.state_dims):
                     logger.warning("CompreSSM: %s: %s", history_path, problem)
                 model.reduction_history = history.events
-        return loaded
+        return (model, loading_info) if wants_loading_info else model
+
+    @classmethod
+    def _history_file(cls, pretrained_model_name_or_path, subfolder: str, kwargs: dict) -> str | None:
+        """The path of the checkpoint's history (beside its weights; from the Hub cache for a Hub id), or None if it
+        has none. Something of that name that is not a file (a folder) is returned too, for read_history to refuse."""
+        if pretrained_model_name_or_path is None:
+            return None
+        local_path = os.path.join(str(pretrained_model_name_or_path), subfolder, cls.HISTORY_FILE)
+        if os.path.lexists(local_path):
+            return local_path
+        try:
+            from transformers.utils import cached_file
+
+            path = cached_file(
+                pretrained_model_name_or_path,
+                cls.HISTORY_FILE,
+                subfolder=subfolder,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                revision=kwargs.get("revision"),
+                cache_dir=kwargs.get("cache_dir"),
+                local_files_only=kwargs.get("local_files_only", False),
+                token=kwargs.get("token"),
+                proxies=kwargs.get("proxies"),
+            )
+        except (OSError, ValueError):
+            return None
+        return path if path and os.path.lexists(path) else None
 
     # ------------------------------------------------------------------------------------------------ reduction
     def lru_layers(self) -> list[CompreSSMLRU]:

@@ -258,6 +258,65 @@ def test_from_pretrained_reads_the_history_beside_the_weights_of_a_subfolder(lm,
     assert loaded.reduction_history == lm.reduction_history and len(loaded.reduction_history) == 1
 
 
+def trained_like(model):
+    """The model with every weight moved off its initial value, so freshly initialised tensors are told apart from
+    loaded ones (a fresh gamma_log is derived from nu_log: perturbed, it differs from the derived value)."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def rewrite_weights(folder, change):
+    """Apply `change` to the tensors of folder/model.safetensors (a dict name -> tensor) and write them back."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("lost", ["B_re", "gamma_log", "nu_log", "D"])
+def test_a_tensor_missing_from_the_weights_file_initialises_only_that_tensor(lm, tmp_path, caplog, lost):
+    trained_like(lm).save_pretrained(tmp_path)
+    name = f"model.layers.0.lru.{lost}"
+    rewrite_weights(tmp_path, lambda tensors: tensors.pop(name))
+    with caplog.at_level(logging.WARNING):
+        loaded, info = CompreSSMForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info["missing_keys"]) == {name}
+    saved, restored = lm.state_dict(), loaded.state_dict()
+    assert [key for key in saved if not torch.equal(saved[key], restored[key])] == [name]
+    assert torch.isfinite(restored[name]).all()
+    warnings = [record.getMessage() for record in caplog.records if record.getMessage().startswith("CompreSSM:")]
+    assert len(warnings) == 1 and f"{name} (layer 0)" in warnings[0] and "Only these were initialised" in warnings[0]
+    assert str(tmp_path / "model.safetensors") in warnings[0]
+
+
+def set_value(name, index, value):
+    return lambda tensors: tensors[name].__setitem__(index, value)
+
+
+@pytest.mark.parametrize("tensor, index, value, problem", [
+    ("model.layers.1.lru.B_im", (2, 3), float("nan"), "NaN or infinite"),
+    ("model.embeddings.weight", (5, 0), float("inf"), "NaN or infinite"),
+    ("model.layers.0.lru.nu_log", 0, float("-inf"), "NaN or infinite"),
+    ("model.layers.1.lru.nu_log", 4, -20.0, "an eigenvalue of modulus |λ| = exp(-exp(nu_log)) = 1"),
+])
+def test_weights_with_non_finite_values_or_an_unstable_eigenvalue_are_refused_naming_file_tensor_and_layer(
+        lm, tmp_path, tensor, index, value, problem):
+    """nu_log = -20 is finite but gives |λ| = exp(-exp(-20)), which float32 rounds to 1: a state that never decays."""
+    lm.save_pretrained(tmp_path)
+    rewrite_weights(tmp_path, set_value(tensor, index, value))
+    with pytest.raises(ValueError) as error:
+        CompreSSMForCausalLM.from_pretrained(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'model.safetensors'}: tensor '{tensor}'")
+    layer = tensor.split(".")[2] if ".layers." in tensor else None
+    assert (f"(layer {layer})" in message) if layer else "(layer" not in message
+    assert problem in message and "intact copy" in message
+
+
 def test_classifier_round_trips_through_auto_class(classifier, tmp_path):
     classifier.reduce([3, None])
     classifier.save_pretrained(tmp_path)
