@@ -51,7 +51,15 @@ from .modeling_compressm import CompreSSMForCausalLM
 from .optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
 from .optimizer_state import optimizer_state_repair
 from .reducer import CompreSSMReducer, compressm_model_of
-from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, RollbackRule, resolve_policy_arguments
+from .schedule import (
+    DEFAULTS,
+    RankPolicy,
+    ReductionSchedule,
+    RollbackRule,
+    evaluation_steps,
+    resolve_policy_arguments,
+    unchecked_rollback_events,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +122,25 @@ def _check_label_smoothing_is_shifted(args, model) -> None:
                 "shifts labels for label smoothing only for causal LMs built into transformers, so each position would "
                 "learn its own input token. Set label_smoothing_factor=0 or pass a compute_loss_func that shifts labels"
             )
+
+
+def _check_every_event_is_checked(args, state, reducer) -> None:
+    """Rollback policy with `eval_strategy="steps"`: refuse a schedule in which an event has no evaluation before the
+    next one (that next event would be skipped while the first awaits its check)."""
+    if str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "steps" or not state.eval_steps:
+        return
+    events = [step for step in reducer.schedule.steps(state.max_steps) if step > state.global_step]
+    checks = evaluation_steps(int(state.eval_steps), state.max_steps, args.eval_delay or 0)
+    unchecked = unchecked_rollback_events(events, checks)
+    if unchecked:
+        skipped = ", ".join(str(following) for _, following in unchecked)
+        raise ValueError(
+            f"policy='rollback' checks each reduction at the next evaluation and makes no reduction while a check is "
+            f"pending, but with eval_steps={state.eval_steps} the reductions scheduled at steps {events} would "
+            f"have no evaluation between " + ", ".join(f"steps {step} and {following}" for step, following in unchecked)
+            + f", so the events at steps {skipped} would be skipped. Set eval_steps to at most the reduction "
+            f"interval ({reducer.schedule.resolve(state.max_steps)[2]} steps), or schedule fewer events"
+        )
 
 
 @contextlib.contextmanager
@@ -331,6 +358,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             collective_timeout=float(getattr(args, "ddp_timeout", None) or DEFAULTS.collective_timeout),
         )
         self._restore_progress(state, compressm_model, resume)
+        if self.policy == "rollback":
+            _check_every_event_is_checked(args, state, self.reducer)
         self._last_metric = None
         return control
 
@@ -372,9 +401,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         reducer = self.reducer
-        if reducer is None or reducer.stopped or reducer.pending is not None:
+        if reducer is None or reducer.stopped or not reducer.is_due(state.global_step):
             return control
-        if not reducer.is_due(state.global_step):
+        if reducer.skip_while_pending(state.global_step):
             return control
         baseline = self._evaluate_baseline() if self.policy == "rollback" else None
         event = reducer.reduce_now(state.global_step, metric_before=baseline, metric_name=self.metric_name)

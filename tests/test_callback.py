@@ -317,6 +317,20 @@ def test_rollback_requires_evaluation(tmp_path):
         trainer.train()
 
 
+def test_rollback_refuses_evaluations_too_sparse_to_check_every_event(tmp_path):
+    """Issue 20.6: events at 10/20/30 with eval_steps=35: the event at 10 would wait for its check until step 35 and
+    the ones at 20 and 30 would be skipped without a word. Refused before step 1, naming the events and the fix."""
+    model = make_model()
+    callback = CompreSSMCallback(policy="rollback", tau=0.05, start_step=10, end_step=30, interval=10,
+                                 rollback_metric="state_total")
+    args = make_args(tmp_path, max_steps=40, eval_strategy="steps", eval_steps=35, per_device_eval_batch_size=64)
+    trainer = CompreSSMTrainer(model=model, args=args, train_dataset=SignTask(256), eval_dataset=SignTask(64, seed=2),
+                               compute_metrics=StateSizeMetric(model), callbacks=[callback])
+    with pytest.raises(ValueError, match=r"events at steps 20, 30 would be skipped.*eval_steps to at most .*10 steps"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and model.reduction_history == []
+
+
 # ------------------------------------------------------------------------------------------- failure paths
 def test_failing_layer_is_skipped_with_warning(tmp_path, monkeypatch, caplog):
     original = modeling.truncate
