@@ -131,7 +131,8 @@ def _event_row(event) -> str:
     if event.kind == "rollback":
         note = "rollback"
     elif event.kind == "restored":
-        note = "restored from " + os.path.basename(str(event.restored_from or "checkpoint").rstrip("/\\"))
+        note = ("restored from " + os.path.basename(str(event.restored_from or "checkpoint").rstrip("/\\"))
+                + " (the sizes the run had reached, dims before, were discarded)")
     else:
         note = _energy_line(event) + (" (rolled back)" if event.rolled_back else "")
     cells = [escape_markdown(step), str(event.dims_before), str(event.dims_after), escape_markdown(note),
@@ -173,9 +174,7 @@ def render_model_card(model, training_info: dict | None = None) -> str:
     class_name = model_class_name(model)
     auto_class = _AUTO_CLASS_FOR.get(class_name, "AutoModel")
     dims = list(config.state_dims)
-    initial = list(events[0].dims_before) if events else dims
-    if len(initial) != len(dims):
-        initial = dims
+    initial = initial_state_dims(events, dims)
     reductions = [event for event in events if event.kind in ("reduction", "manual")]
     input_line = (
         f"tokens (vocab {config.vocab_size})" if config.input_dim is None else f"continuous, input_dim {config.input_dim}"
@@ -192,9 +191,7 @@ def render_model_card(model, training_info: dict | None = None) -> str:
         "",
         f"# {escape_markdown(class_name)} (CompreSSM)",
         "",
-        "A Linear Recurrent Unit (LRU) state-space model trained with in-training balanced truncation "
-        f"(CompreSSM, arXiv 2510.02823): per-layer state sizes were reduced {_when_reduced(events)} by truncating "
-        "the states with the smallest Hankel singular values.",
+        _summary_sentence(events, reductions),
         "",
         "Load it with the modeling code stored next to the weights (no package needed), or with the `compressm` "
         "package installed (then `trust_remote_code` is not needed after `import modeling_compressm`):",
@@ -238,6 +235,34 @@ def render_model_card(model, training_info: dict | None = None) -> str:
     if training_info:
         lines += _training_section(training_info)
     return "\n".join(lines) + "\n"
+
+
+def initial_state_dims(events, dims: list[int]) -> list[int]:
+    """The sizes the saved weights started from: before the first event of their lineage. A "restored" event (the
+    weights of an earlier checkpoint, `load_best_model_at_end`) is not part of it: its "dims before" are the sizes
+    the run had reached and discarded. Without another event, the restored checkpoint's sizes (it held no earlier
+    reduction) or the current ones."""
+    lineage = [event for event in events if event.kind != "restored"]
+    if lineage:
+        initial = list(lineage[0].dims_before)
+    elif events:
+        initial = list(events[0].dims_after)
+    else:
+        initial = list(dims)
+    return initial if len(initial) == len(dims) else list(dims)
+
+
+def _summary_sentence(events, reductions) -> str:
+    text = ("A Linear Recurrent Unit (LRU) state-space model trained with in-training balanced truncation "
+            "(CompreSSM, arXiv 2510.02823): ")
+    if reductions:
+        return text + (f"per-layer state sizes were reduced {_when_reduced(events)} by truncating the states with "
+                       "the smallest Hankel singular values.")
+    if any(event.kind == "restored" for event in events):
+        return text + ("the weights saved here are those of a checkpoint from before any reduction (restored, e.g. "
+                       "as the best checkpoint), so every layer keeps its initial state size; the sizes the run "
+                       "reached afterwards were discarded.")
+    return text + "no reduction has been applied to these weights yet."
 
 
 def _when_reduced(events: list[dict]) -> str:

@@ -407,3 +407,36 @@ def test_unbound_callback_logs_to_state(tmp_path):
     restored = CompreSSMCallback(**saved["args"])
     assert restored.state()["args"] == saved["args"]
     assert restored.rank_policy == callback.rank_policy and restored.schedule == callback.schedule
+
+
+# --------------------------------------------------------------------------------------------- model card
+class ScoreBestAt:
+    """compute_metrics that makes the evaluation at `best_step` the best one."""
+
+    def __init__(self, best_step):
+        self.best_step, self.trainer = best_step, None
+
+    def __call__(self, prediction):
+        return {"score": -float(abs(self.trainer.state.global_step - self.best_step))}
+
+
+def test_model_card_after_restoring_a_best_checkpoint_from_before_the_reductions(tmp_path):
+    """Issue 20.10: the best checkpoint (step 2) predates the reductions at 4 and 8; the card of the saved model
+    said "total state size: 32 (initially 18)" with its table going 9 -> 16 states."""
+    model = make_model()
+    score = ScoreBestAt(2)
+    args = make_args(tmp_path, max_steps=10, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                     load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True)
+    trainer = CompreSSMTrainer(
+        model=model, args=args, train_dataset=SignTask(128), eval_dataset=SignTask(32, seed=1), compute_metrics=score,
+        callbacks=[CompreSSMCallback(policy="fixed", fraction=0.25, start_step=4, end_step=8, interval=4)],
+    )
+    score.trainer = trainer
+    trainer.train()
+    assert model.config.state_dims == [16, 16] and [event.kind for event in model.reduction_history] == ["restored"]
+    trainer.save_model(str(tmp_path / "final"))
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "total state size: 32 (initially 32)" in card
+    assert "| 0 | 16 | 16 |" in card and "| 1 | 16 | 16 |" in card
+    assert "reduced during training" not in card and "checkpoint from before any reduction" in card
+    assert "restored from checkpoint-2 (the sizes the run had reached, dims before, were discarded)" in card
