@@ -255,14 +255,12 @@ def initial_state_dims(events, dims: list[int]) -> list[int]:
 def _summary_sentence(events, reductions) -> str:
     text = ("A Linear Recurrent Unit (LRU) state-space model trained with in-training balanced truncation "
             "(CompreSSM, arXiv 2510.02823): ")
-    if reductions:
-        return text + (f"per-layer state sizes were reduced {_when_reduced(events)} by truncating the states with "
-                       "the smallest Hankel singular values.")
-    if any(event.kind == "restored" for event in events):
+    if not reductions and any(event.kind == "restored" for event in events):
         return text + ("the weights saved here are those of a checkpoint from before any reduction (restored, e.g. "
                        "as the best checkpoint), so every layer keeps its initial state size; the sizes the run "
                        "reached afterwards were discarded.")
-    return text + "no reduction has been applied to these weights yet."
+    return text + (f"per-layer state sizes were reduced {_when_reduced(events)} by truncating the states with the "
+                   "smallest Hankel singular values.")
 
 
 def _when_reduced(events: list[dict]) -> str:
