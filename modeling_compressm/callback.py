@@ -49,6 +49,7 @@ from .events import coerce_events, event_metrics
 from .model_card import refresh_card_spectrum
 from .modeling_compressm import CompreSSMForCausalLM
 from .optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
+from .optimizer_regroup import known_layouts, load_regrouped_optimizer_state
 from .optimizer_state import optimizer_state_repair
 from .reducer import CompreSSMReducer, compressm_model_of
 from .schedule import (
@@ -350,6 +351,10 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 "policy='rollback' compares an evaluation metric after each reduction with the one before it: set "
                 "eval_strategy='steps' (or 'epoch') and pass an eval_dataset"
             )
+        if isinstance(state.stateful_callbacks, dict):
+            # A run resumed from a checkpoint written without this callback: transformers saves the state of the
+            # callbacks the checkpoint listed only (KeyError at the next save) unless this one has an entry.
+            state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         wrapped = trainer.model_wrapped if trainer is not None else model
         compressm_model = compressm_model_of(model)
         resume = compressm_model.__dict__.pop("_compressm_resume", None)
@@ -575,6 +580,20 @@ class CompreSSMTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         prepare_model_for_resume(model if model is not None else self.model, resume_from_checkpoint)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """A checkpoint written by an optimizer with other parameter groups (a plain Trainer's, before compression
+        was added) has its state moved into this run's groups (`optimizer_regroup`), with a warning."""
+        if checkpoint is not None and not self.is_deepspeed_enabled and not self.is_fsdp_enabled:
+            from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+            files = [os.path.join(checkpoint, name) for name in (OPTIMIZER_NAME, SCHEDULER_NAME)]
+            layouts = known_layouts(self.model, self.get_decay_parameter_names(self.model), self.args.weight_decay)
+            if all(os.path.isfile(path) for path in files) and load_regrouped_optimizer_state(
+                self.optimizer, self.lr_scheduler, *files, layouts
+            ):
+                return None
+        return super()._load_optimizer_and_scheduler(checkpoint)
 
     def _load_best_model(self):
         restore_best_checkpoint_sizes(self)

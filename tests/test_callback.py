@@ -440,3 +440,63 @@ def test_model_card_after_restoring_a_best_checkpoint_from_before_the_reductions
     assert "| 0 | 16 | 16 |" in card and "| 1 | 16 | 16 |" in card
     assert "reduced during training" not in card and "checkpoint from before any reduction" in card
     assert "restored from checkpoint-2 (the sizes the run had reached, dims before, were discarded)" in card
+
+
+# ------------------------------------------------------------------- compression added to an existing run
+def _checkpoint_without_compression(tmp_path):
+    args = make_args(tmp_path, "plain", max_steps=6, save_strategy="steps", save_steps=3)
+    Trainer(model=make_model(), args=args, train_dataset=SignTask(128)).train()
+    return tmp_path / "plain" / "checkpoint-3"
+
+
+def test_compressm_trainer_resumes_a_checkpoint_written_without_compression(tmp_path, caplog):
+    """Issue 20.7: CompreSSMTrainer groups the SSM parameters apart, so the plain Trainer's optimizer state (two
+    groups) raised "loaded state dict has a different number of parameter groups". The saved state is moved into
+    the new groups (with a warning) and the schedule continues."""
+    checkpoint = _checkpoint_without_compression(tmp_path)
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    model = make_model()
+    seen = {}
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            inner = optimizer.optimizer
+            seen["state"] = {id(p): {k: v.clone() for k, v in inner.state[p].items()} for p in model.parameters()}
+            seen["lrs"] = [group["lr"] for group in inner.param_groups]
+            seen["base_lrs"] = list(lr_scheduler.base_lrs)
+
+    callback = CompreSSMCallback(policy="fixed", fraction=0.25, start_step=4, end_step=4, interval=4)
+    args = make_args(tmp_path, "compressed", max_steps=8, save_strategy="steps", save_steps=2)
+    trainer = CompreSSMTrainer(model=model, args=args, train_dataset=SignTask(128), callbacks=[callback, Probe()])
+    with caplog.at_level(logging.WARNING, logger="modeling_compressm"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert [event.step for event in callback.history] == [4] and model.config.state_dims == [12, 12]
+    assert any("moved into the new groups" in record.getMessage() for record in caplog.records)
+    # every parameter got its own saved state: the plain Trainer's order is decay parameters, then the others
+    decay = set(trainer.get_decay_parameter_names(model))
+    named = list(model.named_parameters())  # resizing keeps the Parameter objects
+    order = [p for n, p in named if n in decay] + [p for n, p in named if n not in decay]
+    assert len(order) == len(saved["state"])
+    for index, parameter in enumerate(order):
+        assert float(seen["state"][id(parameter)]["step"]) == 3
+        assert torch.equal(seen["state"][id(parameter)]["exp_avg"], saved["state"][index]["exp_avg"])
+    # one base learning rate per new group, each at the linear schedule's value for step 3 of 8
+    assert len(seen["base_lrs"]) == len(seen["lrs"]) == 3
+    assert seen["lrs"] == pytest.approx([3e-3 * 5 / 8] * 3)
+
+
+def test_plain_trainer_resumes_with_the_callback_added_and_saves_after_a_reduction(tmp_path):
+    """Issue 20.7: a plain Trainer resumed from a checkpoint without the callback raised KeyError:
+    'CompreSSMCallback' at the first save after a reduction (transformers saves only the callbacks the checkpoint
+    listed)."""
+    checkpoint = _checkpoint_without_compression(tmp_path)
+    model = make_model()
+    prepare_model_for_resume(model, str(checkpoint))
+    callback = CompreSSMCallback(policy="fixed", fraction=0.25, start_step=4, end_step=4, interval=4)
+    args = make_args(tmp_path, "compressed", max_steps=8, save_strategy="steps", save_steps=2)
+    trainer = Trainer(model=model, args=args, train_dataset=SignTask(128), callbacks=[callback])
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert [event.step for event in callback.history] == [4]
+    state = json.loads((tmp_path / "compressed" / "checkpoint-8" / "trainer_state.json").read_text())
+    saved = state["stateful_callbacks"]["CompreSSMCallback"]["attributes"]["reducer_state"]
+    assert saved["state_dims"] == [12, 12] and [event["step"] for event in saved["history"]] == [4]
