@@ -38,6 +38,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .checkpoints import (
     atomic_checkpoint_save,
+    check_checkpoint_complete,
+    last_complete_checkpoint,
     prepare_model_for_resume,
     reconcile_histories,
     restore_checkpoint_sizes,
@@ -46,7 +48,7 @@ from .checkpoints import (
 from .distributed import distributed_world_size, rebuild_ddp_reducer
 from .fsdp import is_fsdp2
 from .events import coerce_events, event_metrics
-from .model_card import refresh_card_spectrum
+from .model_card import defer_card_plot, refresh_card_spectrum, write_model_card
 from .modeling_compressm import CompreSSMForCausalLM
 from .optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
 from .optimizer_regroup import known_layouts, load_regrouped_optimizer_state
@@ -90,18 +92,31 @@ def restore_best_checkpoint_sizes(trainer) -> bool:
                                     trainer.model_wrapped)
 
 
-def _resize_before_loading_best_model(trainer) -> None:
-    """Wrap a plain Trainer's `_load_best_model` (once) so the model gets the best checkpoint's sizes first."""
-    if trainer.__dict__.get("_compressm_sizes_before_best_model"):
+def _run_before(trainer, method_name: str, before) -> None:
+    """Wrap a plain Trainer's method `method_name` (once per Trainer) so `before(*args, **kwargs)` runs first."""
+    marker = f"_compressm_before{method_name}"
+    if trainer.__dict__.get(marker):
         return
-    load_best_model = trainer._load_best_model
+    method = getattr(trainer, method_name)
 
-    def load_best_model_at_its_sizes(*args, **kwargs):
-        restore_best_checkpoint_sizes(trainer)
-        return load_best_model(*args, **kwargs)
+    def wrapped(*args, **kwargs):
+        before(*args, **kwargs)
+        return method(*args, **kwargs)
 
-    trainer._load_best_model = load_best_model_at_its_sizes
-    trainer._compressm_sizes_before_best_model = True
+    setattr(trainer, method_name, wrapped)
+    trainer.__dict__[marker] = True
+
+
+def _resize_before_loading_best_model(trainer) -> None:
+    """Wrap a plain Trainer's `_load_best_model` so the model gets the best checkpoint's sizes first."""
+    _run_before(trainer, "_load_best_model", lambda *args, **kwargs: restore_best_checkpoint_sizes(trainer))
+
+
+def _check_checkpoint_before_resume(trainer) -> None:
+    """Wrap a plain Trainer's `_load_from_checkpoint` so an incomplete checkpoint fails with a message naming the
+    folder to delete and the newest complete one, instead of transformers' FileNotFoundError for trainer_state.json."""
+    _run_before(trainer, "_load_from_checkpoint",
+                lambda checkpoint, *args, **kwargs: check_checkpoint_complete(checkpoint))
 
 
 def _check_no_trainer_fsdp(args, model=None) -> None:
@@ -280,6 +295,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         if not isinstance(trainer, Trainer):
             raise TypeError(f"bind expects a transformers.Trainer, got {type(trainer).__name__}")
         _check_no_trainer_fsdp(trainer.args)
+        if not isinstance(trainer, CompreSSMTrainer):  # CompreSSMTrainer checks in its own _load_from_checkpoint
+            _check_checkpoint_before_resume(trainer)
         self._trainer = trainer
         return self
 
@@ -365,6 +382,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self._restore_progress(state, compressm_model, resume)
         if self.policy == "rollback":
             _check_every_event_is_checked(args, state, self.reducer)
+        defer_card_plot(compressm_model)  # drawn into each checkpoint once it is complete (on_save)
         self._last_metric = None
         return control
 
@@ -455,12 +473,18 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        if self.reducer is None or not args.should_save:
+            return control
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            return control
         # Plain Trainer: store a pending rollback check next to the checkpoint it belongs to (CompreSSMTrainer
         # writes it inside its atomic save instead).
-        if self.reducer is not None and not isinstance(self._trainer, CompreSSMTrainer) and args.should_save:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(folder):
-                save_pending_check(self.reducer, folder)
+        if not isinstance(self._trainer, CompreSSMTrainer):
+            save_pending_check(self.reducer, folder)
+        # The checkpoint is complete (trainer_state.json written): only now draw the card's HSV plot into it, which
+        # takes far longer than the save (deferred in on_train_begin).
+        write_model_card(self.reducer.model, folder, draw_plot=True)
         return control
 
     def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
@@ -478,6 +502,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
             refresh_card_spectrum(compressm_model_of(model))  # the final save draws the final spectrum
+            defer_card_plot(compressm_model_of(model), False)
         return control
 
     # ---------------------------------------------------------------------------------------------- helpers
@@ -576,6 +601,14 @@ class CompreSSMTrainer(Trainer):
     def add_callback(self, callback):
         super().add_callback(callback)
         self._bind_compressm_callbacks()
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` resumes from the newest *complete* checkpoint of
+        `output_dir` (`checkpoints.last_complete_checkpoint`: a folder left incomplete by a plain Trainer's
+        interrupted save is skipped with a warning naming it)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         prepare_model_for_resume(model if model is not None else self.model, resume_from_checkpoint)

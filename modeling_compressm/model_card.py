@@ -4,6 +4,8 @@ The plot is drawn with matplotlib's object API (`matplotlib.figure.Figure`), so 
 figure registry are left alone. Drawing takes far longer than writing the weights, so the spectrum and its PNG are
 computed once per reduction event (cached on the model, keyed by its sizes and history) and reused by every later
 save; `refresh_card_spectrum(model)` (called by CompreSSMCallback when training ends) makes the next save redraw.
+During training CompreSSMCallback defers the plot (`defer_card_plot`) and draws it into each checkpoint once the
+checkpoint is complete, so the save itself stays short.
 Every value that goes into the Markdown is escaped.
 
 Copied with the modeling file for `trust_remote_code` checkpoints, so it imports nothing beyond the standard library
@@ -17,6 +19,7 @@ import os
 
 HSV_PLOT_FILE = "hsv_spectrum.png"
 _CACHE_ATTRIBUTE = "_compressm_card_spectrum"
+_DEFER_PLOT_ATTRIBUTE = "_compressm_defer_card_plot"
 _MARKDOWN_SPECIAL = set("\\|<`")  # table cells (pipes), HTML tags, code spans
 
 
@@ -82,24 +85,42 @@ def _spectrum_key(model) -> tuple:
     return tuple(model.config.state_dims), last
 
 
-def card_spectrum(model, state_dict: dict | None = None) -> tuple[list[list[float]] | None, bytes | None]:
+def defer_card_plot(model, deferred: bool = True) -> None:
+    """While deferred, saves write the card without the HSV plot (drawing takes 10-20x longer than writing a small
+    checkpoint, and a plain Trainer's checkpoint is incomplete until the save returns); CompreSSMCallback defers it
+    during training and draws it into each finished checkpoint (`write_model_card(..., draw_plot=True)`)."""
+    if deferred:
+        model.__dict__[_DEFER_PLOT_ATTRIBUTE] = True
+    else:
+        model.__dict__.pop(_DEFER_PLOT_ATTRIBUTE, None)
+
+
+def card_spectrum(model, state_dict: dict | None = None,
+                  draw_plot: bool | None = None) -> tuple[list[list[float]] | None, bytes | None]:
     """(HSVs per layer as lists, PNG bytes or None) of the model, computed once per reduction event and cached.
 
     With `state_dict` (the weights being saved) the HSVs come from its tensors, so no parameter of a sharded model
     is read (that would be a collective on one process). A sharded model without a state dict gets no spectrum (not
-    cached, so a later save with the gathered state dict draws it)."""
+    cached, so a later save with the gathered state dict draws it). `draw_plot` None: draw unless deferred
+    (`defer_card_plot`); a spectrum cached without its plot is drawn by the first call that draws."""
+    if draw_plot is None:
+        draw_plot = not model.__dict__.get(_DEFER_PLOT_ATTRIBUTE, False)
     key = _spectrum_key(model)
     cached = model.__dict__.get(_CACHE_ATTRIBUTE)
     if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
+        _, hsv_per_layer, png, drawn = cached
+        if draw_plot and not drawn and hsv_per_layer is not None:
+            png = render_hsv_plot(hsv_per_layer)
+            model.__dict__[_CACHE_ATTRIBUTE] = (key, hsv_per_layer, png, True)
+        return hsv_per_layer, png
     if state_dict is None and model._has_sharded_parameters():
         return None, None
     try:
         hsv_per_layer = [values.tolist() for values in model.hankel_singular_values(state_dict=state_dict)]
     except (ValueError, RuntimeError):  # a layer with NaN or unstable eigenvalues: no spectrum to show
         hsv_per_layer = None
-    png = render_hsv_plot(hsv_per_layer) if hsv_per_layer is not None else None
-    model.__dict__[_CACHE_ATTRIBUTE] = (key, hsv_per_layer, png)
+    png = render_hsv_plot(hsv_per_layer) if hsv_per_layer is not None and draw_plot else None
+    model.__dict__[_CACHE_ATTRIBUTE] = (key, hsv_per_layer, png, draw_plot)
     return hsv_per_layer, png
 
 
@@ -285,20 +306,21 @@ def _is_replaceable(card_path: str) -> bool:
     return CARD_MARKER in text or _TRANSFORMERS_DEFAULT_CARD_MARKER in text
 
 
-def write_model_card(model, save_directory: str, overwrite: bool = False) -> bool:
+def write_model_card(model, save_directory: str, overwrite: bool = False, draw_plot: bool | None = None) -> bool:
     """Write README.md and the HSV plot (`hsv_spectrum.png`) into save_directory.
 
     An existing README.md is replaced only when `overwrite`, when this module wrote it, or when it is transformers'
     auto-generated placeholder (what `push_to_hub` puts in when the Hub repo has no card); a user's own card is left
     alone. The spectrum and plot come from `card_spectrum(model)` (drawn once per reduction event; `save_pretrained`
-    computes it from the state dict it saves first). No collective runs here, so it may run on one process of a
+    computes it from the state dict it saves first); `draw_plot` as for `card_spectrum` (None: unless deferred with
+    `defer_card_plot`, when the card has no plot). No collective runs here, so it may run on one process of a
     distributed job. Returns True when README.md was written.
     """
     card_path = os.path.join(save_directory, "README.md")
     if not overwrite and not _is_replaceable(card_path):
         return False
     card = render_model_card(model)
-    hsv_per_layer, png = card_spectrum(model)
+    hsv_per_layer, png = card_spectrum(model, draw_plot=draw_plot)
     if png is not None:
         with open(os.path.join(save_directory, HSV_PLOT_FILE), "wb") as handle:
             handle.write(png)

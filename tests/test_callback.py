@@ -500,3 +500,69 @@ def test_plain_trainer_resumes_with_the_callback_added_and_saves_after_a_reducti
     state = json.loads((tmp_path / "compressed" / "checkpoint-8" / "trainer_state.json").read_text())
     saved = state["stateful_callbacks"]["CompreSSMCallback"]["attributes"]["reducer_state"]
     assert saved["state_dims"] == [12, 12] and [event["step"] for event in saved["history"]] == [4]
+
+
+# ----------------------------------------------------------------- checkpoints a plain Trainer left incomplete
+def test_hsv_plot_is_drawn_only_into_complete_checkpoints(tmp_path, monkeypatch):
+    """Issue 20.9: the plot took 10-20x longer than the rest of a small checkpoint and was drawn inside the plain
+    Trainer's save, before trainer_state.json: most kills left the newest checkpoint incomplete."""
+    import modeling_compressm.model_card as model_card
+
+    output = tmp_path / "run"
+    incomplete_while_drawing = []
+    render = model_card.render_hsv_plot
+
+    def watched_render(hsv_per_layer):
+        folders = list(output.glob("checkpoint-*"))
+        incomplete_while_drawing.extend(f.name for f in folders if not (f / "trainer_state.json").exists())
+        return render(hsv_per_layer)
+
+    monkeypatch.setattr(model_card, "render_hsv_plot", watched_render)
+    callback = CompreSSMCallback(policy="fixed", fraction=0.25, start_step=2, end_step=4, interval=2)
+    args = make_args(tmp_path, "run", max_steps=6, save_strategy="steps", save_steps=2)
+    Trainer(model=make_model(), args=args, train_dataset=SignTask(64), callbacks=[callback]).train()
+    assert incomplete_while_drawing == []
+    for step in (2, 4, 6):  # the plot still lands in every checkpoint, and its card shows it
+        folder = output / f"checkpoint-{step}"
+        assert (folder / "hsv_spectrum.png").stat().st_size > 0
+        assert "![Hankel singular values per layer](hsv_spectrum.png)" in (folder / "README.md").read_text()
+
+
+def _run_with_incomplete_newest_checkpoint(tmp_path):
+    callback = CompreSSMCallback(policy="fixed", fraction=0.25, start_step=2, end_step=4, interval=2)
+    args = make_args(tmp_path, "run", max_steps=4, save_strategy="steps", save_steps=2)
+    Trainer(model=make_model(), args=args, train_dataset=SignTask(64), callbacks=[callback]).train()
+    (tmp_path / "run" / "checkpoint-4" / "trainer_state.json").unlink()  # as a kill during the save leaves it
+    return tmp_path / "run"
+
+
+def test_resume_from_an_incomplete_checkpoint_names_the_folder_to_delete(tmp_path):
+    """Issue 20.9: transformers' bare FileNotFoundError for trainer_state.json gave no hint."""
+    from modeling_compressm.checkpoints import IncompleteCheckpointError, last_complete_checkpoint
+
+    output = _run_with_incomplete_newest_checkpoint(tmp_path)
+    expected = (rf"cannot resume from .*checkpoint-4: it has no trainer_state\.json.*Delete that folder and resume "
+                rf"from .*checkpoint-2, the newest complete checkpoint")
+    with pytest.raises(IncompleteCheckpointError, match=expected):
+        prepare_model_for_resume(make_model(), output / "checkpoint-4")
+    # a bound plain Trainer resuming with resume_from_checkpoint=True says the same
+    callback = CompreSSMCallback(policy="fixed", fraction=0.25, start_step=2, end_step=4, interval=2)
+    trainer = Trainer(model=make_model(), args=make_args(tmp_path, "run", max_steps=6), train_dataset=SignTask(64),
+                      callbacks=[callback])
+    callback.bind(trainer)
+    with pytest.raises(IncompleteCheckpointError, match=expected):
+        trainer.train(resume_from_checkpoint=True)
+    assert last_complete_checkpoint(output) == str(output / "checkpoint-2")
+
+
+def test_compressm_trainer_falls_back_to_the_newest_complete_checkpoint(tmp_path, caplog):
+    output = _run_with_incomplete_newest_checkpoint(tmp_path)
+    model = make_model()
+    callback = CompreSSMCallback(policy="fixed", fraction=0.25, start_step=2, end_step=4, interval=2)
+    trainer = CompreSSMTrainer(model=model, args=make_args(tmp_path, "run", max_steps=6), train_dataset=SignTask(64),
+                               callbacks=[callback])
+    with caplog.at_level(logging.WARNING, logger="modeling_compressm"):
+        trainer.train(resume_from_checkpoint=True)
+    assert [event.step for event in callback.history] == [2, 4] and model.config.state_dims == [9, 9]
+    assert any("skipped the incomplete checkpoint(s)" in r.getMessage() and "checkpoint-4" in r.getMessage()
+               and "resuming from" in r.getMessage() for r in caplog.records)
