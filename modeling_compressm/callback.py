@@ -192,6 +192,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         rollback_metric, rollback_tolerance, greater_is_better: see `schedule.RollbackRule`.
         log_hsv: store the per-layer HSVs in each history event and log their sums.
         optimizer_state: optimizer-state repair mode ("reset").
+        collective_timeout: seconds a collective of a distributed reduction may wait for the other ranks before the
+            run fails naming the rank that did not arrive; None: `DEFAULTS.collective_timeout` (300 s), or the
+            Trainer's `ddp_timeout` where that is shorter.
     Defaults come from `schedule.DEFAULTS`. Invalid values raise ValueError here; checks that need the model
     (`total_budget` against `min_dim` x layers) or the TrainingArguments run when training starts, before step 1.
 
@@ -217,8 +220,17 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         log_hsv: bool = DEFAULTS.log_hsv,
         optimizer_state: str = DEFAULTS.optimizer_state,
         final_fraction: float = DEFAULTS.final_fraction,
+        collective_timeout: float | None = None,
     ):
         policy, tau, fraction = resolve_policy_arguments(policy, tau, fraction)
+        if collective_timeout is not None and (
+            isinstance(collective_timeout, bool) or not isinstance(collective_timeout, (int, float))
+            or not collective_timeout > 0
+        ):
+            raise ValueError(
+                f"collective_timeout must be None or a positive number of seconds, got {collective_timeout!r}"
+            )
+        self.collective_timeout = None if collective_timeout is None else float(collective_timeout)
         self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget, final_fraction)
         self.schedule = ReductionSchedule(start_step, end_step, interval)
         self.rollback_rule = RollbackRule(rollback_metric, rollback_tolerance, greater_is_better)
@@ -257,6 +269,14 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     @property
     def lower_is_better(self) -> bool:
         return self.rollback_rule.lower_is_better
+
+    def effective_collective_timeout(self, args) -> float:
+        """Seconds a collective of a distributed reduction waits: `collective_timeout` when given, else
+        `DEFAULTS.collective_timeout` (300 s), or the Trainer's `ddp_timeout` where that is shorter."""
+        if self.collective_timeout is not None:
+            return self.collective_timeout
+        ddp_timeout = getattr(args, "ddp_timeout", None)
+        return float(min(DEFAULTS.collective_timeout, ddp_timeout or DEFAULTS.collective_timeout))
 
     def resolved_end_step(self, max_steps: int) -> int:
         """end_step as an absolute step for a run of `max_steps` optimizer steps."""
@@ -316,7 +336,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         arguments = {
             **self._reducer_kwargs(),
             "rollback_metric": rule.metric, "rollback_tolerance": rule.tolerance,
-            "greater_is_better": rule.greater_is_better,
+            "greater_is_better": rule.greater_is_better, "collective_timeout": self.collective_timeout,
         }
         if self.reducer is not None:
             progress = self.reducer.state_dict(include_snapshot=False)
@@ -377,7 +397,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         resume = compressm_model.__dict__.pop("_compressm_resume", None)
         self.reducer = CompreSSMReducer(
             wrapped, optimizer, **self._reducer_kwargs(), max_steps=state.max_steps,
-            collective_timeout=float(getattr(args, "ddp_timeout", None) or DEFAULTS.collective_timeout),
+            collective_timeout=self.effective_collective_timeout(args),
         )
         self._restore_progress(state, compressm_model, resume)
         if self.policy == "rollback":

@@ -47,8 +47,10 @@ class ReductionDefaults:
     rollback_metric: str = "eval_loss"
     rollback_tolerance: float = 0.01
     greater_is_better: bool | None = None
-    # Seconds a collective of a distributed reduction may wait for the other ranks before failing.
-    collective_timeout: float = 1800.0
+    # Seconds a collective of a distributed reduction may wait for the other ranks before failing (rank 0 decides the
+    # event while the others wait in the first collective, so this also bounds the time one event takes to decide).
+    # Shorter than a Trainer's ddp_timeout (1800 s): a stalled rank fails the run within minutes, not half an hour.
+    collective_timeout: float = 300.0
 
 
 DEFAULTS = ReductionDefaults()
