@@ -6,7 +6,8 @@ check. Around that it does only Trainer plumbing:
 
 * logging through `Trainer.log` (so `report_to` integrations, `log_history` and printers see the metrics), which
   needs the Trainer: `CompreSSMTrainer` binds its callbacks, `callback.bind(trainer)` binds one to a plain
-  `Trainer`. Unbound, metrics go to `state.log_history` only; under torch.distributed an unbound callback stops
+  `Trainer`. Unbound, metrics go to `state.log_history` only (nothing on the console; a warning at the start of
+  training says so); under torch.distributed an unbound callback stops
   before step 1 (the reducer needs the DDP-wrapped model, which only the Trainer holds). A callback bound to a
   Trainer that is not the one now training raises at `train()` instead of logging to the wrong run.
 * FSDP: the Trainer's FSDP (`TrainingArguments(fsdp=...)`) is refused with a message naming the supported path
@@ -368,10 +369,11 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 "CompreSSMCallback under torch.distributed needs its Trainer (the reducer works on the DDP-wrapped "
                 "model only the Trainer holds): use CompreSSMTrainer, or call callback.bind(trainer)"
             )
-        if trainer is None and args.report_to and args.report_to not in ("none", ["none"]):
+        if trainer is None:
             logger.warning(
-                "CompreSSMCallback is not bound to a Trainer: its metrics go to state.log_history only, not to "
-                "report_to integrations. Use CompreSSMTrainer or call callback.bind(trainer)."
+                "CompreSSMCallback is not bound to a Trainer: its metrics go to trainer.state.log_history only, not "
+                "to the console or report_to integrations. Use CompreSSMTrainer or call callback.bind(trainer) "
+                "before train()."
             )
         if args.load_best_model_at_end and not isinstance(trainer, CompreSSMTrainer):
             if trainer is not None:

@@ -385,6 +385,29 @@ def test_gradient_accumulation_clipping_and_bf16(tmp_path):
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in losses(trainer))
 
 
+def test_plain_trainer_says_when_the_callback_prints_nothing(tmp_path, caplog):
+    """Issue 20.13: unbound in a plain Trainer (report_to="none"), the callback printed nothing and said nothing;
+    bound, its metrics go through Trainer.log (the console printer and integrations) and there is no warning."""
+    for bind in (False, True):
+        caplog.clear()
+        recorder = Recorder()
+        callback = CompreSSMCallback(tau=0.05, start_step=2, end_step=2, interval=2)
+        trainer = Trainer(model=make_model(), args=make_args(tmp_path, max_steps=3), train_dataset=SignTask(64),
+                          callbacks=[recorder, callback])
+        if bind:
+            callback.bind(trainer)
+        with caplog.at_level(logging.WARNING, logger="modeling_compressm"):
+            trainer.train()
+        warned = [r.getMessage() for r in caplog.records if "not bound to a Trainer" in r.getMessage()]
+        printed = [logs for _, logs in recorder.logs if "compressm/total_state_dim" in logs]
+        assert len(callback.history) == 1
+        if bind:
+            assert not warned and len(printed) == 1
+        else:
+            assert len(warned) == 1 and "not to the console" in warned[0] and "callback.bind(trainer)" in warned[0]
+            assert not printed and any("compressm/total_state_dim" in entry for entry in trainer.state.log_history)
+
+
 def test_unbound_callback_logs_to_state(tmp_path):
     """Outside a Trainer (no Trainer to find), metrics still land in state.log_history."""
     model = make_model()
@@ -566,3 +589,45 @@ def test_compressm_trainer_falls_back_to_the_newest_complete_checkpoint(tmp_path
     assert [event.step for event in callback.history] == [2, 4] and model.config.state_dims == [9, 9]
     assert any("skipped the incomplete checkpoint(s)" in r.getMessage() and "checkpoint-4" in r.getMessage()
                and "resuming from" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------------- docs against the schedule
+def _normalised(path):
+    from pathlib import Path
+
+    return " ".join((Path(__file__).resolve().parents[1] / path).read_text().split())
+
+
+def test_documented_event_counts_match_the_schedules():
+    """Issue 20.13: docs/train-your-data.md said the CLI's default schedule has 7 events; a 124-step run has 8."""
+    import re
+
+    from modeling_compressm.run_settings import ReductionPlan
+    from modeling_compressm.schedule import ReductionSchedule
+
+    def cli_steps(max_steps):
+        resolved = ReductionPlan().resolve(max_steps)
+        return ReductionSchedule(resolved["start_step"], resolved["end_step"], resolved["interval"]).steps(max_steps)
+
+    text = _normalised("docs/train-your-data.md")
+    claim = re.search(r"schedules (\d+) events in runs of (\d+) steps or more; shorter runs get between (\d+) and "
+                      r"(\d+) events \(a (\d+)-step run reduces (\d+) times, at steps (\d+), (\d+), \.\.\., (\d+)\)", text)
+    assert claim, "the CLI schedule sentence of docs/train-your-data.md changed: update this test"
+    usual, long_from, fewest, most, example, example_count, first, second, last = map(int, claim.groups())
+    counts = {max_steps: len(cli_steps(max_steps)) for max_steps in range(1, 5001)}
+    assert all(count == usual for max_steps, count in counts.items() if max_steps >= long_from)
+    assert counts[long_from - 1] != usual
+    shorter = [count for max_steps, count in counts.items() if max_steps < long_from]
+    assert (min(shorter), max(shorter)) == (fewest, most)
+    steps = cli_steps(example)
+    assert (len(steps), steps[0], steps[1], steps[-1]) == (example_count, first, second, last)
+
+    # docs/callback.md on the library's default schedule (fractions 0 / 0.1 / 0.025 of max_steps)
+    text = _normalised("docs/callback.md")
+    assert "4 events, at 2.5%, 5%, 7.5% and 10% of `max_steps`, when `max_steps` is a multiple of 40" in text
+    library = {max_steps: ReductionSchedule().steps(max_steps) for max_steps in range(1, 5001)}
+    assert all(len(library[max_steps]) == 4 for max_steps in range(40, 5001, 40))
+    claim = re.search(r"gives up to (\d+) events in short runs \(a (\d+)-step run reduces at steps 1 to (\d+)\)", text)
+    assert claim and max(map(len, library.values())) == int(claim.group(1))
+    assert library[int(claim.group(2))] == list(range(1, int(claim.group(3)) + 1))
+    assert "Runs shorter than 10 steps have no event" in text and min(s for s in library if library[s]) == 10
