@@ -20,14 +20,15 @@ check. Around that it does only Trainer plumbing:
   does before loading the best checkpoint (earlier releases load it first, so there the callback must be bound).
 
 Reduction math lives in `reduction.py`, the loop-independent core in `reducer.py`, schedule and policies in
-`schedule.py`, checkpoint reading and atomic saves in `checkpoints.py`. Over 500 lines because what stays here needs
-the Trainer itself: its logging, optimizer groups, checkpoint and best-model hooks (on both sides of transformers 5.3)
-and the checks of its arguments (FSDP, label smoothing) before step 1.
+`schedule.py`, checkpoint reading and atomic saves in `checkpoints.py`, the checks of the Trainer's arguments before
+step 1 in `trainer_checks.py`, the wrapped methods of a plain Trainer in `trainer_hooks.py`, and moving a
+checkpoint's optimizer state into other parameter groups in `optimizer_regroup.py`. Over 500 lines because what stays
+here is the two classes, which need the Trainer itself: its logging, optimizer groups, resume, checkpoint and
+best-model hooks (on both sides of transformers 5.3).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 
@@ -35,11 +36,9 @@ import transformers
 from packaging import version
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .checkpoints import (
     atomic_checkpoint_save,
-    check_checkpoint_complete,
     last_complete_checkpoint,
     prepare_model_for_resume,
     reconcile_histories,
@@ -47,22 +46,24 @@ from .checkpoints import (
     save_pending_check,
 )
 from .distributed import distributed_world_size, rebuild_ddp_reducer
-from .fsdp import is_fsdp2
 from .events import coerce_events, event_metrics
 from .model_card import defer_card_plot, refresh_card_spectrum, write_model_card
-from .modeling_compressm import CompreSSMForCausalLM
 from .optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
 from .optimizer_regroup import known_layouts, load_regrouped_optimizer_state
 from .optimizer_state import optimizer_state_repair
 from .reducer import CompreSSMReducer, compressm_model_of
-from .schedule import (
-    DEFAULTS,
-    RankPolicy,
-    ReductionSchedule,
-    RollbackRule,
-    evaluation_steps,
-    resolve_policy_arguments,
-    unchecked_rollback_events,
+from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, RollbackRule, resolve_policy_arguments
+from .trainer_checks import (  # noqa: F401 (TRAINER_FSDP_MESSAGE: importable from here, as before)
+    TRAINER_FSDP_MESSAGE,
+    check_every_event_is_checked,
+    check_label_smoothing_is_shifted,
+    check_no_trainer_fsdp,
+)
+from .trainer_hooks import (
+    check_checkpoint_before_resume,
+    preserve_control_flags,
+    resize_before_loading_best_model,
+    restore_best_checkpoint_sizes,
 )
 
 logger = logging.getLogger(__name__)
@@ -70,108 +71,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["CompreSSMCallback", "CompreSSMTrainer", "prepare_model_for_resume", "rebuild_ddp_reducer"]
 
 
-TRAINER_FSDP_MESSAGE = (
-    "CompreSSMCallback does not support the Trainer's FSDP (TrainingArguments(fsdp=...)): on resume the Trainer shards "
-    "the model at its initial sizes before loading a checkpoint saved at reduced sizes, which CompreSSMTrainer cannot "
-    "re-size. Train FSDP2 models in a plain PyTorch or accelerate loop with CompreSSMReducer(model, optimizer, ...), "
-    "which supports fully_shard and accelerate's FSDP2 plugin (docs/fsdp.md), or use the Trainer with DDP"
-)
-
-
 # transformers >= 5.3 logs the final training metrics (on_log) before `load_best_model_at_end` loads the best
 # checkpoint; earlier releases load it first, so an unbound callback cannot re-size the model in time there.
 FINAL_LOG_PRECEDES_BEST_MODEL_LOAD = version.parse(transformers.__version__).release >= (5, 3)
-
-
-def restore_best_checkpoint_sizes(trainer) -> bool:
-    """Give the Trainer's model the sizes and history of its best checkpoint (before `load_best_model_at_end` loads
-    the weights); False when there is nothing to do."""
-    checkpoint = trainer.state.best_model_checkpoint
-    if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, "config.json")):
-        return False
-    return restore_checkpoint_sizes(trainer.model, checkpoint, trainer.state.global_step, trainer.optimizer,
-                                    trainer.model_wrapped)
-
-
-def _run_before(trainer, method_name: str, before) -> None:
-    """Wrap a plain Trainer's method `method_name` (once per Trainer) so `before(*args, **kwargs)` runs first."""
-    marker = f"_compressm_before{method_name}"
-    if trainer.__dict__.get(marker):
-        return
-    method = getattr(trainer, method_name)
-
-    def wrapped(*args, **kwargs):
-        before(*args, **kwargs)
-        return method(*args, **kwargs)
-
-    setattr(trainer, method_name, wrapped)
-    trainer.__dict__[marker] = True
-
-
-def _resize_before_loading_best_model(trainer) -> None:
-    """Wrap a plain Trainer's `_load_best_model` so the model gets the best checkpoint's sizes first."""
-    _run_before(trainer, "_load_best_model", lambda *args, **kwargs: restore_best_checkpoint_sizes(trainer))
-
-
-def _check_checkpoint_before_resume(trainer) -> None:
-    """Wrap a plain Trainer's `_load_from_checkpoint` so an incomplete checkpoint fails with a message naming the
-    folder to delete and the newest complete one, instead of transformers' FileNotFoundError for trainer_state.json."""
-    _run_before(trainer, "_load_from_checkpoint",
-                lambda checkpoint, *args, **kwargs: check_checkpoint_complete(checkpoint))
-
-
-def _check_no_trainer_fsdp(args, model=None) -> None:
-    """Raise the TRAINER_FSDP_MESSAGE error for Trainer arguments that ask for FSDP or a model sharded by FSDP."""
-    asked = bool(getattr(args, "fsdp", None)) if args is not None else False
-    sharded = model is not None and is_fsdp2(model)
-    if asked or sharded:
-        raise NotImplementedError(TRAINER_FSDP_MESSAGE)
-
-
-def _check_label_smoothing_is_shifted(args, model) -> None:
-    """The Trainer shifts labels for label smoothing only for causal LMs in transformers' own tables: refuse it for
-    ours before step 1 (each position would learn to predict its own input token)."""
-    lm = compressm_model_of(model) if model is not None else None
-    if getattr(args, "label_smoothing_factor", 0) and isinstance(lm, CompreSSMForCausalLM):
-        if type(lm).__name__ not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-            raise ValueError(
-                f"label_smoothing_factor={args.label_smoothing_factor} with {type(lm).__name__}: transformers' Trainer "
-                "shifts labels for label smoothing only for causal LMs built into transformers, so each position would "
-                "learn its own input token. Set label_smoothing_factor=0 or pass a compute_loss_func that shifts labels"
-            )
-
-
-def _check_every_event_is_checked(args, state, reducer) -> None:
-    """Rollback policy with `eval_strategy="steps"`: refuse a schedule in which an event has no evaluation before the
-    next one (that next event would be skipped while the first awaits its check)."""
-    if str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "steps" or not state.eval_steps:
-        return
-    events = [step for step in reducer.schedule.steps(state.max_steps) if step > state.global_step]
-    checks = evaluation_steps(int(state.eval_steps), state.max_steps, args.eval_delay or 0)
-    unchecked = unchecked_rollback_events(events, checks)
-    if unchecked:
-        skipped = ", ".join(str(following) for _, following in unchecked)
-        raise ValueError(
-            f"policy='rollback' checks each reduction at the next evaluation and makes no reduction while a check is "
-            f"pending, but with eval_steps={state.eval_steps} the reductions scheduled at steps {events} would "
-            f"have no evaluation between " + ", ".join(f"steps {step} and {following}" for step, following in unchecked)
-            + f", so the events at steps {skipped} would be skipped. Set eval_steps to at most the reduction "
-            f"interval ({reducer.schedule.resolve(state.max_steps)[2]} steps), or schedule fewer events"
-        )
-
-
-@contextlib.contextmanager
-def _preserve_control_flags(trainer):
-    """Nested `trainer.log` / `trainer.evaluate` calls clear `control.should_log` / `should_evaluate`, which would make
-    the Trainer skip the logging or evaluation it had scheduled for this step; put the flags back afterwards."""
-    control = trainer.control
-    saved = {name: getattr(control, name) for name in ("should_log", "should_evaluate", "should_save")}
-    try:
-        yield
-    finally:
-        for target in {id(control): control, id(trainer.control): trainer.control}.values():
-            for name, value in saved.items():
-                setattr(target, name, value)
 
 
 class CompreSSMCallback(TrainerCallback, ExportableState):
@@ -315,9 +217,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         wrapped (DDP) model the reducer works on. `CompreSSMTrainer` does this itself; returns self."""
         if not isinstance(trainer, Trainer):
             raise TypeError(f"bind expects a transformers.Trainer, got {type(trainer).__name__}")
-        _check_no_trainer_fsdp(trainer.args)
+        check_no_trainer_fsdp(trainer.args)
         if not isinstance(trainer, CompreSSMTrainer):  # CompreSSMTrainer checks in its own _load_from_checkpoint
-            _check_checkpoint_before_resume(trainer)
+            check_checkpoint_before_resume(trainer)
         self._trainer = trainer
         return self
 
@@ -361,8 +263,8 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
 
     # --------------------------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        _check_no_trainer_fsdp(args, model)
-        _check_label_smoothing_is_shifted(args, model)
+        check_no_trainer_fsdp(args, model)
+        check_label_smoothing_is_shifted(args, model)
         trainer = self._running_trainer(optimizer)
         if distributed_world_size() > 1 and trainer is None:
             raise RuntimeError(
@@ -377,7 +279,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             )
         if args.load_best_model_at_end and not isinstance(trainer, CompreSSMTrainer):
             if trainer is not None:
-                _resize_before_loading_best_model(trainer)
+                resize_before_loading_best_model(trainer)
             elif not FINAL_LOG_PRECEDES_BEST_MODEL_LOAD:
                 raise ValueError(
                     f"load_best_model_at_end with a plain transformers.Trainer: transformers "
@@ -403,7 +305,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         )
         self._restore_progress(state, compressm_model, resume)
         if self.policy == "rollback":
-            _check_every_event_is_checked(args, state, self.reducer)
+            check_every_event_is_checked(args, state, self.reducer)
         defer_card_plot(compressm_model)  # drawn into each checkpoint once it is complete (on_save)
         self._last_metric = None
         return control
@@ -534,7 +436,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     def _evaluate_baseline(self) -> float | None:
         trainer = self._trainer
         if trainer is not None and trainer.eval_dataset is not None:
-            with _preserve_control_flags(trainer):
+            with preserve_control_flags(trainer):
                 metrics = trainer.evaluate()  # on_evaluate records it as _last_metric (no pending event yet)
             if self.metric_name not in metrics:
                 raise KeyError(
@@ -546,7 +448,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     def _log(self, state, metrics: dict) -> None:
         trainer = self._trainer
         if trainer is not None:
-            with _preserve_control_flags(trainer):
+            with preserve_control_flags(trainer):
                 trainer.log(dict(metrics))
         else:
             state.log_history.append({**metrics, "step": state.global_step})
