@@ -98,6 +98,8 @@ def _describe_failure(what: str, timeout: timedelta, error: Exception, group=Non
         culprit = (f"rank {names} did not reach it" if len(behind) == 1 else f"ranks {names} did not reach it") + (
             " (stalled, crashed, or not running this reduction: every rank must run the reduction at the same step)"
         )
+        if 0 in behind:
+            culprit += "; if rank 0 was only slow deciding the event, raise collective_timeout"
     elif behind == []:
         culprit = "every rank reached it, so a rank failed or was stopped inside it"
     else:
