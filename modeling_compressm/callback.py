@@ -320,6 +320,12 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         if state.global_step == 0:
             return  # a fresh run continues the history of the model it starts from
         if resume is not None:
+            if not resume.has_reduction_state:
+                logger.warning(
+                    "CompreSSMCallback: %s was written without compression (no CompreSSMCallback state, no event in "
+                    "its history): reductions start with this run, from step %d, on the model as saved", resume.path,
+                    state.global_step,
+                )
             reducer.stopped = resume.stopped
             reducer.restore_pending(resume.pending, f"checkpoint {resume.path}")
             return

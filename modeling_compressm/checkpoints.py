@@ -55,6 +55,7 @@ class CheckpointReductionState:
     stopped: bool = False
     pending: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    has_reduction_state: bool = True  # False: no callback state and no event (saved by a run without compression)
 
 
 def _read_json(path: str):
@@ -155,7 +156,8 @@ def read_checkpoint(checkpoint_dir) -> CheckpointReductionState:
                 "be undone"
             )
             pending = dict(pending, snapshot=None)
-    return CheckpointReductionState(checkpoint_dir, dims, events, stopped, pending, warnings)
+    return CheckpointReductionState(checkpoint_dir, dims, events, stopped, pending, warnings,
+                                    has_reduction_state=bool(file_events) or attributes is not None)
 
 
 # ------------------------------------------------------------------------------------ incomplete checkpoints

@@ -65,7 +65,7 @@ def test_compressm_trainer_resumes_a_checkpoint_written_without_compression(tmp_
     assert seen["lrs"] == pytest.approx([3e-3 * 5 / 8] * 3)
 
 
-def test_plain_trainer_resumes_with_the_callback_added_and_saves_after_a_reduction(tmp_path):
+def test_plain_trainer_resumes_with_the_callback_added_and_saves_after_a_reduction(tmp_path, caplog):
     """Issue 20.7: a plain Trainer resumed from a checkpoint without the callback raised KeyError:
     'CompreSSMCallback' at the first save after a reduction (transformers saves only the callbacks the checkpoint
     listed)."""
@@ -75,7 +75,9 @@ def test_plain_trainer_resumes_with_the_callback_added_and_saves_after_a_reducti
     callback = CompreSSMCallback(policy="fixed", fraction=0.25, start_step=4, end_step=4, interval=4)
     args = make_args(tmp_path, "compressed", max_steps=8, save_strategy="steps", save_steps=2)
     trainer = Trainer(model=model, args=args, train_dataset=SignTask(128), callbacks=[callback])
-    trainer.train(resume_from_checkpoint=str(checkpoint))
+    with caplog.at_level(logging.WARNING, logger="modeling_compressm"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert any("was written without compression" in record.getMessage() for record in caplog.records)
     assert [event.step for event in callback.history] == [4]
     state = json.loads((tmp_path / "compressed" / "checkpoint-8" / "trainer_state.json").read_text())
     saved = state["stateful_callbacks"]["CompreSSMCallback"]["attributes"]["reducer_state"]
