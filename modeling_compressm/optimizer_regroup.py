@@ -118,11 +118,13 @@ def load_regrouped_optimizer_state(optimizer, scheduler, optimizer_file: str, sc
     Returns False, loading nothing, when the saved groups have the current sizes (the ordinary load applies). When
     no layout fits, the optimizer starts from fresh state, with a warning that says so. Logs what was done.
     """
-    saved = torch.load(optimizer_file, map_location="cpu", weights_only=True, mmap=True)
+    peek = torch.load(optimizer_file, map_location="cpu", weights_only=True, mmap=True)  # reads no tensor data
     inner = unwrap_optimizer(optimizer)
-    saved_sizes, current_sizes = _group_sizes(saved["param_groups"]), _group_sizes(inner.param_groups)
+    saved_sizes, current_sizes = _group_sizes(peek["param_groups"]), _group_sizes(inner.param_groups)
+    del peek
     if saved_sizes == current_sizes:
         return False
+    saved = torch.load(optimizer_file, map_location="cpu", weights_only=True)  # tensors in memory, not file-backed
     regrouped = regroup_optimizer_state(saved, optimizer, layouts)
     if regrouped is None:
         logger.warning(
