@@ -2,7 +2,8 @@
 reduces the model three times during Trainer training, resumes a second run from a checkpoint saved after two
 reductions, and reduces a plain DDP loop with CompreSSMReducer. Every rank must hold the same sizes and identical
 parameters (gradients are still averaged through the rebuilt DDP reducer), training must have continued, and the
-resumed run must end where the uninterrupted one did."""
+resumed run must end where the uninterrupted one did. Also (issue 20): reduction collectives time out on their own
+(shorter) default and name a stalled rank, and docs/fsdp.md's recipe for two CPU processes under accelerate launch."""
 
 import re
 from pathlib import Path
@@ -112,3 +113,40 @@ def test_a_stalled_rank_is_named_and_fails_the_run_within_the_collective_timeout
     assert "did not complete on rank 0 within 3 s: rank 1 did not reach it (stalled" in output, output[-5000:]
     left = [float(seconds) for seconds in re.findall(r"rank 0 left training after ([0-9.]+) s", output)]
     assert left and left[0] < 60, output[-3000:]
+
+
+PROBE = """
+import sys
+from accelerate import Accelerator
+accelerator = Accelerator(cpu=sys.argv[1] == "cpu")
+print(f"PROCESS {accelerator.process_index} OF {accelerator.num_processes}", flush=True)
+"""
+
+
+@requires_gloo
+def test_fsdp_doc_says_how_accelerate_launch_gets_two_cpu_processes(tmp_path):
+    """Issue 20.13: docs/fsdp.md showed `accelerate launch --num_processes 2 train.py` for DDP; without GPUs that starts
+    one process, and two processes only train together with Accelerator(cpu=True)."""
+    import subprocess
+    import sys
+
+    from two_ranks import worker_env
+
+    text = " ".join((Path(__file__).resolve().parents[1] / "docs" / "fsdp.md").read_text().split())
+    assert "`accelerate launch --num_processes 2` starts **one** process" in text
+    assert ("`Accelerator(cpu=True, ...)` in the script and `accelerate launch --multi_gpu --num_processes 2 "
+            "train.py`") in text
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    env = {**worker_env(), "HF_HOME": str(tmp_path / "hf")}  # no accelerate config file
+
+    def launch(*flags, cpu):
+        command = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", "2", str(probe),
+                   "cpu" if cpu else "default"]
+        completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        return sorted(re.findall(r"PROCESS (\d) OF (\d)", completed.stdout))
+
+    assert launch(cpu=True) == [("0", "1")]  # one process, whatever the script asks
+    assert launch("--multi_gpu", cpu=False) == [("0", "1"), ("0", "1")]  # two processes, each training alone
+    assert launch("--multi_gpu", cpu=True) == [("0", "2"), ("1", "2")]  # CPU DDP
