@@ -6,7 +6,8 @@ check. Around that it does only Trainer plumbing:
 
 * logging through `Trainer.log` (so `report_to` integrations, `log_history` and printers see the metrics), which
   needs the Trainer: `CompreSSMTrainer` binds its callbacks, `callback.bind(trainer)` binds one to a plain
-  `Trainer`. Unbound, metrics go to `state.log_history` only; under torch.distributed an unbound callback stops
+  `Trainer`. Unbound, metrics go to `state.log_history` only (nothing on the console; a warning at the start of
+  training says so); under torch.distributed an unbound callback stops
   before step 1 (the reducer needs the DDP-wrapped model, which only the Trainer holds). A callback bound to a
   Trainer that is not the one now training raises at `train()` instead of logging to the wrong run.
 * FSDP: the Trainer's FSDP (`TrainingArguments(fsdp=...)`) is refused with a message naming the supported path
@@ -19,14 +20,15 @@ check. Around that it does only Trainer plumbing:
   does before loading the best checkpoint (earlier releases load it first, so there the callback must be bound).
 
 Reduction math lives in `reduction.py`, the loop-independent core in `reducer.py`, schedule and policies in
-`schedule.py`, checkpoint reading and atomic saves in `checkpoints.py`. Over 500 lines because what stays here needs
-the Trainer itself: its logging, optimizer groups, checkpoint and best-model hooks (on both sides of transformers 5.3)
-and the checks of its arguments (FSDP, label smoothing) before step 1.
+`schedule.py`, checkpoint reading and atomic saves in `checkpoints.py`, the checks of the Trainer's arguments before
+step 1 in `trainer_checks.py`, the wrapped methods of a plain Trainer in `trainer_hooks.py`, and moving a
+checkpoint's optimizer state into other parameter groups in `optimizer_regroup.py`. Over 500 lines because what stays
+here is the two classes, which need the Trainer itself: its logging, optimizer groups, resume, checkpoint and
+best-model hooks (on both sides of transformers 5.3).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 
@@ -34,102 +36,46 @@ import transformers
 from packaging import version
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .checkpoints import (
     atomic_checkpoint_save,
+    last_complete_checkpoint,
     prepare_model_for_resume,
     reconcile_histories,
     restore_checkpoint_sizes,
     save_pending_check,
 )
 from .distributed import distributed_world_size, rebuild_ddp_reducer
-from .fsdp import is_fsdp2
 from .events import coerce_events, event_metrics
-from .model_card import refresh_card_spectrum
-from .modeling_compressm import CompreSSMForCausalLM
+from .model_card import defer_card_plot, refresh_card_spectrum, write_model_card
 from .optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
+from .optimizer_regroup import known_layouts, load_regrouped_optimizer_state
 from .optimizer_state import optimizer_state_repair
 from .reducibility import regularizer_from
 from .reduction import check_system
 from .reducer import CompreSSMReducer, compressm_model_of
 from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, RollbackRule, resolve_policy_arguments
+from .trainer_checks import (  # noqa: F401 (TRAINER_FSDP_MESSAGE: importable from here, as before)
+    TRAINER_FSDP_MESSAGE,
+    check_every_event_is_checked,
+    check_label_smoothing_is_shifted,
+    check_no_trainer_fsdp,
+)
+from .trainer_hooks import (
+    check_checkpoint_before_resume,
+    preserve_control_flags,
+    resize_before_loading_best_model,
+    restore_best_checkpoint_sizes,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CompreSSMCallback", "CompreSSMTrainer", "prepare_model_for_resume", "rebuild_ddp_reducer"]
 
 
-TRAINER_FSDP_MESSAGE = (
-    "CompreSSMCallback does not support the Trainer's FSDP (TrainingArguments(fsdp=...)): on resume the Trainer shards "
-    "the model at its initial sizes before loading a checkpoint saved at reduced sizes, which CompreSSMTrainer cannot "
-    "re-size. Train FSDP2 models in a plain PyTorch or accelerate loop with CompreSSMReducer(model, optimizer, ...), "
-    "which supports fully_shard and accelerate's FSDP2 plugin (docs/fsdp.md), or use the Trainer with DDP"
-)
-
-
 # transformers >= 5.3 logs the final training metrics (on_log) before `load_best_model_at_end` loads the best
 # checkpoint; earlier releases load it first, so an unbound callback cannot re-size the model in time there.
 FINAL_LOG_PRECEDES_BEST_MODEL_LOAD = version.parse(transformers.__version__).release >= (5, 3)
-
-
-def restore_best_checkpoint_sizes(trainer) -> bool:
-    """Give the Trainer's model the sizes and history of its best checkpoint (before `load_best_model_at_end` loads
-    the weights); False when there is nothing to do."""
-    checkpoint = trainer.state.best_model_checkpoint
-    if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, "config.json")):
-        return False
-    return restore_checkpoint_sizes(trainer.model, checkpoint, trainer.state.global_step, trainer.optimizer,
-                                    trainer.model_wrapped)
-
-
-def _resize_before_loading_best_model(trainer) -> None:
-    """Wrap a plain Trainer's `_load_best_model` (once) so the model gets the best checkpoint's sizes first."""
-    if trainer.__dict__.get("_compressm_sizes_before_best_model"):
-        return
-    load_best_model = trainer._load_best_model
-
-    def load_best_model_at_its_sizes(*args, **kwargs):
-        restore_best_checkpoint_sizes(trainer)
-        return load_best_model(*args, **kwargs)
-
-    trainer._load_best_model = load_best_model_at_its_sizes
-    trainer._compressm_sizes_before_best_model = True
-
-
-def _check_no_trainer_fsdp(args, model=None) -> None:
-    """Raise the TRAINER_FSDP_MESSAGE error for Trainer arguments that ask for FSDP or a model sharded by FSDP."""
-    asked = bool(getattr(args, "fsdp", None)) if args is not None else False
-    sharded = model is not None and is_fsdp2(model)
-    if asked or sharded:
-        raise NotImplementedError(TRAINER_FSDP_MESSAGE)
-
-
-def _check_label_smoothing_is_shifted(args, model) -> None:
-    """The Trainer shifts labels for label smoothing only for causal LMs in transformers' own tables: refuse it for
-    ours before step 1 (each position would learn to predict its own input token)."""
-    lm = compressm_model_of(model) if model is not None else None
-    if getattr(args, "label_smoothing_factor", 0) and isinstance(lm, CompreSSMForCausalLM):
-        if type(lm).__name__ not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-            raise ValueError(
-                f"label_smoothing_factor={args.label_smoothing_factor} with {type(lm).__name__}: transformers' Trainer "
-                "shifts labels for label smoothing only for causal LMs built into transformers, so each position would "
-                "learn its own input token. Set label_smoothing_factor=0 or pass a compute_loss_func that shifts labels"
-            )
-
-
-@contextlib.contextmanager
-def _preserve_control_flags(trainer):
-    """Nested `trainer.log` / `trainer.evaluate` calls clear `control.should_log` / `should_evaluate`, which would make
-    the Trainer skip the logging or evaluation it had scheduled for this step; put the flags back afterwards."""
-    control = trainer.control
-    saved = {name: getattr(control, name) for name in ("should_log", "should_evaluate", "should_save")}
-    try:
-        yield
-    finally:
-        for target in {id(control): control, id(trainer.control): trainer.control}.values():
-            for name, value in saved.items():
-                setattr(target, name, value)
 
 
 class CompreSSMCallback(TrainerCallback, ExportableState):
@@ -156,6 +102,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         regularizer: a `reducibility.ReducibilityRegularizer` to train the model to be reducible (a Hankel
             nuclear-norm penalty whose gradient is added before each optimizer step of its window, by default up to
             the last reduction event; works in a plain Trainer); None (default) for none.
+        collective_timeout: seconds a collective of a distributed reduction may wait for the other ranks before the
+            run fails naming the rank that did not arrive; None: `DEFAULTS.collective_timeout` (300 s), or the
+            Trainer's `ddp_timeout` where that is shorter.
     Defaults come from `schedule.DEFAULTS`. Invalid values raise ValueError here; checks that need the model
     (`total_budget` against `min_dim` x layers) or the TrainingArguments run when training starts, before step 1.
 
@@ -183,8 +132,17 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         final_fraction: float = DEFAULTS.final_fraction,
         system: str = DEFAULTS.system,
         regularizer=None,
+        collective_timeout: float | None = None,
     ):
         policy, tau, fraction = resolve_policy_arguments(policy, tau, fraction)
+        if collective_timeout is not None and (
+            isinstance(collective_timeout, bool) or not isinstance(collective_timeout, (int, float))
+            or not collective_timeout > 0
+        ):
+            raise ValueError(
+                f"collective_timeout must be None or a positive number of seconds, got {collective_timeout!r}"
+            )
+        self.collective_timeout = None if collective_timeout is None else float(collective_timeout)
         self.system = check_system(system)
         self.regularizer = regularizer_from(regularizer)
         self._penalty: float | None = None
@@ -227,6 +185,14 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     def lower_is_better(self) -> bool:
         return self.rollback_rule.lower_is_better
 
+    def effective_collective_timeout(self, args) -> float:
+        """Seconds a collective of a distributed reduction waits: `collective_timeout` when given, else
+        `DEFAULTS.collective_timeout` (300 s), or the Trainer's `ddp_timeout` where that is shorter."""
+        if self.collective_timeout is not None:
+            return self.collective_timeout
+        ddp_timeout = getattr(args, "ddp_timeout", None)
+        return float(min(DEFAULTS.collective_timeout, ddp_timeout or DEFAULTS.collective_timeout))
+
     def resolved_end_step(self, max_steps: int) -> int:
         """end_step as an absolute step for a run of `max_steps` optimizer steps."""
         return self.schedule.resolve(max_steps)[1]
@@ -263,7 +229,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         wrapped (DDP) model the reducer works on. `CompreSSMTrainer` does this itself; returns self."""
         if not isinstance(trainer, Trainer):
             raise TypeError(f"bind expects a transformers.Trainer, got {type(trainer).__name__}")
-        _check_no_trainer_fsdp(trainer.args)
+        check_no_trainer_fsdp(trainer.args)
+        if not isinstance(trainer, CompreSSMTrainer):  # CompreSSMTrainer checks in its own _load_from_checkpoint
+            check_checkpoint_before_resume(trainer)
         self._trainer = trainer
         return self
 
@@ -284,7 +252,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         arguments = {
             **self._reducer_kwargs(),
             "rollback_metric": rule.metric, "rollback_tolerance": rule.tolerance,
-            "greater_is_better": rule.greater_is_better,
+            "greater_is_better": rule.greater_is_better, "collective_timeout": self.collective_timeout,
         }
         if self.reducer is not None:
             progress = self.reducer.state_dict(include_snapshot=False)
@@ -308,22 +276,23 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
 
     # --------------------------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        _check_no_trainer_fsdp(args, model)
-        _check_label_smoothing_is_shifted(args, model)
+        check_no_trainer_fsdp(args, model)
+        check_label_smoothing_is_shifted(args, model)
         trainer = self._running_trainer(optimizer)
         if distributed_world_size() > 1 and trainer is None:
             raise RuntimeError(
                 "CompreSSMCallback under torch.distributed needs its Trainer (the reducer works on the DDP-wrapped "
                 "model only the Trainer holds): use CompreSSMTrainer, or call callback.bind(trainer)"
             )
-        if trainer is None and args.report_to and args.report_to not in ("none", ["none"]):
+        if trainer is None:
             logger.warning(
-                "CompreSSMCallback is not bound to a Trainer: its metrics go to state.log_history only, not to "
-                "report_to integrations. Use CompreSSMTrainer or call callback.bind(trainer)."
+                "CompreSSMCallback is not bound to a Trainer: its metrics go to trainer.state.log_history only, not "
+                "to the console or report_to integrations. Use CompreSSMTrainer or call callback.bind(trainer) "
+                "before train()."
             )
         if args.load_best_model_at_end and not isinstance(trainer, CompreSSMTrainer):
             if trainer is not None:
-                _resize_before_loading_best_model(trainer)
+                resize_before_loading_best_model(trainer)
             elif not FINAL_LOG_PRECEDES_BEST_MODEL_LOAD:
                 raise ValueError(
                     f"load_best_model_at_end with a plain transformers.Trainer: transformers "
@@ -336,14 +305,21 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
                 "policy='rollback' compares an evaluation metric after each reduction with the one before it: set "
                 "eval_strategy='steps' (or 'epoch') and pass an eval_dataset"
             )
+        if isinstance(state.stateful_callbacks, dict):
+            # A run resumed from a checkpoint written without this callback: transformers saves the state of the
+            # callbacks the checkpoint listed only (KeyError at the next save) unless this one has an entry.
+            state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         wrapped = trainer.model_wrapped if trainer is not None else model
         compressm_model = compressm_model_of(model)
         resume = compressm_model.__dict__.pop("_compressm_resume", None)
         self.reducer = CompreSSMReducer(
             wrapped, optimizer, **self._reducer_kwargs(), max_steps=state.max_steps,
-            collective_timeout=float(getattr(args, "ddp_timeout", None) or DEFAULTS.collective_timeout),
+            collective_timeout=self.effective_collective_timeout(args),
         )
         self._restore_progress(state, compressm_model, resume)
+        if self.policy == "rollback":
+            check_every_event_is_checked(args, state, self.reducer)
+        defer_card_plot(compressm_model)  # drawn into each checkpoint once it is complete (on_save)
         self._last_metric = None
         return control
 
@@ -357,6 +333,12 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         if state.global_step == 0:
             return  # a fresh run continues the history of the model it starts from
         if resume is not None:
+            if not resume.has_reduction_state:
+                logger.warning(
+                    "CompreSSMCallback: %s was written without compression (no CompreSSMCallback state, no event in "
+                    "its history): reductions start with this run, from step %d, on the model as saved", resume.path,
+                    state.global_step,
+                )
             reducer.stopped = resume.stopped
             reducer.restore_pending(resume.pending, f"checkpoint {resume.path}")
             return
@@ -385,9 +367,9 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         reducer = self.reducer
-        if reducer is None or reducer.stopped or reducer.pending is not None:
+        if reducer is None or reducer.stopped or not reducer.is_due(state.global_step):
             return control
-        if not reducer.is_due(state.global_step):
+        if reducer.skip_while_pending(state.global_step):
             return control
         baseline = self._evaluate_baseline() if self.policy == "rollback" else None
         event = reducer.reduce_now(state.global_step, metric_before=baseline, metric_name=self.metric_name)
@@ -434,12 +416,18 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        if self.reducer is None or not args.should_save:
+            return control
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            return control
         # Plain Trainer: store a pending rollback check next to the checkpoint it belongs to (CompreSSMTrainer
         # writes it inside its atomic save instead).
-        if self.reducer is not None and not isinstance(self._trainer, CompreSSMTrainer) and args.should_save:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(folder):
-                save_pending_check(self.reducer, folder)
+        if not isinstance(self._trainer, CompreSSMTrainer):
+            save_pending_check(self.reducer, folder)
+        # The checkpoint is complete (trainer_state.json written): only now draw the card's HSV plot into it, which
+        # takes far longer than the save (deferred in on_train_begin).
+        write_model_card(self.reducer.model, folder, draw_plot=True)
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -469,6 +457,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
             refresh_card_spectrum(compressm_model_of(model))  # the final save draws the final spectrum
+            defer_card_plot(compressm_model_of(model), False)
         return control
 
     # ---------------------------------------------------------------------------------------------- helpers
@@ -478,7 +467,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     def _evaluate_baseline(self) -> float | None:
         trainer = self._trainer
         if trainer is not None and trainer.eval_dataset is not None:
-            with _preserve_control_flags(trainer):
+            with preserve_control_flags(trainer):
                 metrics = trainer.evaluate()  # on_evaluate records it as _last_metric (no pending event yet)
             if self.metric_name not in metrics:
                 raise KeyError(
@@ -490,7 +479,7 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
     def _log(self, state, metrics: dict) -> None:
         trainer = self._trainer
         if trainer is not None:
-            with _preserve_control_flags(trainer):
+            with preserve_control_flags(trainer):
                 trainer.log(dict(metrics))
         else:
             state.log_history.append({**metrics, "step": state.global_step})
@@ -568,9 +557,31 @@ class CompreSSMTrainer(Trainer):
         super().add_callback(callback)
         self._bind_compressm_callbacks()
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` resumes from the newest *complete* checkpoint of
+        `output_dir` (`checkpoints.last_complete_checkpoint`: a folder left incomplete by a plain Trainer's
+        interrupted save is skipped with a warning naming it)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         prepare_model_for_resume(model if model is not None else self.model, resume_from_checkpoint)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """A checkpoint written by an optimizer with other parameter groups (a plain Trainer's, before compression
+        was added) has its state moved into this run's groups (`optimizer_regroup`), with a warning."""
+        if checkpoint is not None and not self.is_deepspeed_enabled and not self.is_fsdp_enabled:
+            from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+            files = [os.path.join(checkpoint, name) for name in (OPTIMIZER_NAME, SCHEDULER_NAME)]
+            layouts = known_layouts(self.model, self.get_decay_parameter_names(self.model), self.args.weight_decay)
+            if all(os.path.isfile(path) for path in files) and load_regrouped_optimizer_state(
+                self.optimizer, self.lr_scheduler, *files, layouts
+            ):
+                return None
+        return super()._load_optimizer_and_scheduler(checkpoint)
 
     def _load_best_model(self):
         restore_best_checkpoint_sizes(self)

@@ -10,7 +10,10 @@ used (an error when neither agrees); of two that agree, the richer one wins; a w
 `atomic_checkpoint_save(trainer, save)` is what `CompreSSMTrainer._save_checkpoint` runs: the Trainer writes the
 checkpoint into a staging folder that the resume logic does not recognise, and the folder is renamed to
 `checkpoint-<step>` only when weights, config, history, optimizer and trainer state are all on disk, so a kill at
-any moment leaves either a complete `checkpoint-<step>` or none.
+any moment leaves either a complete `checkpoint-<step>` or none. A plain Trainer's checkpoints are written in place
+(trainer_state.json last): `check_checkpoint_complete` turns resuming from one whose save did not finish into an
+error naming the folder to delete and the newest complete one, and `last_complete_checkpoint(output_dir)` skips such
+folders.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class CheckpointReductionState:
     stopped: bool = False
     pending: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    has_reduction_state: bool = True  # False: no callback state and no event (saved by a run without compression)
 
 
 def _read_json(path: str):
@@ -164,7 +168,76 @@ def read_checkpoint(checkpoint_dir) -> CheckpointReductionState:
                 "be undone"
             )
             pending = dict(pending, snapshot=None)
-    return CheckpointReductionState(checkpoint_dir, dims, events, stopped, pending, warnings)
+    return CheckpointReductionState(checkpoint_dir, dims, events, stopped, pending, warnings,
+                                    has_reduction_state=bool(file_events) or attributes is not None)
+
+
+# ------------------------------------------------------------------------------------ incomplete checkpoints
+class IncompleteCheckpointError(FileNotFoundError):
+    """A checkpoint folder whose save did not finish (a plain Trainer writes `checkpoint-<step>` in place and
+    trainer_state.json last, so a kill during a save leaves a folder without it)."""
+
+
+def checkpoint_incomplete_reason(checkpoint_dir) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed from (its save did not finish), or None when it can."""
+    path = os.path.join(os.fspath(checkpoint_dir), TRAINER_STATE_FILE)
+    if not os.path.isfile(path):
+        return f"it has no {TRAINER_STATE_FILE}, which the Trainer writes last: its save did not finish"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            json.load(handle)
+    except (OSError, ValueError) as error:
+        return f"its {TRAINER_STATE_FILE} cannot be read ({error}): its save did not finish"
+    return None
+
+
+def _checkpoints_newest_first(run_dir: str) -> list[str]:
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    steps = {}
+    for name in os.listdir(run_dir):
+        prefix, _, step = name.rpartition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and os.path.isdir(os.path.join(run_dir, name)):
+            steps[os.path.join(run_dir, name)] = int(step)
+    return sorted(steps, key=steps.get, reverse=True)
+
+
+def last_complete_checkpoint(run_dir) -> str | None:
+    """The newest `checkpoint-<step>` folder of `run_dir` whose save finished, or None. Newer incomplete folders are
+    skipped with a warning naming them (what `Trainer.train(resume_from_checkpoint=True)` would stop on)."""
+    run_dir = os.fspath(run_dir)
+    skipped = []
+    for folder in _checkpoints_newest_first(run_dir) if os.path.isdir(run_dir) else []:
+        reason = checkpoint_incomplete_reason(folder)
+        if reason is not None:
+            skipped.append(f"{folder} ({reason})")
+            continue
+        if skipped:
+            logger.warning(
+                "CompreSSM resume: skipped the incomplete checkpoint(s) %s; resuming from %s, the newest complete one. "
+                "Delete the skipped folder(s)", "; ".join(skipped), folder,
+            )
+        return folder
+    return None
+
+
+def check_checkpoint_complete(checkpoint_dir) -> None:
+    """Raise IncompleteCheckpointError naming the folder to delete and the newest complete checkpoint beside it."""
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    reason = checkpoint_incomplete_reason(checkpoint_dir)
+    if reason is None:
+        return
+    parent = os.path.dirname(os.path.abspath(checkpoint_dir))
+    others = [folder for folder in _checkpoints_newest_first(parent)
+              if os.path.abspath(folder) != os.path.abspath(checkpoint_dir)
+              and checkpoint_incomplete_reason(folder) is None]
+    alternative = (f"resume from {others[0]}, the newest complete checkpoint there" if others
+                   else "no complete checkpoint is left beside it: start the run again")
+    raise IncompleteCheckpointError(
+        f"cannot resume from {checkpoint_dir}: {reason} (the process was probably stopped while saving). Delete "
+        f"that folder and {alternative}; resume_from_checkpoint=last_complete_checkpoint(output_dir) "
+        "(modeling_compressm.checkpoints) skips such folders by itself"
+    )
 
 
 def prepare_model_for_resume(model, checkpoint_dir) -> list[int]:
@@ -179,7 +252,11 @@ def prepare_model_for_resume(model, checkpoint_dir) -> list[int]:
         model: a CompreSSM model (possibly wrapped in DDP).   checkpoint_dir: a Trainer checkpoint folder.
     Returns:
         the state sizes the model now has (list of ints).
+    Raises:
+        IncompleteCheckpointError: the checkpoint's save did not finish (the message names the folder to delete and
+            the newest complete checkpoint beside it).
     """
+    check_checkpoint_complete(checkpoint_dir)
     info = read_checkpoint(checkpoint_dir)
     for message in info.warnings:
         logger.warning("CompreSSM resume: %s", message)

@@ -4,6 +4,8 @@ The plot is drawn with matplotlib's object API (`matplotlib.figure.Figure`), so 
 figure registry are left alone. Drawing takes far longer than writing the weights, so the spectrum and its PNG are
 computed once per reduction event (cached on the model, keyed by its sizes and history) and reused by every later
 save; `refresh_card_spectrum(model)` (called by CompreSSMCallback when training ends) makes the next save redraw.
+During training CompreSSMCallback defers the plot (`defer_card_plot`) and draws it into each checkpoint once the
+checkpoint is complete, so the save itself stays short.
 Every value that goes into the Markdown is escaped.
 
 Copied with the modeling file for `trust_remote_code` checkpoints, so it imports nothing beyond the standard library
@@ -17,6 +19,7 @@ import os
 
 HSV_PLOT_FILE = "hsv_spectrum.png"
 _CACHE_ATTRIBUTE = "_compressm_card_spectrum"
+_DEFER_PLOT_ATTRIBUTE = "_compressm_defer_card_plot"
 _MARKDOWN_SPECIAL = set("\\|<`")  # table cells (pipes), HTML tags, code spans
 
 
@@ -82,24 +85,42 @@ def _spectrum_key(model) -> tuple:
     return tuple(model.config.state_dims), last
 
 
-def card_spectrum(model, state_dict: dict | None = None) -> tuple[list[list[float]] | None, bytes | None]:
+def defer_card_plot(model, deferred: bool = True) -> None:
+    """While deferred, saves write the card without the HSV plot (drawing takes 10-20x longer than writing a small
+    checkpoint, and a plain Trainer's checkpoint is incomplete until the save returns); CompreSSMCallback defers it
+    during training and draws it into each finished checkpoint (`write_model_card(..., draw_plot=True)`)."""
+    if deferred:
+        model.__dict__[_DEFER_PLOT_ATTRIBUTE] = True
+    else:
+        model.__dict__.pop(_DEFER_PLOT_ATTRIBUTE, None)
+
+
+def card_spectrum(model, state_dict: dict | None = None,
+                  draw_plot: bool | None = None) -> tuple[list[list[float]] | None, bytes | None]:
     """(HSVs per layer as lists, PNG bytes or None) of the model, computed once per reduction event and cached.
 
     With `state_dict` (the weights being saved) the HSVs come from its tensors, so no parameter of a sharded model
     is read (that would be a collective on one process). A sharded model without a state dict gets no spectrum (not
-    cached, so a later save with the gathered state dict draws it)."""
+    cached, so a later save with the gathered state dict draws it). `draw_plot` None: draw unless deferred
+    (`defer_card_plot`); a spectrum cached without its plot is drawn by the first call that draws."""
+    if draw_plot is None:
+        draw_plot = not model.__dict__.get(_DEFER_PLOT_ATTRIBUTE, False)
     key = _spectrum_key(model)
     cached = model.__dict__.get(_CACHE_ATTRIBUTE)
     if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
+        _, hsv_per_layer, png, drawn = cached
+        if draw_plot and not drawn and hsv_per_layer is not None:
+            png = render_hsv_plot(hsv_per_layer)
+            model.__dict__[_CACHE_ATTRIBUTE] = (key, hsv_per_layer, png, True)
+        return hsv_per_layer, png
     if state_dict is None and model._has_sharded_parameters():
         return None, None
     try:
         hsv_per_layer = [values.tolist() for values in model.hankel_singular_values(state_dict=state_dict)]
     except (ValueError, RuntimeError):  # a layer with NaN or unstable eigenvalues: no spectrum to show
         hsv_per_layer = None
-    png = render_hsv_plot(hsv_per_layer) if hsv_per_layer is not None else None
-    model.__dict__[_CACHE_ATTRIBUTE] = (key, hsv_per_layer, png)
+    png = render_hsv_plot(hsv_per_layer) if hsv_per_layer is not None and draw_plot else None
+    model.__dict__[_CACHE_ATTRIBUTE] = (key, hsv_per_layer, png, draw_plot)
     return hsv_per_layer, png
 
 
@@ -131,7 +152,8 @@ def _event_row(event) -> str:
     if event.kind == "rollback":
         note = "rollback"
     elif event.kind == "restored":
-        note = "restored from " + os.path.basename(str(event.restored_from or "checkpoint").rstrip("/\\"))
+        note = ("restored from " + os.path.basename(str(event.restored_from or "checkpoint").rstrip("/\\"))
+                + " (the sizes the run had reached, dims before, were discarded)")
     else:
         note = _energy_line(event) + (" (rolled back)" if event.rolled_back else "")
     cells = [escape_markdown(step), str(event.dims_before), str(event.dims_after), escape_markdown(note),
@@ -173,9 +195,7 @@ def render_model_card(model, training_info: dict | None = None) -> str:
     class_name = model_class_name(model)
     auto_class = _AUTO_CLASS_FOR.get(class_name, "AutoModel")
     dims = list(config.state_dims)
-    initial = list(events[0].dims_before) if events else dims
-    if len(initial) != len(dims):
-        initial = dims
+    initial = initial_state_dims(events, dims)
     reductions = [event for event in events if event.kind in ("reduction", "manual")]
     input_line = (
         f"tokens (vocab {config.vocab_size})" if config.input_dim is None else f"continuous, input_dim {config.input_dim}"
@@ -192,9 +212,7 @@ def render_model_card(model, training_info: dict | None = None) -> str:
         "",
         f"# {escape_markdown(class_name)} (CompreSSM)",
         "",
-        "A Linear Recurrent Unit (LRU) state-space model trained with in-training balanced truncation "
-        f"(CompreSSM, arXiv 2510.02823): per-layer state sizes were reduced {_when_reduced(events)} by truncating "
-        "the states with the smallest Hankel singular values.",
+        _summary_sentence(events, reductions),
         "",
         "Load it with the modeling code stored next to the weights (no package needed), or with the `compressm` "
         "package installed (then `trust_remote_code` is not needed after `import modeling_compressm`):",
@@ -240,6 +258,32 @@ def render_model_card(model, training_info: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def initial_state_dims(events, dims: list[int]) -> list[int]:
+    """The sizes the saved weights started from: before the first event of their lineage. A "restored" event (the
+    weights of an earlier checkpoint, `load_best_model_at_end`) is not part of it: its "dims before" are the sizes
+    the run had reached and discarded. Without another event, the restored checkpoint's sizes (it held no earlier
+    reduction) or the current ones."""
+    lineage = [event for event in events if event.kind != "restored"]
+    if lineage:
+        initial = list(lineage[0].dims_before)
+    elif events:
+        initial = list(events[0].dims_after)
+    else:
+        initial = list(dims)
+    return initial if len(initial) == len(dims) else list(dims)
+
+
+def _summary_sentence(events, reductions) -> str:
+    text = ("A Linear Recurrent Unit (LRU) state-space model trained with in-training balanced truncation "
+            "(CompreSSM, arXiv 2510.02823): ")
+    if not reductions and any(event.kind == "restored" for event in events):
+        return text + ("the weights saved here are those of a checkpoint from before any reduction (restored, e.g. "
+                       "as the best checkpoint), so every layer keeps its initial state size; the sizes the run "
+                       "reached afterwards were discarded.")
+    return text + (f"per-layer state sizes were reduced {_when_reduced(events)} by truncating the states with the "
+                   "smallest Hankel singular values.")
+
+
 def _when_reduced(events: list[dict]) -> str:
     """"during training", "after training" (only manual, post-hoc events) or both."""
     manual = [
@@ -262,20 +306,21 @@ def _is_replaceable(card_path: str) -> bool:
     return CARD_MARKER in text or _TRANSFORMERS_DEFAULT_CARD_MARKER in text
 
 
-def write_model_card(model, save_directory: str, overwrite: bool = False) -> bool:
+def write_model_card(model, save_directory: str, overwrite: bool = False, draw_plot: bool | None = None) -> bool:
     """Write README.md and the HSV plot (`hsv_spectrum.png`) into save_directory.
 
     An existing README.md is replaced only when `overwrite`, when this module wrote it, or when it is transformers'
     auto-generated placeholder (what `push_to_hub` puts in when the Hub repo has no card); a user's own card is left
     alone. The spectrum and plot come from `card_spectrum(model)` (drawn once per reduction event; `save_pretrained`
-    computes it from the state dict it saves first). No collective runs here, so it may run on one process of a
+    computes it from the state dict it saves first); `draw_plot` as for `card_spectrum` (None: unless deferred with
+    `defer_card_plot`, when the card has no plot). No collective runs here, so it may run on one process of a
     distributed job. Returns True when README.md was written.
     """
     card_path = os.path.join(save_directory, "README.md")
     if not overwrite and not _is_replaceable(card_path):
         return False
     card = render_model_card(model)
-    hsv_per_layer, png = card_spectrum(model)
+    hsv_per_layer, png = card_spectrum(model, draw_plot=draw_plot)
     if png is not None:
         with open(os.path.join(save_directory, HSV_PLOT_FILE), "wb") as handle:
             handle.write(png)

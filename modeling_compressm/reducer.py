@@ -185,6 +185,7 @@ class CompreSSMReducer:
             )
         self.stopped = False  # after a rollback: no further reductions
         self.pending: PendingCheck | None = None
+        self.skipped_steps: list[int] = []  # scheduled events skipped while a rollback check was pending
         if max_steps is not None and not self.schedule.steps(max_steps):
             logger.warning(
                 "CompreSSMReducer: the schedule (start_step=%r, end_step=%r, interval=%r) has no event in a run of %d "
@@ -251,9 +252,22 @@ class CompreSSMReducer:
 
         Returns the ReductionEvent, or None (no event scheduled, nothing changed, stopped after a rollback, or a
         rollback check still pending)."""
-        if self.stopped or self.pending is not None or not self.is_due(step):
+        if self.stopped or not self.is_due(step) or self.skip_while_pending(step):
             return None
         return self.reduce_now(step)
+
+    def skip_while_pending(self, step: int) -> bool:
+        """Rollback policy: True (with a warning naming both events) when the event due at `step` is skipped because
+        the previous event still awaits its check; the skipped steps are kept in `skipped_steps`."""
+        if self.pending is None:
+            return False
+        self.skipped_steps.append(int(step))
+        logger.warning(
+            "CompreSSMReducer: the reduction scheduled at step %s is skipped: the reduction at step %s still awaits "
+            "its rollback check (resolve_pending / an evaluation between two events). Evaluate at least once between "
+            "consecutive events so that none is skipped", step, self.pending.event.step,
+        )
+        return True
 
     def reduce_now(self, step: int | None = None, metric_before: float | None = None,
                    metric_name: str | None = None) -> ReductionEvent | None:

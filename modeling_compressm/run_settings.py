@@ -50,8 +50,9 @@ class ReductionPlan:
     run's steps), resolved to ints by `resolve` once the run length is known.
 
     Reductions are scheduled at steps start, start + interval, ... up to end inclusive (never at step 0). Without
-    an `interval`, it is (end - start) // num_intervals, which schedules num_intervals + 1 events when start > 0
-    (7 for the defaults: 2% to 30% of the run). `fraction`, `gate`, `min_dim`, `total_budget` left at None take the
+    an `interval`, it is (end - start) // num_intervals (at least 1), which schedules num_intervals + 1 events when
+    start > 0 and the division leaves a remainder smaller than the interval (for the defaults, 2% to 30% of the run:
+    7 events in runs of 127 steps or more, up to 11 in shorter ones; 8 in a 124-step run). `fraction`, `gate`, `min_dim`, `total_budget` left at None take the
     callback's own defaults.
     """
 

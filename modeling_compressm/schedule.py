@@ -49,8 +49,10 @@ class ReductionDefaults:
     rollback_metric: str = "eval_loss"
     rollback_tolerance: float = 0.01
     greater_is_better: bool | None = None
-    # Seconds a collective of a distributed reduction may wait for the other ranks before failing.
-    collective_timeout: float = 1800.0
+    # Seconds a collective of a distributed reduction may wait for the other ranks before failing (rank 0 decides the
+    # event while the others wait in the first collective, so this also bounds the time one event takes to decide).
+    # Shorter than a Trainer's ddp_timeout (1800 s): a stalled rank fails the run within minutes, not half an hour.
+    collective_timeout: float = 300.0
 
 
 DEFAULTS = ReductionDefaults()
@@ -263,6 +265,26 @@ class RollbackRule:
 
     def degraded(self, before: float, after: float) -> bool:
         return bool(self.relative_degradation(before, after) > self.tolerance)
+
+
+def evaluation_steps(eval_steps: int, max_steps: int, eval_delay: float = 0) -> list[int]:
+    """The optimizer steps after which a Trainer with `eval_strategy="steps"` evaluates: multiples of `eval_steps`
+    (an int >= 1, as `TrainerState.eval_steps` holds it) from `eval_delay` on, plus the last step."""
+    steps = [step for step in range(eval_steps, max_steps + 1, eval_steps) if step >= eval_delay]
+    if max_steps >= eval_delay and max_steps not in steps:
+        steps.append(max_steps)
+    return steps
+
+
+def unchecked_rollback_events(event_steps: list[int], checks: list[int]) -> list[tuple[int, int]]:
+    """Rollback policy: (event, next event) pairs where no check (evaluation) falls in [event, next event).
+
+    An event stays pending until the first evaluation at or after its step, and no event runs while one is pending,
+    so the next event would be skipped. `event_steps` and `checks` are optimizer steps in increasing order."""
+    return [
+        (step, following) for step, following in zip(event_steps, event_steps[1:])
+        if not any(step <= check < following for check in checks)
+    ]
 
 
 def settings_dict(schedule: ReductionSchedule, policy: RankPolicy) -> dict:

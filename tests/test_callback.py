@@ -317,6 +317,20 @@ def test_rollback_requires_evaluation(tmp_path):
         trainer.train()
 
 
+def test_rollback_refuses_evaluations_too_sparse_to_check_every_event(tmp_path):
+    """Issue 20.6: events at 10/20/30 with eval_steps=35: the event at 10 would wait for its check until step 35 and
+    the ones at 20 and 30 would be skipped without a word. Refused before step 1, naming the events and the fix."""
+    model = make_model()
+    callback = CompreSSMCallback(policy="rollback", tau=0.05, start_step=10, end_step=30, interval=10,
+                                 rollback_metric="state_total")
+    args = make_args(tmp_path, max_steps=40, eval_strategy="steps", eval_steps=35, per_device_eval_batch_size=64)
+    trainer = CompreSSMTrainer(model=model, args=args, train_dataset=SignTask(256), eval_dataset=SignTask(64, seed=2),
+                               compute_metrics=StateSizeMetric(model), callbacks=[callback])
+    with pytest.raises(ValueError, match=r"events at steps 20, 30 would be skipped.*eval_steps to at most .*10 steps"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and model.reduction_history == []
+
+
 # ------------------------------------------------------------------------------------------- failure paths
 def test_failing_layer_is_skipped_with_warning(tmp_path, monkeypatch, caplog):
     original = modeling.truncate
@@ -371,6 +385,29 @@ def test_gradient_accumulation_clipping_and_bf16(tmp_path):
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in losses(trainer))
 
 
+def test_plain_trainer_says_when_the_callback_prints_nothing(tmp_path, caplog):
+    """Issue 20.13: unbound in a plain Trainer (report_to="none"), the callback printed nothing and said nothing;
+    bound, its metrics go through Trainer.log (the console printer and integrations) and there is no warning."""
+    for bind in (False, True):
+        caplog.clear()
+        recorder = Recorder()
+        callback = CompreSSMCallback(tau=0.05, start_step=2, end_step=2, interval=2)
+        trainer = Trainer(model=make_model(), args=make_args(tmp_path, max_steps=3), train_dataset=SignTask(64),
+                          callbacks=[recorder, callback])
+        if bind:
+            callback.bind(trainer)
+        with caplog.at_level(logging.WARNING, logger="modeling_compressm"):
+            trainer.train()
+        warned = [r.getMessage() for r in caplog.records if "not bound to a Trainer" in r.getMessage()]
+        printed = [logs for _, logs in recorder.logs if "compressm/total_state_dim" in logs]
+        assert len(callback.history) == 1
+        if bind:
+            assert not warned and len(printed) == 1
+        else:
+            assert len(warned) == 1 and "not to the console" in warned[0] and "callback.bind(trainer)" in warned[0]
+            assert not printed and any("compressm/total_state_dim" in entry for entry in trainer.state.log_history)
+
+
 def test_unbound_callback_logs_to_state(tmp_path):
     """Outside a Trainer (no Trainer to find), metrics still land in state.log_history."""
     model = make_model()
@@ -393,3 +430,78 @@ def test_unbound_callback_logs_to_state(tmp_path):
     restored = CompreSSMCallback(**saved["args"])
     assert restored.state()["args"] == saved["args"]
     assert restored.rank_policy == callback.rank_policy and restored.schedule == callback.schedule
+
+
+# --------------------------------------------------------------------------------------------- model card
+class ScoreBestAt:
+    """compute_metrics that makes the evaluation at `best_step` the best one."""
+
+    def __init__(self, best_step):
+        self.best_step, self.trainer = best_step, None
+
+    def __call__(self, prediction):
+        return {"score": -float(abs(self.trainer.state.global_step - self.best_step))}
+
+
+def test_model_card_after_restoring_a_best_checkpoint_from_before_the_reductions(tmp_path):
+    """Issue 20.10: the best checkpoint (step 2) predates the reductions at 4 and 8; the card of the saved model
+    said "total state size: 32 (initially 18)" with its table going 9 -> 16 states."""
+    model = make_model()
+    score = ScoreBestAt(2)
+    args = make_args(tmp_path, max_steps=10, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                     load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True)
+    trainer = CompreSSMTrainer(
+        model=model, args=args, train_dataset=SignTask(128), eval_dataset=SignTask(32, seed=1), compute_metrics=score,
+        callbacks=[CompreSSMCallback(policy="fixed", fraction=0.25, start_step=4, end_step=8, interval=4)],
+    )
+    score.trainer = trainer
+    trainer.train()
+    assert model.config.state_dims == [16, 16] and [event.kind for event in model.reduction_history] == ["restored"]
+    trainer.save_model(str(tmp_path / "final"))
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "total state size: 32 (initially 32)" in card
+    assert "| 0 | 16 | 16 |" in card and "| 1 | 16 | 16 |" in card
+    assert "reduced during training" not in card and "checkpoint from before any reduction" in card
+    assert "restored from checkpoint-2 (the sizes the run had reached, dims before, were discarded)" in card
+
+
+# --------------------------------------------------------------------------------- docs against the schedule
+def _normalised(path):
+    from pathlib import Path
+
+    return " ".join((Path(__file__).resolve().parents[1] / path).read_text().split())
+
+
+def test_documented_event_counts_match_the_schedules():
+    """Issue 20.13: docs/train-your-data.md said the CLI's default schedule has 7 events; a 124-step run has 8."""
+    import re
+
+    from modeling_compressm.run_settings import ReductionPlan
+    from modeling_compressm.schedule import ReductionSchedule
+
+    def cli_steps(max_steps):
+        resolved = ReductionPlan().resolve(max_steps)
+        return ReductionSchedule(resolved["start_step"], resolved["end_step"], resolved["interval"]).steps(max_steps)
+
+    text = _normalised("docs/train-your-data.md")
+    claim = re.search(r"schedules (\d+) events in runs of (\d+) steps or more; shorter runs get between (\d+) and "
+                      r"(\d+) events \(a (\d+)-step run reduces (\d+) times, at steps (\d+), (\d+), \.\.\., (\d+)\)", text)
+    assert claim, "the CLI schedule sentence of docs/train-your-data.md changed: update this test"
+    usual, long_from, fewest, most, example, example_count, first, second, last = map(int, claim.groups())
+    counts = {max_steps: len(cli_steps(max_steps)) for max_steps in range(1, 5001)}
+    assert all(count == usual for max_steps, count in counts.items() if max_steps >= long_from)
+    assert counts[long_from - 1] != usual
+    shorter = [count for max_steps, count in counts.items() if max_steps < long_from]
+    assert (min(shorter), max(shorter)) == (fewest, most)
+    steps = cli_steps(example)
+    assert (len(steps), steps[0], steps[1], steps[-1]) == (example_count, first, second, last)
+
+    # docs/callback.md on the library's default schedule (fractions 0 / 0.1 / 0.025 of max_steps)
+    text = _normalised("docs/callback.md")
+    assert "4 events, at 2.5%, 5%, 7.5% and 10% of `max_steps`, when `max_steps` is a multiple of 40" in text
+    library = {max_steps: ReductionSchedule().steps(max_steps) for max_steps in range(1, 5001)}
+    assert all(len(library[max_steps]) == 4 for max_steps in range(40, 5001, 40))
+    claim = re.search(r"gives up to (\d+) events in short runs \(a (\d+)-step run reduces at steps 1 to (\d+)\)", text)
+    assert claim and max(map(len, library.values())) == int(claim.group(1))
+    assert library[int(claim.group(2))] == list(range(1, int(claim.group(3)) + 1))
+    assert "Runs shorter than 10 steps have no event" in text and min(s for s in library if library[s]) == 10

@@ -327,9 +327,11 @@ def test_compiled_model_is_accepted():
 def test_schedule_and_policy_defaults_live_in_one_object():
     inferred = {"policy", "tau", "fraction"}  # None: resolved from DEFAULTS by schedule.resolve_policy_arguments
     for cls in (CompreSSMReducer, CompreSSMCallback):
+        # the callback's collective_timeout None is resolved from DEFAULTS (and ddp_timeout) when training starts
+        resolved_later = inferred | ({"collective_timeout"} if cls is CompreSSMCallback else set())
         for name, parameter in inspect.signature(cls).parameters.items():
             if hasattr(DEFAULTS, name):
-                expected = None if name in inferred else getattr(DEFAULTS, name)
+                expected = None if name in resolved_later else getattr(DEFAULTS, name)
                 assert parameter.default == expected, (cls.__name__, name)
     callback = CompreSSMCallback()
     assert (callback.policy, callback.tau, callback.fraction) == (DEFAULTS.policy, DEFAULTS.tau, DEFAULTS.fraction)
@@ -357,3 +359,22 @@ def test_tensor_hooks_on_reduced_parameters_keep_firing():
     model.zero_grad()
     model(**inputs).loss.backward()
     assert gradients == [(16, 16), (8, 16)] and accumulated == [(16, 16), (8, 16)]
+
+
+def test_event_due_while_a_rollback_check_pends_is_skipped_with_a_warning(caplog):
+    """Issue 20.6: a plain loop that does not resolve the check of one event before the next is due loses that next
+    event; it must say so (and keep the skipped steps), not skip it silently."""
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    reducer = CompreSSMReducer(model, optimizer, policy="rollback", tau=0.05, start_step=2, end_step=6, interval=2)
+    data = batch()
+    with caplog.at_level("WARNING", logger="modeling_compressm.reducer"):
+        for step in range(1, 7):
+            model(**data).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            reducer.step(step)
+    assert [event.step for event in reducer.history] == [2] and reducer.pending is not None
+    assert reducer.skipped_steps == [4, 6]
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("step 4 is skipped" in message and "step 2 still awaits" in message for message in messages)
