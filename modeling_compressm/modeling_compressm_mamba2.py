@@ -156,17 +156,27 @@ class CompreSSMMamba2Mixer(_mamba2.Mamba2Mixer):
         self.ssm_state_size = W.shape[1]
 
     @torch.no_grad()
-    def apply_selection(self, keep: list[list[int]]) -> None:
+    def apply_selection(self, keep: list[list[int]]) -> dict:
         """Keep state channels `keep[g]` of group g (sorted, equal lengths): slices W/V if projected, else the B and C
-        rows of in_proj and channels of conv1d, giving a stock Mamba-2 layer of state size len(keep[0])."""
+        rows of in_proj and channels of conv1d, giving a stock Mamba-2 layer of state size len(keep[0]).
+
+        Returns {parameter name within the mixer: function slicing a tensor of the old parameter's shape like the
+        parameter} (for optimizer moments)."""
         rank = len(keep[0])
         if self.state_projection_in is not None:
             rows = torch.stack([torch.as_tensor(k) for k in keep]).to(self.state_projection_in.device)
-            W = torch.stack([self.state_projection_in[g, rows[g]] for g in range(self.n_groups)])
-            V = torch.stack([self.state_projection_out[g, :, rows[g]] for g in range(self.n_groups)])
-            self.state_projection_in, self.state_projection_out = nn.Parameter(W), nn.Parameter(V)
+            groups = torch.arange(self.n_groups, device=rows.device)[:, None]
+
+            def slice_in(tensor):  # (groups, r, N) → rows keep[g] of group g
+                return tensor[groups, rows]
+
+            def slice_out(tensor):  # (groups, N, r) → columns keep[g] of group g
+                return tensor.transpose(1, 2)[groups, rows].transpose(1, 2).contiguous()
+
+            self.state_projection_in = nn.Parameter(slice_in(self.state_projection_in))
+            self.state_projection_out = nn.Parameter(slice_out(self.state_projection_out))
             self.ssm_state_size = rank
-            return
+            return {"state_projection_in": slice_in, "state_projection_out": slice_out}
         n, groups, inner = self.channel_state_size, self.n_groups, self.intermediate_size
         b_channels = [inner + g * n + i for g in range(groups) for i in keep[g]]
         c_channels = [inner + groups * n + g * n + i for g in range(groups) for i in keep[g]]
@@ -176,15 +186,26 @@ class CompreSSMMamba2Mixer(_mamba2.Mamba2Mixer):
             + [inner + c for c in conv_channels]
             + list(range(inner + self.conv_dim, inner + self.conv_dim + self.num_heads))
         )
-        self.in_proj = _sliced_linear(self.in_proj, proj_rows)
-        self.conv1d = _sliced_depthwise_conv(self.conv1d, conv_channels)
+        proj_index = torch.as_tensor(proj_rows, device=self.in_proj.weight.device)
+        conv_index = torch.as_tensor(conv_channels, device=self.conv1d.weight.device)
+        self.in_proj = _sliced_linear(self.in_proj, proj_index)
+        self.conv1d = _sliced_depthwise_conv(self.conv1d, conv_index)
         self.conv_dim = len(conv_channels)
         self.channel_state_size = self.ssm_state_size = rank
 
+        def slice_rows(index):
+            return lambda tensor: tensor[index.to(tensor.device)]
 
-def _sliced_linear(linear: nn.Linear, rows: list[int]) -> nn.Linear:
-    index = torch.as_tensor(rows, device=linear.weight.device)
-    new = nn.Linear(linear.in_features, len(rows), bias=linear.bias is not None)
+        slicers = {"in_proj.weight": slice_rows(proj_index), "conv1d.weight": slice_rows(conv_index)}
+        if self.in_proj.bias is not None:
+            slicers["in_proj.bias"] = slice_rows(proj_index)
+        if self.conv1d.bias is not None:
+            slicers["conv1d.bias"] = slice_rows(conv_index)
+        return slicers
+
+
+def _sliced_linear(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None)
     new = new.to(device=linear.weight.device, dtype=linear.weight.dtype)
     new.weight.copy_(linear.weight[index])
     if linear.bias is not None:
@@ -192,10 +213,9 @@ def _sliced_linear(linear: nn.Linear, rows: list[int]) -> nn.Linear:
     return new
 
 
-def _sliced_depthwise_conv(conv: nn.Conv1d, channels: list[int]) -> nn.Conv1d:
-    index = torch.as_tensor(channels, device=conv.weight.device)
+def _sliced_depthwise_conv(conv: nn.Conv1d, index: torch.Tensor) -> nn.Conv1d:
     new = nn.Conv1d(
-        len(channels), len(channels), kernel_size=conv.kernel_size[0], groups=len(channels),
+        len(index), len(index), kernel_size=conv.kernel_size[0], groups=len(index),
         padding=conv.padding[0], bias=conv.bias is not None,
     ).to(device=conv.weight.device, dtype=conv.weight.dtype)
     new.weight.copy_(conv.weight[index])
@@ -272,7 +292,9 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
         """Data-driven HSVs per layer: float64 (groups, r_layer), descending, from `calibration` batches."""
         return [hankel_singular_values(*stats.gramians()) for stats in self.gramian_statistics(calibration)]
 
-    def reduce(self, ranks, calibration: Iterable | None = None, method: str = "balanced", keep=None) -> list[dict]:
+    def reduce(
+        self, ranks, calibration: Iterable | None = None, method: str = "balanced", keep=None, statistics=None
+    ) -> list[dict]:
         """Shrink the scan state of each layer in place.
 
         Args:
@@ -284,10 +306,14 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
                 Mamba-2 layer of state size r).
             keep: optional list with, per layer, None or the state indices to select (one list for all groups, or one
                 per group); a layer with `keep` is reduced by selection to len(keep) states.
+            statistics: instead of `calibration`, one `GramianStatistics` per layer already accumulated (e.g. from
+                training batches by forward hooks on each mixer's `scan_inputs`).
         Returns:
             one dict per layer: layer, status ("reduced" / "unchanged"), method, dim_before, dim_after, hsv (float64
             (groups, dim_before) or None), predicted_error (E‖Δy‖² of the scan output, or None), relative_error
-            (predicted_error / Σσ², or None), keep (selected indices per group, or None).
+            (predicted_error / Σσ², or None), keep (selected indices per group, or None), sliced_parameters
+            ({full parameter name: function slicing a tensor of the old parameter's shape}, selection only) and
+            replaced_parameters (full names of parameters replaced without a slicing relation: new projections).
         """
         if method not in ("balanced", "select"):
             raise ValueError(f"method must be 'balanced' or 'select', got {method!r}")
@@ -309,12 +335,22 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
                     f"got {ranks[layer]}"
                 )
         needs_statistics = any(r is not None and k is None for r, k in zip(ranks, keep))
-        if needs_statistics and calibration is None:
+        if needs_statistics and calibration is None and statistics is None:
             raise ValueError("reduce needs calibration batches (or an explicit keep for every reduced layer)")
-        statistics = self.gramian_statistics(calibration) if calibration is not None else [None] * layers
+        if statistics is not None and calibration is not None:
+            raise ValueError("pass calibration batches or accumulated statistics, not both")
+        if statistics is not None and len(statistics) != layers:
+            raise ValueError(f"statistics needs one GramianStatistics per layer ({layers}), got {len(statistics)}")
+        if statistics is None:
+            statistics = self.gramian_statistics(calibration) if calibration is not None else [None] * layers
+        names = {mixer: name for name, mixer in self.named_modules() if isinstance(mixer, CompreSSMMamba2Mixer)}
         results = []
         for layer, mixer in enumerate(mixers):
-            results.append(_reduce_layer(mixer, layer, ranks[layer], method, keep[layer], statistics[layer]))
+            result = _reduce_layer(mixer, layer, ranks[layer], method, keep[layer], statistics[layer])
+            prefix = names[mixer] + "."
+            result["sliced_parameters"] = {prefix + key: value for key, value in result["sliced_parameters"].items()}
+            result["replaced_parameters"] = [prefix + key for key in result["replaced_parameters"]]
+            results.append(result)
             self.config.state_dims[layer] = mixer.ssm_state_size
             self.config.channel_dims[layer] = mixer.channel_state_size
         return results
@@ -338,6 +374,7 @@ def _reduce_layer(mixer, layer, rank, method, keep, statistics) -> dict:
     result = {
         "layer": layer, "status": "unchanged", "method": None, "dim_before": before, "dim_after": before,
         "hsv": hsv, "predicted_error": None, "relative_error": None, "keep": None,
+        "sliced_parameters": {}, "replaced_parameters": [],
     }
     if rank is None or (rank == before and keep is None):
         return result
@@ -347,12 +384,12 @@ def _reduce_layer(mixer, layer, rank, method, keep, statistics) -> dict:
         if gramians is not None:
             V, W = selection_projection(keep, before)
             result["predicted_error"] = projection_error(*gramians, V, W)
-        mixer.apply_selection(keep)
-        result.update(method="select", keep=keep)
+        result.update(method="select", keep=keep, sliced_parameters=mixer.apply_selection(keep))
     else:
         V, W, _ = balanced_projection(*gramians, rank)
         mixer.apply_projection(V, W)
-        result.update(method="balanced", predicted_error=predicted_error(hsv, rank))
+        result.update(method="balanced", predicted_error=predicted_error(hsv, rank),
+                      replaced_parameters=["state_projection_in", "state_projection_out"])
     if result["predicted_error"] is not None and total:
         result["relative_error"] = result["predicted_error"] / total
     result.update(status="reduced", dim_after=mixer.ssm_state_size)

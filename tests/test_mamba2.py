@@ -317,3 +317,18 @@ def test_old_transformers_is_refused_clearly(monkeypatch):
     with pytest.raises(ImportError, match="need transformers' 5.x Mamba-2 modules.*mamba2_scan_forward"):
         CompreSSMMamba2ForCausalLM(CompreSSMMamba2Config(vocab_size=VOCAB, hidden_size=16, num_heads=4, head_dim=8,
                                                          state_size=8, n_groups=2, num_hidden_layers=1))
+
+
+def test_training_forward_never_takes_the_fused_path_that_would_skip_the_projection(monkeypatch):
+    model = _reduced_lm()
+    tokens = _calibration(batches=1)[0]
+    with torch.no_grad():
+        expected = model(tokens).logits
+
+    def fused(*args, **kwargs):
+        raise AssertionError("the fused split-conv1d-scan kernel ignores the state projection")
+
+    monkeypatch.setattr(modeling2._mamba2, "mamba2_split_conv1d_scan_combined", fused)
+    model.train()
+    with torch.no_grad():
+        assert torch.equal(model(tokens, use_cache=False).logits, expected)
