@@ -332,3 +332,18 @@ def test_training_forward_never_takes_the_fused_path_that_would_skip_the_project
     model.train()
     with torch.no_grad():
         assert torch.equal(model(tokens, use_cache=False).logits, expected)
+
+
+def test_padding_positions_do_not_enter_the_gramians():
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_model(torch.float64))
+    long, short = _calibration(batches=2, length=10, seed=11)
+    short = short[:1, 3:]  # 7 tokens
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], dim=1)
+    batch = {"input_ids": torch.cat([long[:1], padded]), "attention_mask": torch.cat([torch.ones_like(mask), mask])}
+    with_padding = model.gramian_statistics([batch])
+    separately = model.gramian_statistics([long[:1], short])
+    for padded_stats, separate_stats in zip(with_padding, separately):
+        assert padded_stats.count == separate_stats.count == 17
+        assert torch.allclose(padded_stats.P_sum, separate_stats.P_sum, rtol=1e-9, atol=1e-14)
+        assert torch.allclose(padded_stats.Q_sum, separate_stats.Q_sum, rtol=1e-9, atol=1e-14)
