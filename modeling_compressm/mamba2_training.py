@@ -16,8 +16,8 @@ from .modeling_compressm_mamba2 import CompreSSMMamba2Mixer
 class Mamba2GramianCollector:
     """Accumulates each layer's float64 Gramian statistics from the forward passes the model runs anyway.
 
-    `start(model)` hooks every mixer's `scan_inputs` (training-mode passes only, inputs detached); `stop()` removes the
-    hooks; `statistics` holds one `GramianStatistics` per layer (model order)."""
+    `start(model)` hooks every mixer's `scan_inputs` (training-mode passes only, inputs detached; forwards recomputed
+    by activation checkpointing during backward are not counted again); `stop()` removes the hooks; `statistics` holds one `GramianStatistics` per layer (model order)."""
 
     def __init__(self):
         self.statistics: list[GramianStatistics] = []
@@ -46,13 +46,19 @@ class Mamba2GramianCollector:
     @staticmethod
     def _hook(mixer: CompreSSMMamba2Mixer, statistics: GramianStatistics):
         def hook(module, args, output):
-            if not module.training:
+            if not module.training or _in_backward():  # activation checkpointing re-runs the forward in backward
                 return
             with torch.no_grad():
                 mask = args[4] if len(args) > 4 else None
                 statistics.update(mixer.scan_inputs_of(*output), mask)
 
         return hook
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where activation checkpointing recomputes forwards)."""
+    current_task = getattr(torch._C, "_current_graph_task_id", None)
+    return current_task is not None and current_task() != -1
 
 
 def repair_optimizer(optimizer: torch.optim.Optimizer, old_parameters: dict, model: torch.nn.Module,
