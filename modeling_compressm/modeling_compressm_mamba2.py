@@ -269,7 +269,7 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
 
     @torch.no_grad()
     def gramian_statistics(self, calibration: Iterable) -> list[GramianStatistics]:
-        """Run `calibration` batches (eval mode, no cache) and accumulate each layer's float64 Gramian sums of the
+        """Run `calibration` batches (eval mode, no cache, moved to the model's device) and accumulate each layer's float64 Gramian sums of the
         states the scan runs now (size r per layer). Returns one `GramianStatistics` per layer."""
         mixers = self._mixers()
         statistics = [GramianStatistics() for _ in mixers]
@@ -281,7 +281,8 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
         self.eval()
         try:
             for batch in calibration:
-                self(**_model_inputs(batch), use_cache=False)
+                inputs = {key: value.to(self.device) for key, value in _model_inputs(batch).items()}
+                self(**inputs, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
@@ -368,7 +369,8 @@ def _statistics_hook(mixer: CompreSSMMamba2Mixer, statistics: GramianStatistics)
 def _reduce_layer(mixer, layer, rank, method, keep, statistics) -> dict:
     """Reduce one mixer in place (see `reduce`); returns its report entry."""
     before = mixer.ssm_state_size
-    gramians = statistics.gramians() if statistics is not None else None
+    # the (groups, r, r) math runs on CPU; apply_projection/apply_selection move results to the layer's device
+    gramians = tuple(g.cpu() for g in statistics.gramians()) if statistics is not None else None
     hsv = hankel_singular_values(*gramians) if gramians is not None else None
     total = float(hsv.pow(2).sum()) if hsv is not None else None
     result = {
