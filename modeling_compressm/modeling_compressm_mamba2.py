@@ -30,6 +30,7 @@ from .mamba2_reduction import (
     normalise_keep,
     predicted_error,
     projection_error,
+    rank_for_output_energy,
     select_states,
     selection_projection,
 )
@@ -294,7 +295,8 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
         return [hankel_singular_values(*stats.gramians()) for stats in self.gramian_statistics(calibration)]
 
     def reduce(
-        self, ranks, calibration: Iterable | None = None, method: str = "balanced", keep=None, statistics=None
+        self, ranks=None, calibration: Iterable | None = None, method: str = "balanced", keep=None, statistics=None,
+        tolerance: float | None = None,
     ) -> list[dict]:
         """Shrink the scan state of each layer in place.
 
@@ -309,6 +311,9 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
                 per group); a layer with `keep` is reduced by selection to len(keep) states.
             statistics: instead of `calibration`, one `GramianStatistics` per layer already accumulated (e.g. from
                 training batches by forward hooks on each mixer's `scan_inputs`).
+            tolerance: instead of `ranks`, pick per layer the smallest r whose predicted scan-output error
+                Σ_{i>r} σ_i² is at most tolerance · Σσ² (`rank_for_output_energy`); layers where that r is not smaller
+                than the current size stay unchanged.
         Returns:
             one dict per layer: layer, status ("reduced" / "unchanged"), method, dim_before, dim_after, hsv (float64
             (groups, dim_before) or None), predicted_error (E‖Δy‖² of the scan output, or None), relative_error
@@ -335,7 +340,9 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
                     f"layer {layer}: rank must lie in [1, {mixer.ssm_state_size}] (its current state size), "
                     f"got {ranks[layer]}"
                 )
-        needs_statistics = any(r is not None and k is None for r, k in zip(ranks, keep))
+        if tolerance is not None and any(r is not None for r, k in zip(ranks, keep) if k is None):
+            raise ValueError("pass ranks or tolerance, not both")
+        needs_statistics = tolerance is not None or any(r is not None and k is None for r, k in zip(ranks, keep))
         if needs_statistics and calibration is None and statistics is None:
             raise ValueError("reduce needs calibration batches (or an explicit keep for every reduced layer)")
         if statistics is not None and calibration is not None:
@@ -344,6 +351,12 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
             raise ValueError(f"statistics needs one GramianStatistics per layer ({layers}), got {len(statistics)}")
         if statistics is None:
             statistics = self.gramian_statistics(calibration) if calibration is not None else [None] * layers
+        if tolerance is not None:
+            for layer, mixer in enumerate(mixers):
+                if keep[layer] is None:
+                    hsv = hankel_singular_values(*statistics[layer].gramians())
+                    rank = rank_for_output_energy(hsv, tolerance)
+                    ranks[layer] = rank if rank < mixer.ssm_state_size else None
         names = {mixer: name for name, mixer in self.named_modules() if isinstance(mixer, CompreSSMMamba2Mixer)}
         results = []
         for layer, mixer in enumerate(mixers):

@@ -347,3 +347,16 @@ def test_padding_positions_do_not_enter_the_gramians():
         assert padded_stats.count == separate_stats.count == 17
         assert torch.allclose(padded_stats.P_sum, separate_stats.P_sum, rtol=1e-9, atol=1e-14)
         assert torch.allclose(padded_stats.Q_sum, separate_stats.Q_sum, rtol=1e-9, atol=1e-14)
+
+
+def test_tolerance_picks_each_layers_rank_from_its_squared_hsvs():
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_model(torch.float64))
+    calibration = _calibration()
+    hsv = model.hankel_singular_values(calibration)
+    expected = [math2.rank_for_output_energy(h, 0.05) for h in hsv]
+    assert all(rank < STATE for rank in expected), expected
+    report = model.reduce(tolerance=0.05, calibration=calibration)
+    assert model.config.state_dims == expected
+    assert all(entry["relative_error"] <= 0.05 for entry in report)
+    with pytest.raises(ValueError, match="ranks or tolerance"):
+        model.reduce(2, tolerance=0.05, calibration=calibration)
