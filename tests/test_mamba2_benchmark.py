@@ -27,3 +27,17 @@ def test_reduction_error_benchmark_dry_run(tmp_path):
     assert {"balanced", "select_qr", "select_ghost", "select_random_0"} <= methods
     assert all(row["state_dims"] == [4, 4] for row in written["rows"])
     assert next(tmp_path.glob("*.md")).read_text().startswith("# Mamba-2 reduction")
+
+
+def test_in_training_benchmark_dry_run(tmp_path):
+    import mamba2_in_training
+
+    mamba2_in_training.main([
+        "--state", "8", "--rank", "4", "--steps", "4", "--reduce-at", "2", "--window", "1", "--seq-len", "32",
+        "--batch", "2", "--eval-batches", "1", "--results-dir", str(tmp_path),
+    ])
+    rows = [json.loads(line) for line in next(tmp_path.glob("mamba2_in_training_*.jsonl")).read_text().splitlines()]
+    assert [(row["arm"], row["state_dims"]) for row in rows] == [
+        ("full", [8, 8]), ("balanced", [4, 4]), ("select", [4, 4]), ("small", [4, 4])
+    ]
+    assert "| 0 |" in next(tmp_path.glob("mamba2_in_training_*.md")).read_text()
