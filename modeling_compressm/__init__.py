@@ -1,7 +1,8 @@
 """CompreSSM for Hugging Face: LRU state-space models that shrink themselves while they train.
 
 Importing the package registers the `compressm` model type with the Auto classes (AutoConfig, AutoModel,
-AutoModelForCausalLM, AutoModelForSequenceClassification).
+AutoModelForCausalLM, AutoModelForSequenceClassification), and `compressm_mamba2` (reducible Mamba-2) with AutoConfig,
+AutoModel and AutoModelForCausalLM.
 """
 
 from transformers import (
@@ -14,6 +15,7 @@ from transformers import (
 from .callback import CompreSSMCallback, CompreSSMTrainer
 from .checkpoints import prepare_model_for_resume
 from .configuration_compressm import CompreSSMConfig
+from .configuration_compressm_mamba2 import CompreSSMMamba2Config
 from .events import HistoryError, ReductionEvent, event_metrics
 from .fsdp_strategy import FSDP2Strategy as _FSDP2Strategy  # noqa: F401 - registers the reducer's FSDP2 strategy
 from .modeling_compressm import (
@@ -23,6 +25,11 @@ from .modeling_compressm import (
     CompreSSMLRU,
     CompreSSMModel,
     CompreSSMPreTrainedModel,
+)
+from .modeling_compressm_mamba2 import (
+    CompreSSMMamba2ForCausalLM,
+    CompreSSMMamba2Model,
+    CompreSSMMamba2PreTrainedModel,
 )
 from .optim import compressm_adamw, compressm_parameter_groups
 from .optimizer_state import StaleOptimizerStateError
@@ -53,6 +60,12 @@ def _register_auto_classes() -> None:
     CompreSSMModel.register_for_auto_class("AutoModel")
     CompreSSMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     CompreSSMForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+    AutoConfig.register(CompreSSMMamba2Config.model_type, CompreSSMMamba2Config, exist_ok=True)
+    AutoModel.register(CompreSSMMamba2Config, CompreSSMMamba2Model, exist_ok=True)
+    AutoModelForCausalLM.register(CompreSSMMamba2Config, CompreSSMMamba2ForCausalLM, exist_ok=True)
+    CompreSSMMamba2Config.register_for_auto_class()
+    CompreSSMMamba2Model.register_for_auto_class("AutoModel")
+    CompreSSMMamba2ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 _register_auto_classes()
@@ -74,6 +87,10 @@ __all__ = [
     "CompreSSMForSequenceClassification",
     "CompreSSMLRU",
     "CompreSSMCache",
+    "CompreSSMMamba2Config",
+    "CompreSSMMamba2PreTrainedModel",
+    "CompreSSMMamba2Model",
+    "CompreSSMMamba2ForCausalLM",
     "ReductionError",
     "gramians",
     "hankel_singular_values",

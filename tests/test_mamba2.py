@@ -1,0 +1,362 @@
+"""Mamba-2 state reduction: the projection identity (float64 reference scan), balancing and selection, the model
+classes (conversion, per-layer sizes, cached decode, save/load and remote-code loading)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_compressm import mamba2_reduction as math2
+from modeling_compressm import modeling_compressm_mamba2 as modeling2
+
+if modeling2._MISSING:
+    pytest.skip(
+        f"this transformers release lacks the Mamba-2 5.x pieces ({modeling2._MISSING}); the model refuses there",
+        allow_module_level=True,
+    )
+
+from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM  # noqa: E402
+
+from modeling_compressm import CompreSSMMamba2Config, CompreSSMMamba2ForCausalLM  # noqa: E402
+from without_package import BLOCK_PACKAGE  # noqa: E402 - tests/ helper
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VOCAB, GROUPS, STATE = 32, 2, 8
+
+
+def _stock_model(dtype=torch.float32, state_size=STATE, seed=0) -> Mamba2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Mamba2Config(
+        vocab_size=VOCAB, hidden_size=16, num_heads=4, head_dim=8, state_size=state_size, n_groups=GROUPS,
+        num_hidden_layers=2, chunk_size=8, expand=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return Mamba2ForCausalLM(config).to(dtype).eval()
+
+
+def _calibration(batches=3, length=24, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (2, length), generator=generator) for _ in range(batches)]
+
+
+def _random_scan_inputs(seed=0, batch=2, length=20, heads=4, head_dim=3, groups=2, state=6) -> math2.ScanInputs:
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    return math2.ScanInputs(
+        hidden_states=randn(batch, length, heads * head_dim), B=randn(batch, length, groups * state),
+        C=randn(batch, length, groups * state), dt=randn(batch, length, heads),
+        A=-torch.rand(heads, generator=generator, dtype=torch.float64) - 0.05, dt_bias=randn(heads),
+        D=randn(heads), num_heads=heads, head_dim=head_dim, n_groups=groups,
+    )
+
+
+def _projected(inputs: math2.ScanInputs, V: torch.Tensor, W: torch.Tensor) -> math2.ScanInputs:
+    """The same inputs with B̃ = W B and C̃ = Vᵀ C per group."""
+    batch, length, _ = inputs.B.shape
+    B = inputs.B.view(batch, length, inputs.n_groups, -1)
+    C = inputs.C.view(batch, length, inputs.n_groups, -1)
+    B = torch.einsum("blgn,grn->blgr", B, W).reshape(batch, length, -1)
+    C = torch.einsum("blgn,gnr->blgr", C, V).reshape(batch, length, -1)
+    return math2.ScanInputs(**{**inputs.__dict__, "B": B, "C": C})
+
+
+def _states(inputs: math2.ScanInputs) -> list[torch.Tensor]:
+    states = []
+    math2.reference_scan(inputs, on_state=lambda t, S, C_t: states.append(S.clone()))
+    return states
+
+
+def test_projected_layer_state_is_W_times_full_state():
+    inputs = _random_scan_inputs()
+    generator = torch.Generator().manual_seed(5)
+    V = torch.randn(2, 6, 3, generator=generator, dtype=torch.float64)
+    W = torch.linalg.pinv(V) + torch.randn(2, 3, 6, generator=generator, dtype=torch.float64) @ (
+        torch.eye(6, dtype=torch.float64) - V @ torch.linalg.pinv(V)
+    )  # an oblique left inverse: W V = I, W ≠ Vᵀ
+    assert torch.allclose(W @ V, torch.eye(3, dtype=torch.float64).expand(2, 3, 3), atol=1e-12)
+    heads_per_group = inputs.num_heads // inputs.n_groups
+    W_heads = W.repeat_interleave(heads_per_group, dim=0)  # (heads, r, N)
+    for full, reduced in zip(_states(inputs), _states(_projected(inputs, V, W))):
+        assert torch.allclose(reduced, torch.einsum("hrn,bhpn->bhpr", W_heads, full), atol=1e-12, rtol=0)
+
+
+def test_full_rank_change_of_basis_changes_nothing():
+    inputs = _random_scan_inputs(seed=3)
+    T = torch.randn(2, 6, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    T = T + 3 * torch.eye(6, dtype=torch.float64)
+    y, _ = math2.reference_scan(inputs)
+    y_transformed, _ = math2.reference_scan(_projected(inputs, T, torch.linalg.inv(T)))
+    assert torch.allclose(y_transformed, y, atol=1e-10, rtol=0)
+
+
+def test_balancing_gives_a_left_inverse_and_its_predicted_error():
+    inputs = _random_scan_inputs(seed=4)
+    statistics = math2.GramianStatistics()
+    statistics.update(inputs)
+    P, Q = statistics.gramians()
+    V, W, hsv = math2.balanced_projection(P, Q, 3)
+    assert torch.allclose(W @ V, torch.eye(3, dtype=torch.float64).expand(2, 3, 3), atol=1e-10)
+    assert math2.projection_error(P, Q, V, W) == pytest.approx(math2.predicted_error(hsv, 3), rel=1e-9)
+    # total output energy Σσ² = tr(Q P); no selection of 3 channels predicts less than balancing
+    assert float(hsv.pow(2).sum()) == pytest.approx(float(torch.einsum("gij,gji->", Q, P)), rel=1e-9)
+    V_s, W_s = math2.selection_projection(math2.select_states(P, Q, 3), 6)
+    assert math2.projection_error(P, Q, V_s, W_s) > math2.predicted_error(hsv, 3)
+
+
+def test_rank_rule_uses_the_energy_of_squared_hsvs():
+    hsv = torch.tensor([[3.0, 2.0, 1.0, 0.0]], dtype=torch.float64)  # σ² = 9, 4, 1, 0 (total 14)
+    assert math2.rank_for_output_energy(hsv, 0.0) == 3
+    assert math2.rank_for_output_energy(hsv, 1 / 14) == 2  # drops σ² = 1
+    assert math2.rank_for_output_energy(hsv, 5 / 14) == 1  # a rule on Σσ (total 6) would keep 2 here
+    with pytest.raises(ValueError, match="tolerance"):
+        math2.rank_for_output_energy(hsv, 1.0)
+
+
+def _scan_outputs(model, mixer_index, batches):
+    """Float64 reference-scan outputs of one mixer on `batches` (one tensor per batch)."""
+    mixer = model.backbone.layers[mixer_index].mixer
+    captured = []
+    handle = mixer.scan_inputs.register_forward_hook(
+        lambda module, args, output: captured.append(mixer.scan_inputs_of(*output))
+    )
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    handle.remove()
+    return [math2.reference_scan(inputs)[0] for inputs in captured]
+
+
+def test_from_mamba2_gives_identical_logits():
+    stock = _stock_model()
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(stock)
+    tokens = _calibration(batches=1)[0]
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, stock(tokens).logits)
+    assert model.config.state_dims == [STATE, STATE] and model.config.model_type == "compressm_mamba2"
+
+
+def test_zeroed_state_channels_get_zero_hsvs_and_are_truncated_exactly():
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_model(torch.float64))
+    mixer = model.backbone.layers[0].mixer
+    inner, dead = mixer.intermediate_size, [1, 5]
+    with torch.no_grad():
+        for group in range(GROUPS):
+            for channel in dead:  # B channel of the conv input; in_proj rows start after the gate
+                conv_channel = inner + group * STATE + channel
+                mixer.in_proj.weight[inner + conv_channel] = 0
+                mixer.conv1d.bias[conv_channel] = 0
+    calibration, held_out = _calibration(), _calibration(batches=2, seed=9)
+    hsv = model.hankel_singular_values(calibration)[0]
+    assert hsv.shape == (GROUPS, STATE)
+    # σ = singular values of Q^1/2 P^1/2: zero up to the float64 square root's ~1e-8 relative precision
+    assert bool((hsv[:, -2:] <= 1e-7 * hsv[:, :1]).all()) and bool((hsv[:, :-2] > 1e-4 * hsv[:, :1]).all())
+    before = _scan_outputs(model, 0, held_out)
+    report = model.reduce([STATE - 2, None], calibration=calibration)
+    assert report[0]["status"] == "reduced" and report[0]["predicted_error"] < 1e-12 * float(hsv.pow(2).sum())
+    assert model.config.state_dims == [STATE - 2, STATE] and model.config.channel_dims == [STATE, STATE]
+    for y_full, y_reduced in zip(before, _scan_outputs(model, 0, held_out)):
+        assert torch.allclose(y_reduced, y_full, atol=1e-10 * float(y_full.abs().max()), rtol=0)
+
+
+def _sliced_stock_copy(stock: Mamba2ForCausalLM, keep: list[list[int]]) -> Mamba2ForCausalLM:
+    """A stock Mamba2ForCausalLM of state size len(keep[g]) holding `stock`'s weights with layer 0's B and C channels
+    sliced to `keep` (layer 1 keeps the first channels), written out from the in_proj/conv1d layouts."""
+    rank = len(keep[0])
+    small = Mamba2ForCausalLM(Mamba2Config(**{**stock.config.to_dict(), "state_size": rank})).eval()
+    state = stock.state_dict()
+    inner = stock.backbone.layers[0].mixer.intermediate_size
+    for layer, layer_keep in ((0, keep), (1, [list(range(rank))] * GROUPS)):
+        b = [inner + g * STATE + i for g in range(GROUPS) for i in layer_keep[g]]
+        c = [inner + GROUPS * STATE + g * STATE + i for g in range(GROUPS) for i in layer_keep[g]]
+        conv = list(range(inner)) + b + c
+        heads = list(range(inner + inner + 2 * GROUPS * STATE, inner + inner + 2 * GROUPS * STATE + 4))
+        rows = list(range(inner)) + [inner + channel for channel in conv] + heads
+        prefix = f"backbone.layers.{layer}.mixer."
+        state[prefix + "in_proj.weight"] = state[prefix + "in_proj.weight"][rows]
+        state[prefix + "conv1d.weight"] = state[prefix + "conv1d.weight"][conv]
+        state[prefix + "conv1d.bias"] = state[prefix + "conv1d.bias"][conv]
+    small.load_state_dict(state)
+    return small
+
+
+def test_selection_equals_a_sliced_stock_mamba2():
+    stock = _stock_model()
+    keep = [[0, 2, 5, 7], [1, 2, 3, 6]]
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(stock)
+    report = model.reduce(None, keep=[keep, [0, 1, 2, 3]])
+    assert [entry["method"] for entry in report] == ["select", "select"] and report[0]["keep"] == keep
+    assert model.config.state_dims == [4, 4] and model.config.channel_dims == [4, 4]
+    tokens = _calibration(batches=1)[0]
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, _sliced_stock_copy(stock, keep)(tokens).logits)
+
+
+def _randomised_layers(model, seed):
+    """Random layers with memory: in_proj ~ N(0, 0.25), decays exp(-Δ·a) with a ~ U(0.05, 0.55), Δ ≈ softplus(0.5)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.backbone.layers:
+            mixer = block.mixer
+            weight = mixer.in_proj.weight
+            weight.copy_(0.5 * torch.randn(weight.shape, generator=generator, dtype=weight.dtype))
+            rates = 0.5 * torch.rand(mixer.num_heads, generator=generator, dtype=weight.dtype) + 0.05
+            mixer.A_log.copy_(torch.log(rates))
+            mixer.dt_bias.fill_(0.5)
+    return model
+
+
+def test_balanced_projection_beats_the_best_selection_at_half_the_state():
+    models = {
+        name: _randomised_layers(CompreSSMMamba2ForCausalLM.from_mamba2(_stock_model(torch.float64, seed=2)), 0)
+        for name in ("balanced", "pivoted_qr", "ghost_score")
+    }
+    calibration, held_out = _calibration(batches=4, length=32), _calibration(batches=2, length=32, seed=9)
+    reference = _scan_outputs(models["balanced"], 0, held_out)
+    P, Q = models["ghost_score"].gramian_statistics(calibration)[0].gramians()
+    ghost_keep = [sorted(torch.argsort(P[g].diagonal() * Q[g].diagonal(), descending=True)[: STATE // 2].tolist())
+                  for g in range(GROUPS)]
+    models["balanced"].reduce([STATE // 2, None], calibration=calibration, method="balanced")
+    models["pivoted_qr"].reduce([STATE // 2, None], calibration=calibration, method="select")
+    models["ghost_score"].reduce(None, keep=[ghost_keep, None])
+
+    def relative_error(model):
+        outputs = _scan_outputs(model, 0, held_out)
+        error = sum(float((y - y_ref).pow(2).sum()) for y, y_ref in zip(outputs, reference))
+        return error / sum(float(y_ref.pow(2).sum()) for y_ref in reference)
+
+    errors = {name: relative_error(model) for name, model in models.items()}
+    assert errors["balanced"] < 0.8 * min(errors["pivoted_qr"], errors["ghost_score"]), errors
+
+
+def _reduced_lm() -> CompreSSMMamba2ForCausalLM:
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_model())
+    model.reduce([5, 3], calibration=_calibration())
+    model.reduce([None, 2], calibration=_calibration(), method="select")  # layer 1: projected, then selected
+    assert model.config.state_dims == [5, 2] and model.config.channel_dims == [STATE, STATE]
+    return model
+
+
+def test_cached_decode_equals_the_full_forward_with_per_layer_state_sizes():
+    model = _reduced_lm()
+    tokens = _calibration(batches=1, length=12)[0]
+    with torch.no_grad():
+        full = model(tokens).logits
+        output = model(tokens[:, :5], use_cache=True)
+        steps, cache = [output.logits], output.cache
+        for position in range(5, tokens.shape[1]):
+            output = model(tokens[:, position : position + 1], cache=cache, use_cache=True)
+            steps.append(output.logits)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    shapes = [tuple(cache.layers[layer].recurrent_states[0].shape) for layer in range(2)]
+    assert shapes == [(2, 4, 8, 5), (2, 4, 8, 2)]
+
+
+def test_save_load_and_generate_with_per_layer_state_sizes(tmp_path):
+    model = _reduced_lm()
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = set(os.listdir(tmp_path / "ckpt"))
+    assert {"modeling_compressm_mamba2.py", "configuration_compressm_mamba2.py", "mamba2_reduction.py"} <= saved
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["state_dims"] == [5, 2] and config["model_type"] == "compressm_mamba2"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert type(loaded) is CompreSSMMamba2ForCausalLM
+    tokens = _calibration(batches=1, length=6)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    generated = model.generate(tokens, max_new_tokens=5, do_sample=False)
+    assert torch.equal(loaded.generate(tokens, max_new_tokens=5, do_sample=False), generated)
+    torch.save({"tokens": tokens, "generated": generated}, tmp_path / "expected.pt")
+
+    script = tmp_path / "remote.py"
+    script.write_text(BLOCK_PACKAGE + textwrap.dedent(
+        """
+        import json, os, sys, torch
+        from transformers import AutoModelForCausalLM
+        root = sys.argv[2]
+        expected = torch.load(os.path.join(root, "expected.pt"))
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(root, "ckpt"), trust_remote_code=True).eval()
+        generated = model.generate(expected["tokens"], max_new_tokens=5, do_sample=False)
+        print(json.dumps({"same": bool(torch.equal(generated, expected["generated"])),
+                          "state_dims": model.config.state_dims,
+                          "package_loaded": any(n.startswith("modeling_compressm") for n in sys.modules)}))
+        """
+    ))
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(script), str(REPO_ROOT), str(tmp_path)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"same": True, "state_dims": [5, 2], "package_loaded": False}
+
+
+def test_bad_reduce_arguments_are_refused_and_change_nothing():
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_model())
+    with pytest.raises(ValueError, match="calibration"):
+        model.reduce([4, None])
+    with pytest.raises(ValueError, match=r"rank must lie in \[1, 8\]"):
+        model.reduce([9, None], calibration=_calibration())
+    with pytest.raises(ValueError, match="method"):
+        model.reduce(4, calibration=_calibration(), method="pod")
+    with pytest.raises(ValueError, match="distinct"):
+        model.reduce(None, keep=[[0, 0, 1], None])
+    with pytest.raises(TypeError, match="calibration batches"):
+        model.hankel_singular_values(["some text"])
+    assert model.config.state_dims == [STATE, STATE]
+
+
+def test_old_transformers_is_refused_clearly(monkeypatch):
+    monkeypatch.setattr(modeling2, "_MISSING", ["mamba2_scan_forward"])
+    with pytest.raises(ImportError, match="need transformers' 5.x Mamba-2 modules.*mamba2_scan_forward"):
+        CompreSSMMamba2ForCausalLM(CompreSSMMamba2Config(vocab_size=VOCAB, hidden_size=16, num_heads=4, head_dim=8,
+                                                         state_size=8, n_groups=2, num_hidden_layers=1))
+
+
+def test_training_forward_never_takes_the_fused_path_that_would_skip_the_projection(monkeypatch):
+    model = _reduced_lm()
+    tokens = _calibration(batches=1)[0]
+    with torch.no_grad():
+        expected = model(tokens).logits
+
+    def fused(*args, **kwargs):
+        raise AssertionError("the fused split-conv1d-scan kernel ignores the state projection")
+
+    monkeypatch.setattr(modeling2._mamba2, "mamba2_split_conv1d_scan_combined", fused)
+    model.train()
+    with torch.no_grad():
+        assert torch.equal(model(tokens, use_cache=False).logits, expected)
+
+
+def test_padding_positions_do_not_enter_the_gramians():
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_model(torch.float64))
+    long, short = _calibration(batches=2, length=10, seed=11)
+    short = short[:1, 3:]  # 7 tokens
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], dim=1)
+    batch = {"input_ids": torch.cat([long[:1], padded]), "attention_mask": torch.cat([torch.ones_like(mask), mask])}
+    with_padding = model.gramian_statistics([batch])
+    separately = model.gramian_statistics([long[:1], short])
+    for padded_stats, separate_stats in zip(with_padding, separately):
+        assert padded_stats.count == separate_stats.count == 17
+        assert torch.allclose(padded_stats.P_sum, separate_stats.P_sum, rtol=1e-9, atol=1e-14)
+        assert torch.allclose(padded_stats.Q_sum, separate_stats.Q_sum, rtol=1e-9, atol=1e-14)
+
+
+def test_tolerance_picks_each_layers_rank_from_its_squared_hsvs():
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_model(torch.float64))
+    calibration = _calibration()
+    hsv = model.hankel_singular_values(calibration)
+    expected = [math2.rank_for_output_energy(h, 0.05) for h in hsv]
+    assert all(rank < STATE for rank in expected), expected
+    report = model.reduce(tolerance=0.05, calibration=calibration)
+    assert model.config.state_dims == expected
+    assert all(entry["relative_error"] <= 0.05 for entry in report)
+    with pytest.raises(ValueError, match="ranks or tolerance"):
+        model.reduce(2, tolerance=0.05, calibration=calibration)
