@@ -67,6 +67,10 @@ from .reduction import (
 )
 from .scan import host_reads_are_free, lru_sequence
 
+# `reduction` imports `real_map` lazily; importing it here too puts it among the modeling file's own relative imports,
+# which is all that transformers < 5 copies into its module cache when it loads a remote-code checkpoint from a folder.
+from .real_map import balance_real_map as _balance_real_map  # noqa: F401
+
 logger = logging.getLogger(__name__)
 _warn_once = functools.lru_cache(maxsize=None)(logger.warning)
 
