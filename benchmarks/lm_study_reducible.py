@@ -64,27 +64,25 @@ def _record(log: Path, task, arm: str, row: dict, tag: str, full_state_time: int
 def run_seed(task, seed: int, args) -> None:
     log = Path(args.log)
     common = {"state_dims": args.state_dims, "max_steps": args.steps}
+    full_state_time = args.state_dims * task.num_layers * args.steps
     full = {}
     for arm, extra in (("full", {}), ("full-reg", {"reducibility": REGULARIZER_WEIGHT})):
         row = run_variant(task, "baseline", seed, extra, keep_model=True, **common)
         full[arm] = row.pop("_model")
-        _record(log, task, arm, row, args.tag, row["state_time_full"])
-    full_state_time = args.state_dims * task.num_layers * args.steps
+        _record(log, task, arm, row, args.tag, full_state_time)
     final_dims = {}
     for arm, extra in COMPRESSED_ARMS.items():
         row = run_variant(task, "package-default", seed, {"compress": True, "policy": "package-default", **extra},
                           **common)
-        final_dims[arm] = row["dims_after"]
+        final_dims[arm] = tuple(row["dims_after"])
         _record(log, task, arm, row, args.tag, full_state_time)
-    reference = final_dims["compressm-real-reg"]
-    distinct = [reference] + [dims for dims in final_dims.values() if dims != reference]
-    distinct = [dims for i, dims in enumerate(distinct) if dims not in distinct[:i]]
-    for dims in distinct:
-        for arm, extra in (("small", {}), ("small-reg", {"reducibility": REGULARIZER_WEIGHT})):
-            if arm == "small-reg" and dims != reference:
-                continue
-            row = run_variant(task, "small-scratch", seed, extra, state_dims=dims, max_steps=args.steps)
-            _record(log, task, arm, row, args.tag, full_state_time)
+    reference = list(final_dims["compressm-real-reg"])
+    small_arms = [("small", {}, reference), ("small-reg", {"reducibility": REGULARIZER_WEIGHT}, reference)]
+    # the other compressed arms' sizes too, where they differ (each small arm is compared at its own sizes)
+    small_arms += [("small", {}, list(dims)) for dims in dict.fromkeys(final_dims.values()) if list(dims) != reference]
+    for arm, extra, dims in small_arms:
+        row = run_variant(task, "small-scratch", seed, extra, state_dims=dims, max_steps=args.steps)
+        _record(log, task, arm, row, args.tag, full_state_time)
     if not args.posthoc_steps:
         return
     for source in ("full", "full-reg"):
