@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -360,3 +361,27 @@ def test_tolerance_picks_each_layers_rank_from_its_squared_hsvs():
     assert all(entry["relative_error"] <= 0.05 for entry in report)
     with pytest.raises(ValueError, match="ranks or tolerance"):
         model.reduce(2, tolerance=0.05, calibration=calibration)
+
+
+def test_gpu_kernel_state_width_is_the_next_power_of_two_and_at_least_16():
+    assert [modeling2.gpu_kernel_state_width(r) for r in (1, 8, 15, 16, 17, 24, 32, 48, 64, 128)] == [
+        16, 16, 16, 16, 32, 32, 32, 64, 64, 128
+    ]
+
+
+def test_reduce_warns_once_about_padded_ranks_where_cuda_kernels_would_run(monkeypatch):
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_model())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # on CPU (no CUDA kernels) a small rank warns nothing
+        model.reduce([5, 3], calibration=_calibration())
+    assert not modeling2.cuda_scan_kernels_in_use(model)
+    monkeypatch.setattr(modeling2, "cuda_scan_kernels_in_use", lambda module: True)
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_model())
+    with pytest.warns(UserWarning, match=r"pad the state.*layer 0: r=5 runs as 16, layer 1: r=3 runs as 16") as caught:
+        model.reduce([5, 3], calibration=_calibration())
+    assert len([w for w in caught if "pad the state" in str(w.message)]) == 1
+    stock = _stock_model(state_size=32)
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(stock)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # r = 16 is what the kernels compute anyway
+        model.reduce([16, None], calibration=_calibration())
