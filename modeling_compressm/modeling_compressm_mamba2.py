@@ -36,7 +36,9 @@ from .mamba2_reduction import (
     selection_projection,
 )
 from .selective_ssm_surgery import (
+    build_backbone,
     check_statistics_arguments,
+    converted_copy,
     normalise_ranks_and_keep,
     run_calibration,
     sliced_depthwise_conv,
@@ -403,14 +405,7 @@ class CompreSSMMamba2Model(CompreSSMMamba2PreTrainedModel, Mamba2Model):
     def __init__(self, config: CompreSSMMamba2Config):
         require_supported_transformers()
         CompreSSMMamba2PreTrainedModel.__init__(self, config)
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            [CompreSSMMamba2Block(config, layer_idx=index) for index in range(config.num_hidden_layers)]
-        )
-        self.gradient_checkpointing = False
-        self.norm_f = _mamba2.Mamba2RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self._register_load_state_dict_pre_hook(self.load_hook)
-        self.post_init()
+        build_backbone(self, config, CompreSSMMamba2Block, _mamba2.Mamba2RMSNorm)
 
 
 class CompreSSMMamba2ForCausalLM(CompreSSMMamba2PreTrainedModel, Mamba2ForCausalLM):
@@ -428,14 +423,7 @@ class CompreSSMMamba2ForCausalLM(CompreSSMMamba2PreTrainedModel, Mamba2ForCausal
         """Convert a transformers `Mamba2ForCausalLM` (same weights, dtype, device; identical logits)."""
         if not isinstance(model, Mamba2ForCausalLM):
             raise TypeError(f"from_mamba2 expects a transformers Mamba2ForCausalLM, got {type(model).__name__}")
-        settings = model.config.to_dict()
-        for key in ("model_type", "architectures", "transformers_version", "auto_map", "state_dims", "channel_dims"):
-            settings.pop(key, None)
-        config = CompreSSMMamba2Config(**settings)
-        converted = cls(config).to(device=model.device, dtype=model.dtype)
-        converted.load_state_dict(model.state_dict(), strict=True)
-        converted.train(model.training)
-        return converted
+        return converted_copy(model, cls, CompreSSMMamba2Config, ("state_dims", "channel_dims"))
 
 
 __all__ = [

@@ -1,5 +1,5 @@
 """Shared pieces of reducing selective-SSM layers (Mamba-2 and Mamba-1) in place: argument checks of `reduce`, the
-calibration loop, and slicing of linear / depthwise-conv layers to kept rows.
+calibration loop, slicing of linear / depthwise-conv layers to kept rows, conversion from transformers' models.
 
 Part of the remote-code bundle (copied with checkpoints): imports only torch and its flat sibling
 `mamba2_reduction.py`.
@@ -97,3 +97,27 @@ def run_calibration(model: nn.Module, calibration: Iterable, on_batch=None) -> N
             model(**inputs, use_cache=False)
     finally:
         model.train(was_training)
+
+
+def converted_copy(model: nn.Module, model_class, config_class, own_fields: tuple[str, ...]) -> nn.Module:
+    """`model_class(config_class(**model's config))` holding `model`'s weights, dtype, device and train/eval mode
+    (strict state-dict load: the same parameter names and shapes). `own_fields`: config keys of the new class that the
+    source config must not pass on (they default from it)."""
+    settings = model.config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "auto_map", *own_fields):
+        settings.pop(key, None)
+    converted = model_class(config_class(**settings)).to(device=model.device, dtype=model.dtype)
+    converted.load_state_dict(model.state_dict(), strict=True)
+    converted.train(model.training)
+    return converted
+
+
+def build_backbone(model: nn.Module, config, block_class, norm_class) -> None:
+    """Fill a Mamba/Mamba-2 backbone (`model`, already through `PreTrainedModel.__init__`) as transformers' own
+    `__init__` does, with `block_class(config, layer_idx)` per layer (the per-layer state sizes), then `post_init`."""
+    model.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+    model.layers = nn.ModuleList([block_class(config, layer_idx=index) for index in range(config.num_hidden_layers)])
+    model.gradient_checkpointing = False
+    model.norm_f = norm_class(config.hidden_size, eps=config.layer_norm_epsilon)
+    model._register_load_state_dict_pre_hook(model.load_hook)
+    model.post_init()
