@@ -111,9 +111,15 @@ def test_selection_equals_a_sliced_stock_mamba_in_float64():
     stock = _stock_model(torch.float64)
     keep = [0, 2, 5, 7]
     model = CompreSSMMambaForCausalLM.from_mamba(stock)
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     report = model.reduce(None, keep=[keep, keep])
     assert [entry["keep"] for entry in report] == [keep, keep] and model.config.state_dims == [4, 4]
     assert all(entry["method"] == "select" and entry["dim_after"] == 4 for entry in report)
+    # the slicing functions reported for optimizer moments map each old parameter onto the new one
+    after = dict(model.named_parameters())
+    sliced = {name: function for entry in report for name, function in entry["sliced_parameters"].items()}
+    assert set(sliced) == {f"backbone.layers.{i}.mixer.{p}" for i in range(2) for p in ("x_proj.weight", "A_log")}
+    assert all(torch.equal(function(before[name]), after[name]) for name, function in sliced.items())
     tokens = _calibration(batches=1)[0]
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, _sliced_stock_copy(stock, keep)(tokens).logits)
