@@ -1,8 +1,8 @@
 """CompreSSM for Hugging Face: LRU state-space models that shrink themselves while they train.
 
 Importing the package registers the `compressm` model type with the Auto classes (AutoConfig, AutoModel,
-AutoModelForCausalLM, AutoModelForSequenceClassification), and `compressm_mamba2` (reducible Mamba-2) with AutoConfig,
-AutoModel and AutoModelForCausalLM.
+AutoModelForCausalLM, AutoModelForSequenceClassification), and `compressm_mamba2` (reducible Mamba-2) and
+`compressm_mamba` (Mamba-1, reducible by state selection) with AutoConfig, AutoModel and AutoModelForCausalLM.
 """
 
 from transformers import (
@@ -15,6 +15,7 @@ from transformers import (
 from .callback import CompreSSMCallback, CompreSSMTrainer
 from .checkpoints import prepare_model_for_resume
 from .configuration_compressm import CompreSSMConfig
+from .configuration_compressm_mamba import CompreSSMMambaConfig
 from .configuration_compressm_mamba2 import CompreSSMMamba2Config
 from .events import HistoryError, ReductionEvent, event_metrics
 from .fsdp_strategy import FSDP2Strategy as _FSDP2Strategy  # noqa: F401 - registers the reducer's FSDP2 strategy
@@ -26,6 +27,7 @@ from .modeling_compressm import (
     CompreSSMModel,
     CompreSSMPreTrainedModel,
 )
+from .modeling_compressm_mamba import CompreSSMMambaForCausalLM, CompreSSMMambaModel, CompreSSMMambaPreTrainedModel
 from .modeling_compressm_mamba2 import (
     CompreSSMMamba2ForCausalLM,
     CompreSSMMamba2Model,
@@ -60,13 +62,17 @@ def _register_auto_classes() -> None:
     CompreSSMModel.register_for_auto_class("AutoModel")
     CompreSSMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     CompreSSMForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
-    AutoConfig.register(CompreSSMMamba2Config.model_type, CompreSSMMamba2Config, exist_ok=True)
-    AutoModel.register(CompreSSMMamba2Config, CompreSSMMamba2Model, exist_ok=True)
-    AutoModelForCausalLM.register(CompreSSMMamba2Config, CompreSSMMamba2ForCausalLM, exist_ok=True)
-    CompreSSMMamba2Config.register_for_auto_class()
-    CompreSSMMamba2Model.register_for_auto_class("AutoModel")
-    CompreSSMMamba2ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-
+    selective_ssm_models = (
+        (CompreSSMMamba2Config, CompreSSMMamba2Model, CompreSSMMamba2ForCausalLM),
+        (CompreSSMMambaConfig, CompreSSMMambaModel, CompreSSMMambaForCausalLM),
+    )
+    for config_class, base_class, causal_lm_class in selective_ssm_models:
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, base_class, exist_ok=True)
+        AutoModelForCausalLM.register(config_class, causal_lm_class, exist_ok=True)
+        config_class.register_for_auto_class()
+        base_class.register_for_auto_class("AutoModel")
+        causal_lm_class.register_for_auto_class("AutoModelForCausalLM")
 
 _register_auto_classes()
 
@@ -91,6 +97,10 @@ __all__ = [
     "CompreSSMMamba2PreTrainedModel",
     "CompreSSMMamba2Model",
     "CompreSSMMamba2ForCausalLM",
+    "CompreSSMMambaConfig",
+    "CompreSSMMambaPreTrainedModel",
+    "CompreSSMMambaModel",
+    "CompreSSMMambaForCausalLM",
     "ReductionError",
     "gramians",
     "hankel_singular_values",

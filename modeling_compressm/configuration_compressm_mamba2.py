@@ -5,12 +5,13 @@ from __future__ import annotations
 from transformers import Mamba2Config
 
 
-def _per_layer(value, name: str, num_layers: int) -> list[int]:
-    """An int → one entry per layer; a list must have `num_layers` positive ints."""
+def _per_layer(value, name: str, num_layers: int, config_name: str = "CompreSSMMamba2Config") -> list[int]:
+    """An int → one entry per layer; a list must have `num_layers` positive ints (else a ValueError naming
+    `config_name.name`)."""
     values = [value] * num_layers if isinstance(value, int) else list(value)
     if len(values) != num_layers or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
         raise ValueError(
-            f"CompreSSMMamba2Config.{name} must be a positive int or a list of {num_layers} positive ints "
+            f"{config_name}.{name} must be a positive int or a list of {num_layers} positive ints "
             f"(one per layer), got {value!r}"
         )
     return values

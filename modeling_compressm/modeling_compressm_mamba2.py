@@ -7,12 +7,14 @@ head_dim, r)); a layer reduced by selection is a stock Mamba-2 layer of state si
 fused `mamba2_split_conv1d_scan_combined` path, whose kernels would skip the projection.
 
 This file is copied with checkpoints for `trust_remote_code` loading: it imports only transformers, torch and its flat
-siblings `configuration_compressm_mamba2.py` and `mamba2_reduction.py`.
+siblings `configuration_compressm_mamba2.py`, `mamba2_reduction.py` and `selective_ssm_surgery.py`.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -27,12 +29,20 @@ from .mamba2_reduction import (
     ScanInputs,
     balanced_projection,
     hankel_singular_values,
-    normalise_keep,
     predicted_error,
     projection_error,
     rank_for_output_energy,
     select_states,
     selection_projection,
+)
+from .selective_ssm_surgery import (
+    build_backbone,
+    check_statistics_arguments,
+    converted_copy,
+    normalise_ranks_and_keep,
+    run_calibration,
+    sliced_depthwise_conv,
+    sliced_linear,
 )
 
 # transformers 5.x pieces this model runs on; older releases (e.g. 4.56) keep the Mamba-2 cache at one state size.
@@ -51,6 +61,37 @@ def require_supported_transformers() -> None:
             f"CompreSSM Mamba-2 models need transformers' 5.x Mamba-2 modules and lazily allocated linear-attention "
             f"cache (found transformers {transformers_version}, missing {', '.join(_MISSING)}); "
             "upgrade with `pip install -U transformers`"
+        )
+
+
+def gpu_kernel_state_width(state_size: int) -> int:
+    """State width the mamba_ssm Triton SSD kernels compute with: `max(next power of two, 16)` (their
+    BLOCK_SIZE_DSTATE; the extra lanes are masked). A state of r < 16 costs those kernels as much as 16."""
+    return max(16, 1 << (state_size - 1).bit_length())
+
+
+def cuda_scan_kernels_in_use(model: nn.Module) -> bool:
+    """True when `model` runs on CUDA where transformers routes the Mamba-2 scan to compiled kernels: mamba_ssm is
+    installed (transformers calls its kernels for CUDA inputs) or the model uses Hub kernels (`use_kernels`)."""
+    parameter = next(model.parameters(), None)
+    if parameter is None or parameter.device.type != "cuda":
+        return False
+    return importlib.util.find_spec("mamba_ssm") is not None or bool(getattr(model, "use_kernels", False))
+
+
+def warn_if_padded_on_gpu_kernels(model: nn.Module, state_dims: dict[int, int]) -> None:
+    """One warning naming the layers ({layer: new r}) whose state size the CUDA kernels pad (see
+    `gpu_kernel_state_width`); nothing off CUDA or without those kernels."""
+    padded = [(layer, r, gpu_kernel_state_width(r)) for layer, r in state_dims.items()
+              if r != gpu_kernel_state_width(r)]
+    if padded and cuda_scan_kernels_in_use(model):
+        listed = ", ".join(f"layer {layer}: r={r} runs as {width}" for layer, r, width in padded)
+        warnings.warn(
+            f"the CUDA Mamba-2 scan kernels (mamba_ssm) pad the state to max(next power of two, 16), so these "
+            f"reduced sizes buy no speed over the padded width ({listed}); choose r among 16, 32, 64, ... on GPU, "
+            "or run the torch path, where the cost follows r",
+            UserWarning,
+            stacklevel=3,
         )
 
 
@@ -189,8 +230,8 @@ class CompreSSMMamba2Mixer(_mamba2.Mamba2Mixer):
         )
         proj_index = torch.as_tensor(proj_rows, device=self.in_proj.weight.device)
         conv_index = torch.as_tensor(conv_channels, device=self.conv1d.weight.device)
-        self.in_proj = _sliced_linear(self.in_proj, proj_index)
-        self.conv1d = _sliced_depthwise_conv(self.conv1d, conv_index)
+        self.in_proj = sliced_linear(self.in_proj, proj_index)
+        self.conv1d = sliced_depthwise_conv(self.conv1d, conv_index)
         self.conv_dim = len(conv_channels)
         self.channel_state_size = self.ssm_state_size = rank
 
@@ -205,26 +246,6 @@ class CompreSSMMamba2Mixer(_mamba2.Mamba2Mixer):
         return slicers
 
 
-def _sliced_linear(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None)
-    new = new.to(device=linear.weight.device, dtype=linear.weight.dtype)
-    new.weight.copy_(linear.weight[index])
-    if linear.bias is not None:
-        new.bias.copy_(linear.bias[index])
-    return new
-
-
-def _sliced_depthwise_conv(conv: nn.Conv1d, index: torch.Tensor) -> nn.Conv1d:
-    new = nn.Conv1d(
-        len(index), len(index), kernel_size=conv.kernel_size[0], groups=len(index),
-        padding=conv.padding[0], bias=conv.bias is not None,
-    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-    new.weight.copy_(conv.weight[index])
-    if conv.bias is not None:
-        new.bias.copy_(conv.bias[index])
-    return new
-
-
 class CompreSSMMamba2Block(_mamba2.Mamba2Block):
     """`Mamba2Block` (norm → mixer → residual) with a `CompreSSMMamba2Mixer`."""
 
@@ -235,20 +256,6 @@ class CompreSSMMamba2Block(_mamba2.Mamba2Block):
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = _mamba2.Mamba2RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mixer = CompreSSMMamba2Mixer(config, layer_idx=layer_idx)
-
-
-def _model_inputs(batch) -> dict:
-    """A calibration batch (LongTensor of ids, or a mapping with input_ids/inputs_embeds/attention_mask) → kwargs."""
-    if isinstance(batch, torch.Tensor):
-        return {"input_ids": batch}
-    if hasattr(batch, "keys"):
-        inputs = {key: batch[key] for key in ("input_ids", "inputs_embeds", "attention_mask") if key in batch}
-        if "input_ids" in inputs or "inputs_embeds" in inputs:
-            return inputs
-    raise TypeError(
-        "calibration batches must be LongTensors of token ids (batch, length) or mappings with `input_ids` "
-        f"(and optionally `attention_mask`), got {type(batch).__name__}"
-    )
 
 
 class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
@@ -278,16 +285,11 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
             mixer.scan_inputs.register_forward_hook(_statistics_hook(mixer, stats))
             for mixer, stats in zip(mixers, statistics)
         ]
-        was_training = self.training
-        self.eval()
         try:
-            for batch in calibration:
-                inputs = {key: value.to(self.device) for key, value in _model_inputs(batch).items()}
-                self(**inputs, use_cache=False)
+            run_calibration(self, calibration)
         finally:
             for handle in handles:
                 handle.remove()
-            self.train(was_training)
         return statistics
 
     def hankel_singular_values(self, calibration: Iterable) -> list[torch.Tensor]:
@@ -325,30 +327,13 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
             raise ValueError(f"method must be 'balanced' or 'select', got {method!r}")
         mixers = self._mixers()
         layers = len(mixers)
-        ranks = [ranks] * layers if ranks is None or isinstance(ranks, int) else list(ranks)
-        keep = [None] * layers if keep is None else list(keep)
-        if len(ranks) != layers or len(keep) != layers:
-            raise ValueError(f"ranks and keep need one entry per layer ({layers}), got {len(ranks)} and {len(keep)}")
-        for layer, mixer in enumerate(mixers):
-            if keep[layer] is not None:
-                keep[layer] = normalise_keep(keep[layer], mixer.n_groups, mixer.ssm_state_size)
-                if ranks[layer] is not None and ranks[layer] != len(keep[layer][0]):
-                    raise ValueError(f"layer {layer}: ranks gives {ranks[layer]} but keep selects {len(keep[layer][0])}")
-                ranks[layer] = len(keep[layer][0])
-            if ranks[layer] is not None and not 1 <= ranks[layer] <= mixer.ssm_state_size:
-                raise ValueError(
-                    f"layer {layer}: rank must lie in [1, {mixer.ssm_state_size}] (its current state size), "
-                    f"got {ranks[layer]}"
-                )
+        ranks, keep = normalise_ranks_and_keep(
+            ranks, keep, [mixer.ssm_state_size for mixer in mixers], [mixer.n_groups for mixer in mixers]
+        )
         if tolerance is not None and any(r is not None for r, k in zip(ranks, keep) if k is None):
             raise ValueError("pass ranks or tolerance, not both")
         needs_statistics = tolerance is not None or any(r is not None and k is None for r, k in zip(ranks, keep))
-        if needs_statistics and calibration is None and statistics is None:
-            raise ValueError("reduce needs calibration batches (or an explicit keep for every reduced layer)")
-        if statistics is not None and calibration is not None:
-            raise ValueError("pass calibration batches or accumulated statistics, not both")
-        if statistics is not None and len(statistics) != layers:
-            raise ValueError(f"statistics needs one GramianStatistics per layer ({layers}), got {len(statistics)}")
+        check_statistics_arguments(needs_statistics, calibration, statistics, layers)
         if statistics is None:
             statistics = self.gramian_statistics(calibration) if calibration is not None else [None] * layers
         if tolerance is not None:
@@ -367,6 +352,9 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
             results.append(result)
             self.config.state_dims[layer] = mixer.ssm_state_size
             self.config.channel_dims[layer] = mixer.channel_state_size
+        warn_if_padded_on_gpu_kernels(
+            self, {entry["layer"]: entry["dim_after"] for entry in results if entry["status"] == "reduced"}
+        )
         return results
 
 
@@ -417,14 +405,7 @@ class CompreSSMMamba2Model(CompreSSMMamba2PreTrainedModel, Mamba2Model):
     def __init__(self, config: CompreSSMMamba2Config):
         require_supported_transformers()
         CompreSSMMamba2PreTrainedModel.__init__(self, config)
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            [CompreSSMMamba2Block(config, layer_idx=index) for index in range(config.num_hidden_layers)]
-        )
-        self.gradient_checkpointing = False
-        self.norm_f = _mamba2.Mamba2RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self._register_load_state_dict_pre_hook(self.load_hook)
-        self.post_init()
+        build_backbone(self, config, CompreSSMMamba2Block, _mamba2.Mamba2RMSNorm)
 
 
 class CompreSSMMamba2ForCausalLM(CompreSSMMamba2PreTrainedModel, Mamba2ForCausalLM):
@@ -442,14 +423,7 @@ class CompreSSMMamba2ForCausalLM(CompreSSMMamba2PreTrainedModel, Mamba2ForCausal
         """Convert a transformers `Mamba2ForCausalLM` (same weights, dtype, device; identical logits)."""
         if not isinstance(model, Mamba2ForCausalLM):
             raise TypeError(f"from_mamba2 expects a transformers Mamba2ForCausalLM, got {type(model).__name__}")
-        settings = model.config.to_dict()
-        for key in ("model_type", "architectures", "transformers_version", "auto_map", "state_dims", "channel_dims"):
-            settings.pop(key, None)
-        config = CompreSSMMamba2Config(**settings)
-        converted = cls(config).to(device=model.device, dtype=model.dtype)
-        converted.load_state_dict(model.state_dict(), strict=True)
-        converted.train(model.training)
-        return converted
+        return converted_copy(model, cls, CompreSSMMamba2Config, ("state_dims", "channel_dims"))
 
 
 __all__ = [

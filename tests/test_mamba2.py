@@ -3,10 +3,7 @@ classes (conversion, per-layer sizes, cached decode, save/load and remote-code l
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
+import warnings
 
 import pytest
 import torch
@@ -23,9 +20,8 @@ if modeling2._MISSING:
 from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM  # noqa: E402
 
 from modeling_compressm import CompreSSMMamba2Config, CompreSSMMamba2ForCausalLM  # noqa: E402
-from without_package import BLOCK_PACKAGE  # noqa: E402 - tests/ helper
+from selective_ssm_checks import remote_generation_report, stepwise_cached_logits  # noqa: E402 - tests/ helper
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB, GROUPS, STATE = 32, 2, 8
 
 
@@ -248,12 +244,8 @@ def test_cached_decode_equals_the_full_forward_with_per_layer_state_sizes():
     tokens = _calibration(batches=1, length=12)[0]
     with torch.no_grad():
         full = model(tokens).logits
-        output = model(tokens[:, :5], use_cache=True)
-        steps, cache = [output.logits], output.cache
-        for position in range(5, tokens.shape[1]):
-            output = model(tokens[:, position : position + 1], cache=cache, use_cache=True)
-            steps.append(output.logits)
-    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    stepped, cache = stepwise_cached_logits(model, tokens, prefix=5)
+    assert torch.allclose(stepped, full, atol=1e-5, rtol=1e-5)
     shapes = [tuple(cache.layers[layer].recurrent_states[0].shape) for layer in range(2)]
     assert shapes == [(2, 4, 8, 5), (2, 4, 8, 2)]
 
@@ -272,29 +264,8 @@ def test_save_load_and_generate_with_per_layer_state_sizes(tmp_path):
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
     generated = model.generate(tokens, max_new_tokens=5, do_sample=False)
     assert torch.equal(loaded.generate(tokens, max_new_tokens=5, do_sample=False), generated)
-    torch.save({"tokens": tokens, "generated": generated}, tmp_path / "expected.pt")
-
-    script = tmp_path / "remote.py"
-    script.write_text(BLOCK_PACKAGE + textwrap.dedent(
-        """
-        import json, os, sys, torch
-        from transformers import AutoModelForCausalLM
-        root = sys.argv[2]
-        expected = torch.load(os.path.join(root, "expected.pt"))
-        model = AutoModelForCausalLM.from_pretrained(os.path.join(root, "ckpt"), trust_remote_code=True).eval()
-        generated = model.generate(expected["tokens"], max_new_tokens=5, do_sample=False)
-        print(json.dumps({"same": bool(torch.equal(generated, expected["generated"])),
-                          "state_dims": model.config.state_dims,
-                          "package_loaded": any(n.startswith("modeling_compressm") for n in sys.modules)}))
-        """
-    ))
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "hf"), HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, str(script), str(REPO_ROOT), str(tmp_path)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"same": True, "state_dims": [5, 2], "package_loaded": False}
+    report = remote_generation_report(tmp_path, tokens, generated)
+    assert report == {"same": True, "state_dims": [5, 2], "class": "CompreSSMMamba2ForCausalLM", "package_loaded": False}
 
 
 def test_bad_reduce_arguments_are_refused_and_change_nothing():
@@ -360,3 +331,27 @@ def test_tolerance_picks_each_layers_rank_from_its_squared_hsvs():
     assert all(entry["relative_error"] <= 0.05 for entry in report)
     with pytest.raises(ValueError, match="ranks or tolerance"):
         model.reduce(2, tolerance=0.05, calibration=calibration)
+
+
+def test_gpu_kernel_state_width_is_the_next_power_of_two_and_at_least_16():
+    assert [modeling2.gpu_kernel_state_width(r) for r in (1, 8, 15, 16, 17, 24, 32, 48, 64, 128)] == [
+        16, 16, 16, 16, 32, 32, 32, 64, 64, 128
+    ]
+
+
+def test_reduce_warns_once_about_padded_ranks_where_cuda_kernels_would_run(monkeypatch):
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_model())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # on CPU (no CUDA kernels) a small rank warns nothing
+        model.reduce([5, 3], calibration=_calibration())
+    assert not modeling2.cuda_scan_kernels_in_use(model)
+    monkeypatch.setattr(modeling2, "cuda_scan_kernels_in_use", lambda module: True)
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_model())
+    with pytest.warns(UserWarning, match=r"pad the state.*layer 0: r=5 runs as 16, layer 1: r=3 runs as 16") as caught:
+        model.reduce([5, 3], calibration=_calibration())
+    assert len([w for w in caught if "pad the state" in str(w.message)]) == 1
+    stock = _stock_model(state_size=32)
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(stock)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # r = 16 is what the kernels compute anyway
+        model.reduce([16, None], calibration=_calibration())

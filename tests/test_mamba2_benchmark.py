@@ -41,3 +41,17 @@ def test_in_training_benchmark_dry_run(tmp_path):
         ("full", [8, 8]), ("balanced", [4, 4]), ("select", [4, 4]), ("small", [4, 4])
     ]
     assert "| 0 |" in next(tmp_path.glob("mamba2_in_training_*.md")).read_text()
+
+
+def test_step_time_benchmark_dry_run(tmp_path):
+    import mamba2_step_time
+
+    medians = mamba2_step_time.main([
+        "--state", "16", "--ranks", "8", "--hidden", "32", "--heads", "4", "--chunk", "16", "--seq-len", "32",
+        "--batch", "2", "--warmup", "1", "--repeats", "1", "--results-dir", str(tmp_path),
+    ])
+    assert set(medians) == {"stock r=16", "stock r=8", "select r=8", "balanced r=8"}
+    written = json.loads(next(tmp_path.glob("mamba2_step_time_N16_*.json")).read_text())
+    assert written["meta"]["threads"] >= 1 and written["meta"]["date"] and written["meta"]["device"].startswith("CPU")
+    assert set(written["scan_median_ms"]) == set(medians)
+    assert "| 8 |" in next(tmp_path.glob("mamba2_step_time_N16_*.md")).read_text()

@@ -1,0 +1,244 @@
+"""CompreSSM Mamba (Mamba-1): transformers' Mamba with a state size per layer, state selection from data post hoc.
+
+A Mamba-1 layer decays every (channel, state) pair at its own rate, so only selection keeps a reduced layer exact
+(`mamba_reduction.py`): a layer reduced to r states is a stock `MambaMixer` of state size r (the kept columns of
+`A_log`, the kept B and C rows of `x_proj`). The layers are transformers' `MambaMixer` and `MambaBlock` built with the
+layer's state size; forward, scan, kernels and cache are transformers' own.
+
+This file is copied with checkpoints for `trust_remote_code` loading: it imports only transformers, torch and its flat
+siblings (`configuration_compressm_mamba.py`, `mamba_reduction.py`, `mamba2_reduction.py`, `selective_ssm_surgery.py`
+and `modeling_compressm_mamba2.py` with their own flat imports).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from transformers import MambaForCausalLM, MambaModel
+from transformers import __version__ as transformers_version
+from transformers.models.mamba import modeling_mamba as _mamba
+
+from .configuration_compressm_mamba import CompreSSMMambaConfig
+from .mamba2_reduction import hankel_singular_values, projection_error, select_states, selection_projection
+from .mamba_reduction import MambaGramianStatistics, MambaScanInputs
+from .modeling_compressm_mamba2 import _MISSING as _MISSING_CACHE
+from .selective_ssm_surgery import (
+    build_backbone,
+    check_statistics_arguments,
+    converted_copy,
+    normalise_ranks_and_keep,
+    run_calibration,
+    sliced_linear,
+)
+
+# transformers 5.x pieces this model runs on: the Mamba modules whose cache holds a state size per layer.
+_MISSING = [name for name in ("mamba_scan_forward", "causal_conv1d_forward") if not hasattr(_mamba, name)]
+_MISSING += [name for name in _MISSING_CACHE if name.startswith("cache_utils")]
+
+
+def require_supported_transformers() -> None:
+    """Raise ImportError naming what is missing when this transformers release lacks the Mamba pieces used here."""
+    if _MISSING:
+        raise ImportError(
+            f"CompreSSM Mamba models need transformers' 5.x Mamba modules and lazily allocated linear-attention cache "
+            f"(found transformers {transformers_version}, missing {', '.join(_MISSING)}); "
+            "upgrade with `pip install -U transformers`"
+        )
+
+
+class CompreSSMMambaMixer(_mamba.MambaMixer):
+    """A stock `MambaMixer` built with `config.state_dims[layer_idx]` states, plus in-place state selection."""
+
+    def __init__(self, config: CompreSSMMambaConfig, layer_idx: int):
+        require_supported_transformers()
+        layer_config = copy.copy(config)
+        layer_config.state_size = config.state_dims[layer_idx]
+        super().__init__(layer_config, layer_idx=layer_idx, initialize_mixer_weights=False)
+
+    def scan_inputs_of(self, x_proj_input: torch.Tensor, x_proj_output: torch.Tensor) -> MambaScanInputs:
+        """The scan inputs (detached) from what `x_proj` saw: input (batch, length, channels) after conv1d + SiLU and
+        padding mask, output (batch, length, time_step_rank + 2 * state)."""
+        time_step, B, C = torch.split(
+            x_proj_output.detach(), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
+        )
+        return MambaScanInputs(
+            hidden_states=x_proj_input.detach(),
+            time_step=time_step @ self.dt_proj.weight.detach().T,
+            B=B,
+            C=C,
+            A=-torch.exp(self.A_log.detach().double()),
+            time_step_bias=self.dt_proj.bias.detach(),
+            D=self.D.detach(),
+        )
+
+    @torch.no_grad()
+    def apply_selection(self, keep: list[int]) -> dict:
+        """Keep states `keep` (sorted indices): columns of `A_log`, B and C rows of `x_proj`; the layer becomes a stock
+        `MambaMixer` of state size len(keep). Returns {parameter name within the mixer: function slicing a tensor of
+        the old parameter's shape like the parameter} (for optimizer moments)."""
+        device = self.A_log.device
+        state_index = torch.as_tensor(keep, device=device)
+        rank, rows = self.time_step_rank, self.ssm_state_size
+        x_proj_index = torch.cat([
+            torch.arange(rank, device=device), rank + state_index, rank + rows + state_index
+        ])
+        self.x_proj = sliced_linear(self.x_proj, x_proj_index)
+        self.A_log = nn.Parameter(self.A_log[:, state_index].contiguous())
+        self.ssm_state_size = self.config.state_size = len(keep)
+
+        def slice_x_proj(tensor):
+            return tensor[x_proj_index.to(tensor.device)]
+
+        def slice_A_log(tensor):
+            return tensor[:, state_index.to(tensor.device)].contiguous()
+
+        return {"x_proj.weight": slice_x_proj, "A_log": slice_A_log}
+
+
+class CompreSSMMambaBlock(_mamba.MambaBlock):
+    """`MambaBlock` (norm → mixer → residual) with a `CompreSSMMambaMixer`."""
+
+    def __init__(self, config: CompreSSMMambaConfig, layer_idx: int):
+        nn.Module.__init__(self)
+        self.config = config
+        self.layer_idx = layer_idx
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = _mamba.MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = CompreSSMMambaMixer(config, layer_idx=layer_idx)
+
+
+class CompreSSMMambaPreTrainedModel(_mamba.MambaPreTrainedModel):
+    config_class = CompreSSMMambaConfig
+    config: CompreSSMMambaConfig
+    _no_split_modules = ["CompreSSMMambaBlock"]
+
+    def _mixers(self) -> list[CompreSSMMambaMixer]:
+        return [module for module in self.modules() if isinstance(module, CompreSSMMambaMixer)]
+
+    @torch.no_grad()
+    def gramian_statistics(self, calibration: Iterable) -> list[MambaGramianStatistics]:
+        """Run `calibration` batches (token-id tensors or dicts with input_ids/attention_mask; eval mode, no cache) and
+        accumulate each layer's float64 Gramian sums (P, Q of shape (1, r, r), padding excluded). One
+        `MambaGramianStatistics` per layer."""
+        mixers = self._mixers()
+        statistics = [MambaGramianStatistics() for _ in mixers]
+        current = {}
+
+        def hook_for(mixer, layer_statistics):
+            def hook(module, args, output):
+                layer_statistics.update(mixer.scan_inputs_of(args[0], output), current.get("attention_mask"))
+
+            return hook
+
+        handles = [mixer.x_proj.register_forward_hook(hook_for(mixer, s)) for mixer, s in zip(mixers, statistics)]
+        try:
+            run_calibration(self, calibration, on_batch=lambda inputs: current.update(
+                attention_mask=inputs.get("attention_mask")
+            ))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return statistics
+
+    def hankel_singular_values(self, calibration: Iterable) -> list[torch.Tensor]:
+        """Data-driven HSVs per layer: float64 (1, r_layer), descending (singular values of Q^1/2 P^1/2)."""
+        return [hankel_singular_values(*stats.gramians()) for stats in self.gramian_statistics(calibration)]
+
+    def reduce(self, ranks=None, calibration: Iterable | None = None, method: str = "select", keep=None,
+               statistics=None) -> list[dict]:
+        """Shrink each layer's state in place by selection (the only exact reduction of a Mamba-1 layer).
+
+        Args:
+            ranks: an int (every layer) or a list with one int or None (unchanged) per layer.
+            calibration: iterable of batches (token-id tensors or dicts with input_ids/attention_mask); needed unless
+                every reduced layer has an explicit `keep`.
+            method: "select" only: the kept states are the first r pivots of a column-pivoted (rank-revealing) QR of
+                Q^1/2 P^1/2 of the layer's data Gramians.
+            keep: optional list with, per layer, None or the state indices to keep.
+            statistics: instead of `calibration`, one `MambaGramianStatistics` per layer already accumulated.
+        Returns:
+            one dict per layer: layer, status ("reduced" / "unchanged"), method, dim_before, dim_after, hsv (float64
+            (1, dim_before) or None), predicted_error (E‖Δy‖² of the scan output, or None), relative_error, keep (kept
+            indices or None) and sliced_parameters ({full parameter name: function slicing the old tensor}).
+        """
+        if method != "select":
+            raise ValueError(
+                f"method must be 'select' for Mamba-1 layers, got {method!r}: their decay differs per channel and "
+                "state, so a dense projection of the state (balanced truncation) is not exact; only selection is"
+            )
+        mixers = self._mixers()
+        ranks, keep = normalise_ranks_and_keep(ranks, keep, [m.ssm_state_size for m in mixers], [1] * len(mixers))
+        needs_statistics = any(r is not None and k is None for r, k in zip(ranks, keep))
+        check_statistics_arguments(needs_statistics, calibration, statistics, len(mixers))
+        if statistics is None:
+            statistics = self.gramian_statistics(calibration) if calibration is not None else [None] * len(mixers)
+        names = {mixer: name for name, mixer in self.named_modules() if isinstance(mixer, CompreSSMMambaMixer)}
+        results = []
+        for layer, mixer in enumerate(mixers):
+            result = _select_layer(mixer, layer, ranks[layer], keep[layer], statistics[layer])
+            result["sliced_parameters"] = {
+                f"{names[mixer]}.{key}": value for key, value in result["sliced_parameters"].items()
+            }
+            results.append(result)
+            self.config.state_dims[layer] = mixer.ssm_state_size
+        return results
+
+
+def _select_layer(mixer: CompreSSMMambaMixer, layer: int, rank, keep, statistics) -> dict:
+    """Reduce one mixer in place by selection (see `reduce`); returns its report entry."""
+    before = mixer.ssm_state_size
+    gramians = tuple(g.cpu() for g in statistics.gramians()) if statistics is not None else None
+    hsv = hankel_singular_values(*gramians) if gramians is not None else None
+    result = {
+        "layer": layer, "status": "unchanged", "method": None, "dim_before": before, "dim_after": before,
+        "hsv": hsv, "predicted_error": None, "relative_error": None, "keep": None, "sliced_parameters": {},
+    }
+    if rank is None or (rank == before and keep is None):
+        return result
+    keep = keep if keep is not None else select_states(*gramians, rank)  # one index list per group (one group)
+    if gramians is not None:
+        result["predicted_error"] = projection_error(*gramians, *selection_projection(keep, before))
+        total = float(hsv.pow(2).sum())
+        result["relative_error"] = result["predicted_error"] / total if total else None
+    result.update(method="select", keep=keep[0], sliced_parameters=mixer.apply_selection(keep[0]),
+                  status="reduced", dim_after=mixer.ssm_state_size)
+    return result
+
+
+class CompreSSMMambaModel(CompreSSMMambaPreTrainedModel, MambaModel):
+    """`MambaModel` whose layers run the per-layer state sizes of `config.state_dims`."""
+
+    def __init__(self, config: CompreSSMMambaConfig):
+        require_supported_transformers()
+        CompreSSMMambaPreTrainedModel.__init__(self, config)
+        build_backbone(self, config, CompreSSMMambaBlock, _mamba.MambaRMSNorm)
+
+
+class CompreSSMMambaForCausalLM(CompreSSMMambaPreTrainedModel, MambaForCausalLM):
+    """`MambaForCausalLM` on a `CompreSSMMambaModel`; generation caches a (batch, intermediate, r_layer) state."""
+
+    def __init__(self, config: CompreSSMMambaConfig):
+        require_supported_transformers()
+        CompreSSMMambaPreTrainedModel.__init__(self, config)
+        self.backbone = CompreSSMMambaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_mamba(cls, model: MambaForCausalLM) -> CompreSSMMambaForCausalLM:
+        """Convert a transformers `MambaForCausalLM` (same weights, dtype, device; identical logits)."""
+        if not isinstance(model, MambaForCausalLM) or isinstance(model, CompreSSMMambaPreTrainedModel):
+            raise TypeError(f"from_mamba expects a transformers MambaForCausalLM, got {type(model).__name__}")
+        return converted_copy(model, cls, CompreSSMMambaConfig, ("state_dims",))
+
+
+__all__ = [
+    "CompreSSMMambaMixer",
+    "CompreSSMMambaPreTrainedModel",
+    "CompreSSMMambaModel",
+    "CompreSSMMambaForCausalLM",
+    "require_supported_transformers",
+]
