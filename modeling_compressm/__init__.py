@@ -74,6 +74,7 @@ def _register_auto_classes() -> None:
         base_class.register_for_auto_class("AutoModel")
         causal_lm_class.register_for_auto_class("AutoModelForCausalLM")
 
+
 _register_auto_classes()
 
 __all__ = [
