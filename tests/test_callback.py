@@ -476,8 +476,8 @@ def test_documented_event_counts_match_the_schedules():
     """Issue 20.13: docs/train-your-data.md said the CLI's default schedule has 7 events; a 124-step run has 8."""
     import re
 
-    from modeling_compressm.run_settings import ReductionPlan
-    from modeling_compressm.schedule import ReductionSchedule
+    from modeling_compressm.app.run_settings import ReductionPlan
+    from modeling_compressm.training.schedule import ReductionSchedule
 
     def cli_steps(max_steps):
         resolved = ReductionPlan().resolve(max_steps)

@@ -120,7 +120,7 @@ def _run_with_incomplete_newest_checkpoint(tmp_path):
 
 def test_resume_from_an_incomplete_checkpoint_names_the_folder_to_delete(tmp_path):
     """Issue 20.9: transformers' bare FileNotFoundError for trainer_state.json gave no hint."""
-    from modeling_compressm.checkpoints import IncompleteCheckpointError, last_complete_checkpoint
+    from modeling_compressm.training.checkpoints import IncompleteCheckpointError, last_complete_checkpoint
 
     output = _run_with_incomplete_newest_checkpoint(tmp_path)
     expected = (r"cannot resume from .*checkpoint-4: it has no trainer_state\.json.*Delete that folder and resume "

@@ -7,8 +7,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from modeling_compressm import CompreSSMCallback, CompreSSMConfig, CompreSSMForCausalLM, CompreSSMReducer
-from modeling_compressm.rank_selection import global_ranks, select_ranks
-from modeling_compressm.schedule import DEFAULTS, ReductionSchedule
+from modeling_compressm.training.rank_selection import global_ranks, select_ranks
+from modeling_compressm.training.schedule import DEFAULTS, ReductionSchedule
 from tasks import one_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,7 +5,7 @@ gamma_log, B) with AdamW *without* weight decay and with a reduced learning rate
 task). Weight decay on `nu_log` / `theta_log` pulls the eigenvalue parametrisation towards a fixed point
 (|lam| = exp(-1), phase 1) instead of towards "no recurrence", which is not what regularisation is meant to do.
 
-    from modeling_compressm.optim import compressm_adamw, compressm_parameter_groups
+    from modeling_compressm.training.optim import compressm_adamw, compressm_parameter_groups
     optimizer = compressm_adamw(model, learning_rate=3e-3, weight_decay=0.1, ssm_lr_factor=0.5)
     # or, for transformers.Trainer:  Trainer(..., optimizers=(optimizer, None))
 
@@ -29,7 +29,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .modeling_compressm import CompreSSMLRU
+from ..modeling_compressm import CompreSSMLRU
 from .optimizer_state import LayerChange, register_optimizer_state_repair, reset_optimizer_state
 
 __all__ = [
@@ -298,6 +298,3 @@ def project_optimizer_state(optimizer: torch.optim.Optimizer, changes: list[Laye
                       else value)
                 for key, value in state.items()
             }
-
-
-register_optimizer_state_repair("project", project_optimizer_state)

@@ -40,18 +40,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..events import ReductionEvent, coerce_events
+from ..layer_reduction import LayerChange, LayerReduction
+from ..reduction import ReductionError, balance, check_system
 from .collectives import DistributedReductionError
 from .distributed import compressm_model_of, strategy_for
-from .events import ReductionEvent, coerce_events
 from .optimizer_state import (
-    LayerChange,
     optimizer_state_repair,
     unwatch_stale_state,
     unwrap_optimizer,
     watch_for_replaced_parameters,
 )
 from .reducibility import regularizer_from
-from .reduction import ReductionError, balance, check_system
 from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, resolve_policy_arguments
 
 logger = logging.getLogger(__name__)
@@ -72,18 +72,15 @@ class _DeciderFailed:
 
 @dataclass
 class _Outcome:
-    """What the deciding rank did at an event (picklable: sent to the other ranks)."""
+    """What the deciding rank did at an event (picklable: sent to the other ranks).
 
-    dims_after: list[int]
-    status: list[str]
-    errors: list[str | None]
-    kept_energy: list[float | None]
-    hinf_bound: list[float | None]
-    hinf_bound_relative: list[float | None]
-    ranks_requested: list[int]
+    layers: one `LayerReduction` per layer, as sent: `hsv` left out, and the `change` of a reduced layer holding only
+    its basis maps (CPU `project` / `lift`; every rank fills in its own parameters).
+    hsv: per layer the state HSVs (lists of floats) the sizes were picked from, or None where they failed.
+    """
+
+    layers: list[LayerReduction]
     hsv: list[list[float] | None]
-    project: list[torch.Tensor | None] = field(default_factory=list)
-    lift: list[torch.Tensor | None] = field(default_factory=list)
     # The decider released the wrapper (strategy.before_change) to re-size layers; if then no layer was reduced
     # (every truncation failed), every rank must still re-register with it (after_change), or DDP is left without
     # its reducer and the next step fails.
@@ -288,21 +285,15 @@ class CompreSSMReducer:
         started = time.perf_counter()
         dims_before = self.state_dims
         outcome, changes = self._reduce(step)
-        if not any(status != "unchanged" for status in outcome.status):
+        if not any(layer.status != "unchanged" for layer in outcome.layers):
             return None
-        event = ReductionEvent(
+        event = ReductionEvent.from_layers(
+            outcome.layers,
             step=step,
             kind="reduction",
             policy=self.policy,
             dims_before=dims_before,
-            dims_after=list(outcome.dims_after),
-            status=list(outcome.status),
-            errors=list(outcome.errors),
-            kept_energy=list(outcome.kept_energy),
-            hinf_bound=list(outcome.hinf_bound),
-            hinf_bound_relative=list(outcome.hinf_bound_relative),
             hsv=list(outcome.hsv) if self.log_hsv else None,
-            ranks_requested=list(outcome.ranks_requested),
             wall_time_s=time.perf_counter() - started,
             tau=self.rank_policy.tau if self.policy != "fixed" else None,
             fraction=self.rank_policy.fraction if self.policy == "fixed" else None,
@@ -334,15 +325,16 @@ class CompreSSMReducer:
                     f"CompreSSM reduction at step {step}: rank 0 failed while deciding it ({outcome.message}); "
                     "nothing was changed on this rank"
                 )
-            reduced = [index for index, status in enumerate(outcome.status) if status == "reduced"]
+            reduced = [result.layer for result in outcome.layers if result.reduced]
             rewrap = bool(reduced) or outcome.wrapper_released
             if rewrap and not strategy.is_decider:
                 strategy.before_change(model)
                 layers = model.lru_layers()
                 for index in reduced:
-                    previous = layers[index].resize_state(outcome.dims_after[index], initialise=False)
+                    previous = layers[index].resize_state(outcome.layers[index].new_dim, initialise=False)
                     parameters = {name: getattr(layers[index], name) for name in layers[index].SSM_PARAMETER_NAMES}
-                    changes.append(LayerChange(index, parameters, previous, outcome.project[index], outcome.lift[index]))
+                    sent = outcome.layers[index].change
+                    changes.append(LayerChange(index, parameters, previous, sent.project, sent.lift))
                 model.config.state_dims = [layer.state_dim for layer in layers]
             if reduced:
                 strategy.share_parameters(model, reduced, step)
@@ -396,46 +388,30 @@ class CompreSSMReducer:
         hsv = [balancing.state_hsv if balancing is not None else None for balancing in balancings]
         ranks = self.rank_policy.select(hsv, current, events=self.scheduled_events())
         targets = [rank if hsv[index] is not None and rank < current[index] else None for index, rank in enumerate(ranks)]
-        report = None
+        results = [LayerReduction(index, dim, dim) for index, dim in enumerate(current)]
         released = any(target is not None for target in targets)
         if released:
             self.strategy.before_change(model)
-            report = model.reduce(targets, record=False, balancings=balancings)
-        status, kept, bound, relative = [], [], [], []
-        project, lift = [], []
-        changes = []
-        for index in range(len(layers)):
-            entry = report[index] if report is not None else None
-            if errors[index] is not None:
-                status.append("failed")
-            elif entry is not None and entry["status"] != "unchanged":
-                status.append(entry["status"])
-                errors[index] = entry["error"]
-            else:
-                status.append("unchanged")
-            reduced = status[-1] == "reduced"
-            kept.append(entry["kept_energy"] if reduced else (1.0 if status[-1] == "unchanged" else None))
-            bound.append(entry["hinf_bound"] if reduced else None)
-            relative.append(entry["hinf_bound_relative"] if reduced else None)
-            project.append(entry["change"].project.detach().cpu() if reduced else None)
-            lift.append(entry["change"].lift.detach().cpu() if reduced else None)
-            if reduced:
-                changes.append(entry["change"])
-                self._report_layer(step, index, current[index], targets[index], hsv[index], relative[-1], kept[-1])
-            elif status[-1] == "failed" and entry is not None and entry["status"] == "failed":
+            results = model.reduce(targets, record=False, balancings=balancings)
+        sent, changes = [], []
+        for index, result in enumerate(results):
+            if errors[index] is not None:  # its HSVs failed: never truncated
+                result = dataclasses.replace(result, status="failed", error=errors[index], kept_energy=None)
+            elif result.status == "failed":
                 logger.warning("CompreSSMReducer: step %s: layer %d left at %d states (reduction to %d failed: %s)",
-                               step, index, current[index], targets[index], errors[index])
+                               step, index, current[index], targets[index], result.error)
+            elif result.reduced:
+                changes.append(result.change)
+                self._report_layer(step, index, current[index], targets[index], hsv[index],
+                                   result.hinf_bound_relative, result.kept_energy)
+            basis = None
+            if result.reduced:
+                basis = LayerChange(index, {}, project=result.change.project.detach().cpu(),
+                                    lift=result.change.lift.detach().cpu())
+            sent.append(dataclasses.replace(result, rank_requested=ranks[index], hsv=None, change=basis))
         outcome = _Outcome(
-            dims_after=[layer.state_dim for layer in layers],
-            status=status,
-            errors=errors,
-            kept_energy=kept,
-            hinf_bound=bound,
-            hinf_bound_relative=relative,
-            ranks_requested=list(ranks),
+            layers=sent,
             hsv=[values.tolist() if values is not None else None for values in hsv],
-            project=project,
-            lift=lift,
             wrapper_released=released,
         )
         return outcome, changes

@@ -37,6 +37,9 @@ from packaging import version
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..events import coerce_events, event_metrics
+from ..model_card import defer_card_plot, refresh_card_spectrum, write_model_card
+from ..reduction import check_system
 from .checkpoints import (
     atomic_checkpoint_save,
     last_complete_checkpoint,
@@ -46,14 +49,11 @@ from .checkpoints import (
     save_pending_check,
 )
 from .distributed import distributed_world_size, rebuild_ddp_reducer
-from .events import coerce_events, event_metrics
-from .model_card import defer_card_plot, refresh_card_spectrum, write_model_card
 from .optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
 from .optimizer_regroup import known_layouts, load_regrouped_optimizer_state
 from .optimizer_state import optimizer_state_repair
-from .reducibility import regularizer_from
-from .reduction import check_system
 from .reducer import CompreSSMReducer, compressm_model_of
+from .reducibility import regularizer_from
 from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, RollbackRule, resolve_policy_arguments
 from .trainer_checks import (  # noqa: F401 (TRAINER_FSDP_MESSAGE: importable from here, as before)
     TRAINER_FSDP_MESSAGE,

@@ -41,7 +41,7 @@ class _FolderUpload(PushToHubMixin):
 
     def _upload_modified_files(self, working_dir, *args, **kwargs):
         # push_to_hub has just written the Hub's card (or transformers' placeholder) over README.md
-        from .model_card import _is_replaceable
+        from ..model_card import _is_replaceable
 
         ours = os.path.join(self.folder, "README.md")
         target = os.path.join(working_dir, "README.md")
@@ -59,7 +59,7 @@ class HubUploadError(RuntimeError):
         self.repo_id, self.folder, self.summary = repo_id, folder, summary
         super().__init__(
             f"the upload to the Hub repo {repo_id!r} failed ({_describe(cause)}); the model is saved in {folder}: "
-            f"upload it later with python -c \"from modeling_compressm.publish import push_folder_to_hub; "
+            f"upload it later with python -c \"from modeling_compressm.app.publish import push_folder_to_hub; "
             f"push_folder_to_hub('{folder}', '{repo_id}')\""
         )
 

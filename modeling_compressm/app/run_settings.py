@@ -100,7 +100,7 @@ class ReductionPlan:
         if self.final_fraction is not None and self.policy != "global":
             raise ValueError(f"final_fraction (--final-fraction) applies to the global policy, not {self.policy!r}: "
                              "add --policy global")
-        from .callback import CompreSSMCallback
+        from ..training.callback import CompreSSMCallback
 
         optional = {name: getattr(self, name) for name in ("fraction", "gate", "min_dim", "total_budget",
                                                             "final_fraction", "system")}
@@ -119,7 +119,7 @@ class ReductionPlan:
         if self.policy == "fixed" and self.fraction is not None:
             out["fraction"] = self.fraction
         if self.policy == "global":
-            from .schedule import DEFAULTS
+            from ..training.schedule import DEFAULTS
 
             out["final fraction"] = self.final_fraction if self.final_fraction is not None else DEFAULTS.final_fraction
         out["reduction steps"] = f"every {steps['interval']} from {steps['start_step']} to {steps['end_step']}"

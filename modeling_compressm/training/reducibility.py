@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .hankel_penalty import reducibility_penalty
+from ..hankel_penalty import reducibility_penalty
 
 __all__ = ["ReducibilityRegularizer", "regularizer_from"]
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..events import HISTORY_FILE, HistoryError, ReductionEvent, coerce_events, history_problems, read_history
+from ..events import histories_matching_weights
 from .distributed import find_wrapper, rebuild_ddp_reducer
-from .events import HISTORY_FILE, HistoryError, ReductionEvent, coerce_events, history_problems, read_history
-from .events import histories_matching_weights
 from .optimizer_state import repair_optimizer_state
 from .reducer import compressm_model_of
 
@@ -236,7 +236,7 @@ def check_checkpoint_complete(checkpoint_dir) -> None:
     raise IncompleteCheckpointError(
         f"cannot resume from {checkpoint_dir}: {reason} (the process was probably stopped while saving). Delete "
         f"that folder and {alternative}; resume_from_checkpoint=last_complete_checkpoint(output_dir) "
-        "(modeling_compressm.checkpoints) skips such folders by itself"
+        "(modeling_compressm.training.checkpoints) skips such folders by itself"
     )
 
 
