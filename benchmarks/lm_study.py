@@ -52,7 +52,7 @@ from modeling_compressm.training import reduce_with_optimizer as reduce_and_repa
 from modeling_compressm.training.optim import DEFAULT_SSM_PARAMETER_NAMES, compressm_parameter_groups
 from modeling_compressm.training.rank_selection import apply_gate, budget_ranks, select_ranks
 from modeling_compressm.training.reducibility import ReducibilityRegularizer
-from modeling_compressm.training.schedule import ReductionSchedule
+from modeling_compressm.training.settings import DEFAULTS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_LOG = RESULTS_DIR / "lm_study_runs.jsonl"
@@ -407,7 +407,7 @@ def train_run(
     optimizer step. policy "tolerance" / "global" use tau; "budget" shrinks the total state geometrically to
     `final_fraction` of the start over the events (one global HSV ranking per event); gate / min_dim as in
     rank_selection. policy "package-default" ignores the other reduction knobs and runs the package's
-    `CompreSSMReducer(model, optimizer, max_steps=max_steps)` at `schedule.DEFAULTS` (what users get). `moments` is the optimizer-state repair and `gauge` the state scaling after a reduction (see
+    `CompreSSMReducer(model, optimizer, max_steps=max_steps)` at `settings.DEFAULTS` (what users get). `moments` is the optimizer-state repair and `gauge` the state scaling after a reduction (see
     `reduce_with_optimizer`). `rewarmup` (fraction of
     max_steps) ramps the learning rate of `rewarmup_groups` ("ssm" or "all") linearly from 0 after each event.
     system: the balanced map ("real": the layer's real output map, the package default; "complex": the paper's).
@@ -437,7 +437,7 @@ def train_run(
     warmup_steps = max(1, int(warmup * max_steps))
     schedule_events = event_steps(max_steps, reduce_start, reduce_end, num_events) if compress else []
     reducer = None
-    if compress and policy == "package-default":  # the package's CompreSSMReducer with schedule.DEFAULTS, as shipped
+    if compress and policy == "package-default":  # the package's CompreSSMReducer with settings.DEFAULTS, as shipped
         from modeling_compressm import CompreSSMReducer
 
         regularizer = ReducibilityRegularizer(weight=reducibility, every=reducibility_every) if reducibility else None
@@ -445,7 +445,7 @@ def train_run(
         schedule_events = reducer.schedule.steps(max_steps)
     step_regularizer = None  # the regulariser of a run that the package's reducer does not drive
     if reducibility and reducer is None:
-        window_end = schedule_events[-1] if schedule_events else ReductionSchedule().steps(max_steps)[-1]
+        window_end = schedule_events[-1] if schedule_events else DEFAULTS.schedule.steps(max_steps)[-1]
         step_regularizer = ReducibilityRegularizer(weight=reducibility, every=reducibility_every, end_step=window_end)
     rewarmup_steps = int(rewarmup * max_steps)
     total_start = sum(dims)
@@ -748,7 +748,7 @@ RECIPES: dict[str, dict] = {
     "quarter-late": {"policy": "budget", "final_fraction": 0.25, "reduce_start": 0.05, "reduce_end": 0.2,
                      "num_events": 4, "moments": "project", "gauge": "equal-norm"},
     # what the package ships: CompreSSMReducer(model, optimizer, max_steps=...) with every setting at
-    # modeling_compressm.training.schedule.DEFAULTS (the budget-reset recipe, implemented as the "global" policy)
+    # modeling_compressm.training.settings.DEFAULTS (the budget-reset recipe, implemented as the "global" policy)
     "package-default": {"policy": "package-default"},
 }
 

@@ -21,7 +21,7 @@ from modeling_compressm import (
 )
 from modeling_compressm.training import distributed as distributed_module
 from modeling_compressm.training import optimizer_state as optimizer_state_module
-from modeling_compressm.training.schedule import DEFAULTS
+from modeling_compressm.training.settings import DEFAULTS
 from tasks import SignTask, one_thread, tiny_classifier  # noqa: F401 (fixture)
 
 MAX_STEPS = 24
@@ -326,7 +326,7 @@ def test_compiled_model_is_accepted():
 
 
 def test_schedule_and_policy_defaults_live_in_one_object():
-    inferred = {"policy", "tau", "fraction"}  # None: resolved from DEFAULTS by schedule.resolve_policy_arguments
+    inferred = {"policy", "tau", "fraction"}  # None: inferred by ReductionSettings.from_arguments
     for cls in (CompreSSMReducer, CompreSSMCallback):
         # the callback's collective_timeout None is resolved from DEFAULTS (and ddp_timeout) when training starts
         resolved_later = inferred | ({"collective_timeout"} if cls is CompreSSMCallback else set())

@@ -13,6 +13,7 @@ from modeling_compressm.training.callback import CompreSSMCallback
 from modeling_compressm.app.cli import build_parser
 from modeling_compressm.app.posthoc import reduce_checkpoint
 from modeling_compressm.training.reducer import CompreSSMReducer
+from modeling_compressm.training.settings import ReductionSettings
 from modeling_compressm.reduction import (
     ReductionError,
     balance,
@@ -157,10 +158,11 @@ def test_real_map_truncation_loses_less_than_complex_map_truncation_on_a_trained
 
 
 def test_a_model_reduces_its_real_map_by_default_and_the_complex_map_on_request():
+    # the reducer and the callback take their defaults from ReductionSettings (their keywords are its fields)
     for entry_point in (CompreSSMForCausalLM.reduce, CompreSSMForCausalLM.hankel_singular_values,
-                        CompreSSMReducer.__init__, CompreSSMCallback.__init__, reduce_checkpoint, balance,
-                        balanced_truncation):
+                        ReductionSettings, reduce_checkpoint, balance, balanced_truncation):
         assert inspect.signature(entry_point).parameters["system"].default == "real", entry_point
+    assert CompreSSMCallback().system == "real"
     assert build_parser().parse_args(["reduce", "some-folder", "--tau", "0.1"]).system == "real"
     assert build_parser().parse_args(["reduce", "x", "--tau", "0.1", "--system", "complex"]).system == "complex"
 

@@ -23,6 +23,7 @@ import os
 import sys
 import traceback
 
+from ..training.rank_selection import POLICIES
 from .recipe import train_on_dataset, train_preset
 from .run_settings import (
     DEFAULT_BATCH_SIZE,
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache-dir", default=None, help="datasets cache folder (default: HF_DATASETS_CACHE)")
 
     reduction = train.add_argument_group("reduction (CompreSSMCallback)")
-    reduction.add_argument("--policy", choices=("tolerance", "fixed", "rollback", "global"), default="tolerance",
+    reduction.add_argument("--policy", choices=POLICIES, default="tolerance",
                            help="tolerance: per-layer tau (default); fixed: --fraction per event; rollback: tolerance "
                            "undone when eval loss degrades; global: keep --final-fraction of the total state after "
                            "the last event, one HSV ranking over all layers (the library's default recipe)")

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 from transformers import TrainerCallback
 
+from ..training.rank_selection import POLICIES
+from ..training.schedule import is_int
 from .output_folder import check_output_dir, save_run
 from .run_settings import (
     DEFAULT_BATCH_SIZE,
@@ -43,7 +45,6 @@ from .run_settings import (
     DEFAULT_TEXT_PRESET,
     ReductionPlan,
     TrainingOptions,
-    _is_int,
 )
 
 __all__ = [
@@ -295,8 +296,8 @@ def train_preset(
 
     started = time.perf_counter()
     if plan is None:
-        if policy not in ("tolerance", "fixed", "rollback"):
-            raise ValueError(f"policy must be 'tolerance', 'fixed' or 'rollback', got {policy!r}")
+        if policy not in POLICIES:  # the CLI's --policy choices, the global policy included
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         plan = ReductionPlan(compress=compress, policy=policy, tau=tau, fraction=fraction,
                              start_step=reduction_start, end_step=reduction_end, num_intervals=num_reductions)
     if options is None:
@@ -477,7 +478,7 @@ def train_on_dataset(
     options.validate()
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    if not _is_int(block_size) or block_size < 2:
+    if not is_int(block_size) or block_size < 2:
         raise ValueError(f"block size must be an int >= 2, got {block_size!r}")
     hub_model_id = _prepare_output(output_dir, overwrite_output_dir, options, push_to_hub, hub_model_id)
 

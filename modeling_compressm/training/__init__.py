@@ -1,5 +1,6 @@
 """The training library: everything that changes a CompreSSM model's sizes while it trains.
 
+- `settings.py`: `ReductionSettings`, the one value that configures a run's reductions (and the defaults).
 - `reducer.py`: `CompreSSMReducer`, the one loop-side owner of a reduction (schedule, rank policy, rollback,
   optimizer repair, distributed strategy); `schedule.py` / `rank_selection.py`: when and to what sizes.
 - `optimizer_state.py` / `optim.py` / `optimizer_regroup.py`: optimizer state across a change of size, parameter
@@ -25,12 +26,15 @@ from .callback import CompreSSMCallback, CompreSSMTrainer  # noqa: E402
 from .checkpoints import prepare_model_for_resume  # noqa: E402
 from .reducer import CompreSSMReducer  # noqa: E402
 from .reducibility import ReducibilityRegularizer  # noqa: E402
+from .settings import DEFAULTS, ReductionSettings  # noqa: E402
 
 __all__ = [
     "CompreSSMReducer",
     "CompreSSMCallback",
     "CompreSSMTrainer",
     "ReducibilityRegularizer",
+    "ReductionSettings",
+    "DEFAULTS",
     "StaleOptimizerStateError",
     "compressm_adamw",
     "compressm_parameter_groups",

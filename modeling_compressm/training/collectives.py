@@ -21,7 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .schedule import DEFAULTS
+from .settings import DEFAULTS
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -31,7 +31,7 @@ __all__ = [
     "timed_broadcast_object",
 ]
 
-# How long one collective of a reduction may wait for the other ranks (`schedule.DEFAULTS.collective_timeout`). Rank
+# How long one collective of a reduction may wait for the other ranks (`settings.DEFAULTS.collective_timeout`). Rank
 # `src` computes the reduction while the others wait in the first collective after it, so this bounds the reduction
 # time of the slowest layer too.
 DEFAULT_TIMEOUT = timedelta(seconds=DEFAULTS.collective_timeout)

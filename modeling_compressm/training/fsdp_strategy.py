@@ -38,7 +38,7 @@ from .optimizer_state import (
     reset_optimizer_state,
     unwrap_optimizer,
 )
-from .schedule import DEFAULTS
+from .settings import DEFAULTS
 
 __all__ = ["FSDP2Strategy", "repair_on_full_state"]
 

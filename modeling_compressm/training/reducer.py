@@ -42,17 +42,15 @@ import torch
 
 from ..events import ReductionEvent, coerce_events
 from ..layer_reduction import LayerChange, LayerReduction
-from ..reduction import ReductionError, balance, check_system
+from ..reduction import ReductionError, balance
 from .collectives import DistributedReductionError
 from .distributed import compressm_model_of, strategy_for
 from .optimizer_state import (
-    optimizer_state_repair,
     unwatch_stale_state,
     unwrap_optimizer,
     watch_for_replaced_parameters,
 )
-from .reducibility import regularizer_from
-from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, resolve_policy_arguments
+from .settings import ReductionSettings, SettingsView, settings_from
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +99,7 @@ class PendingCheck:
     metric_before: float | None = None
 
 
-class CompreSSMReducer:
+class CompreSSMReducer(SettingsView):
     """Shrink a CompreSSM model in place while it trains (see the module docstring for a loop).
 
     Args:
@@ -110,63 +108,23 @@ class CompreSSMReducer:
             it must be the DDP-wrapped or the FSDP2-sharded model.
         optimizer: the optimizer training it (torch, or accelerate's AcceleratedOptimizer); None when there is none
             (an optimizer that was left out fails with `StaleOptimizerStateError` at its next step).
-        policy, tau, fraction, gate, min_dim, total_budget, final_fraction: rank policy (`schedule.RankPolicy`);
-            policy None is "tolerance" if tau is given, "fixed" if fraction is given, else `DEFAULTS.policy`
-            (`schedule.resolve_policy_arguments`).
-        start_step, end_step, interval: schedule (`schedule.ReductionSchedule`); ints are optimizer steps, floats in
-            (0, 1] fractions of `max_steps`.
+        settings: a `settings.ReductionSettings` (schedule, rank policy, optimizer-state mode, system, regularizer,
+            collective timeout, ...), or its `to_dict()`; None: the keyword settings below, else `settings.DEFAULTS`.
         max_steps: length of the run in optimizer steps (needed when the schedule uses fractions).
-        optimizer_state: optimizer-state repair mode (`optimizer_state.OPTIMIZER_STATE_REPAIRS`, "reset" deletes it).
-        log_hsv: store each layer's HSVs in the events (per LRU state, `reduction.Balancing.state_hsv`).
-        system: the balanced system, "real" (the layer's real output map, default) or "complex" (the paper's
-            complex map, to reproduce it); see `reduction.SYSTEMS`.
-        regularizer: a `reducibility.ReducibilityRegularizer` (or its settings dict) to train the model to be
-            reducible: call `apply_regularizer(step)` between `loss.backward()` and `optimizer.step()`; None (default)
-            for none. Refused (ValueError) for FSDP2-sharded models.
-        collective_timeout: seconds a distributed collective may wait before failing with a clear error.
-    Defaults come from `schedule.DEFAULTS`.
+        **shortcuts: instead of `settings`, its fields as keywords (`policy=`, `tau=`, `fraction=`, `interval=`, ...;
+            `ReductionSettings.from_arguments`: policy None is "tolerance" if tau is given, "fixed" if fraction is
+            given, else the default).
+    The settings' fields read as attributes (`reducer.policy`, `reducer.schedule`, ...; `settings.SettingsView`).
+    A regularizer (`settings.regularizer`) trains the model to be reducible: call `apply_regularizer(step)` between
+    `loss.backward()` and `optimizer.step()`; refused (ValueError) for FSDP2-sharded models.
     """
 
-    def __init__(
-        self,
-        model,
-        optimizer=None,
-        *,
-        policy: str | None = None,
-        tau: float | None = None,
-        fraction: float | None = None,
-        start_step: int | float = DEFAULTS.start_step,
-        end_step: int | float = DEFAULTS.end_step,
-        interval: int | float = DEFAULTS.interval,
-        max_steps: int | None = None,
-        gate: float = DEFAULTS.gate,
-        min_dim: int = DEFAULTS.min_dim,
-        total_budget: int | None = DEFAULTS.total_budget,
-        optimizer_state: str = DEFAULTS.optimizer_state,
-        log_hsv: bool = DEFAULTS.log_hsv,
-        collective_timeout: float = DEFAULTS.collective_timeout,
-        final_fraction: float = DEFAULTS.final_fraction,
-        system: str = DEFAULTS.system,
-        regularizer=None,
-    ):
-        policy, tau, fraction = resolve_policy_arguments(policy, tau, fraction)
-        self.system = check_system(system)
-        self.regularizer = regularizer_from(regularizer)
-        self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget, final_fraction)
-        self.schedule = ReductionSchedule(start_step, end_step, interval)
+    def __init__(self, model, optimizer=None, *, settings: ReductionSettings | dict | None = None,
+                 max_steps: int | None = None, **shortcuts):
+        self.settings = settings_from(settings, shortcuts, "CompreSSMReducer")
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
             raise ValueError(f"max_steps must be None or a positive int, got {max_steps!r}")
-        optimizer_state_repair(optimizer_state)
-        if not isinstance(log_hsv, bool):
-            raise ValueError(f"log_hsv must be a bool, got {log_hsv!r}")
-        if not isinstance(collective_timeout, (int, float)) or isinstance(collective_timeout, bool) or not (
-            collective_timeout > 0
-        ):
-            raise ValueError(f"collective_timeout must be a positive number of seconds, got {collective_timeout!r}")
         self.max_steps = max_steps
-        self.optimizer_state = optimizer_state
-        self.log_hsv = log_hsv
-        self.collective_timeout = float(collective_timeout)
 
         self.wrapped_model = model
         self.model = compressm_model_of(model)
@@ -186,17 +144,13 @@ class CompreSSMReducer:
         if max_steps is not None and not self.schedule.steps(max_steps):
             logger.warning(
                 "CompreSSMReducer: the schedule (start_step=%r, end_step=%r, interval=%r) has no event in a run of %d "
-                "steps: nothing will be reduced", start_step, end_step, interval, max_steps,
+                "steps: nothing will be reduced", self.start_step, self.end_step, self.interval, max_steps,
             )
             if self.regularizer is not None and self.regularizer.end_step is None:
                 logger.warning("CompreSSMReducer: the reducibility regularizer's window ends at the last reduction "
                                "event, and there is none: it will not act (give it an end_step)")
 
     # ---------------------------------------------------------------------------------------------- properties
-    @property
-    def policy(self) -> str:
-        return self.rank_policy.policy
-
     @property
     def state_dims(self) -> list[int]:
         return [layer.state_dim for layer in self.model.lru_layers()]
@@ -329,13 +283,13 @@ class CompreSSMReducer:
             rewrap = bool(reduced) or outcome.wrapper_released
             if rewrap and not strategy.is_decider:
                 strategy.before_change(model)
-                layers = model.lru_layers()
-                for index in reduced:
-                    previous = layers[index].resize_state(outcome.layers[index].new_dim, initialise=False)
-                    parameters = {name: getattr(layers[index], name) for name in layers[index].SSM_PARAMETER_NAMES}
-                    sent = outcome.layers[index].change
-                    changes.append(LayerChange(index, parameters, previous, sent.project, sent.lift))
-                model.config.state_dims = [layer.state_dim for layer in layers]
+                # the decider's sizes (its values arrive in share_parameters), with its basis maps for the optimizer
+                resized = model.set_state_dims([result.new_dim for result in outcome.layers], initialise=False)
+                changes = [
+                    dataclasses.replace(change, project=outcome.layers[change.layer].change.project,
+                                        lift=outcome.layers[change.layer].change.lift)
+                    for change in resized
+                ]
             if reduced:
                 strategy.share_parameters(model, reduced, step)
         if rewrap:
