@@ -46,6 +46,7 @@ from .checkpoints import (
     reconcile_histories,
     restore_checkpoint_sizes,
     save_pending_check,
+    take_prepared_resume,
 )
 from .distributed import distributed_world_size, rebuild_ddp_reducer
 from .optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
@@ -228,7 +229,7 @@ class CompreSSMCallback(SettingsView, TrainerCallback, ExportableState):
             state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         wrapped = trainer.model_wrapped if trainer is not None else model
         compressm_model = compressm_model_of(model)
-        resume = compressm_model.__dict__.pop("_compressm_resume", None)
+        resume = take_prepared_resume(compressm_model)
         self.reducer = CompreSSMReducer(
             wrapped, optimizer, max_steps=state.max_steps,
             settings=self.settings.replace(collective_timeout=self.effective_collective_timeout(args)),
