@@ -297,7 +297,7 @@ def _when_reduced(events: list) -> str:
     return "during training"
 
 
-def _is_replaceable(card_path: str) -> bool:
+def is_replaceable_card(card_path: str) -> bool:
     """True when card_path is missing, a card this module wrote, or transformers' auto-generated placeholder."""
     if not os.path.exists(card_path):
         return True
@@ -317,7 +317,7 @@ def write_model_card(model, save_directory: str, overwrite: bool = False, draw_p
     distributed job. Returns True when README.md was written.
     """
     card_path = os.path.join(save_directory, "README.md")
-    if not overwrite and not _is_replaceable(card_path):
+    if not overwrite and not is_replaceable_card(card_path):
         return False
     card = render_model_card(model)
     hsv_per_layer, png = card_spectrum(model, draw_plot=draw_plot)
