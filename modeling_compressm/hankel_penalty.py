@@ -2,7 +2,7 @@
 nn.Module code).
 
 The sum of a layer's Hankel singular values (its Hankel nuclear norm) is the error bound of truncating all of it;
-pushing it down in training leaves fewer states that matter, so later truncation loses less (issue 21, design
+pushing it down in training leaves fewer states that matter, so later truncation loses less (see the design
 notes). With P = Lc Lc^H and Q = Lo Lo^H (Cholesky factors of the closed-form Gramians), the HSVs are the singular
 values of Lo^H Lc, so
 

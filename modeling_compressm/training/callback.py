@@ -19,12 +19,12 @@ check. Around that it does only Trainer plumbing:
   `_load_best_model`; an unbound one re-sizes when the Trainer logs its final metrics, which transformers >= 5.3
   does before loading the best checkpoint (earlier releases load it first, so there the callback must be bound).
 
-Reduction math lives in `reduction.py`, the loop-independent core in `reducer.py`, schedule and policies in
-`schedule.py`, checkpoint reading and atomic saves in `checkpoints.py`, the checks of the Trainer's arguments before
-step 1 in `trainer_checks.py`, the wrapped methods of a plain Trainer in `trainer_hooks.py`, and moving a
-checkpoint's optimizer state into other parameter groups in `optimizer_regroup.py`. Over 500 lines because what stays
-here is the two classes, which need the Trainer itself: its logging, optimizer groups, resume, checkpoint and
-best-model hooks (on both sides of transformers 5.3).
+Reduction math lives in `reduction.py`, the loop-independent core in `reducer.py`, its settings in `settings.py`,
+schedule and policies in `schedule.py`, checkpoint reading and atomic saves in `checkpoints.py`, the checks of the
+Trainer's arguments before step 1 in `trainer_checks.py`, the wrapped methods of a plain Trainer in
+`trainer_hooks.py`, and moving a checkpoint's optimizer state into other parameter groups in `optimizer_regroup.py`.
+Over 500 lines because what stays here is the two classes, which need the Trainer itself: its logging, optimizer
+groups, resume, checkpoint and best-model hooks (on both sides of transformers 5.3).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ LRU_PARAMETER_NAMES = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re
 # The recurrence parameters the reference trains without weight decay and with lr * ssm_lr_factor.
 DEFAULT_SSM_PARAMETER_NAMES = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im")
 # The SSM learning-rate factor of CompreSSMTrainer's default optimizer and of the CLI's. Measured in the LM study
-# (benchmarks/results/lm_study_cpu-x86-64_2026-11-26.md, docs/callback.md): 0.5 (the reference uses 0.1-0.5) left
+# (benchmarks/results/, docs/callback.md): 0.5 (the reference uses 0.1-0.5) left
 # the full-size model unchanged within noise and made the compressed runs worse against small-from-scratch, and
 # factors below 1 trained worse at a learning rate below the best one; so 1.0 (no weight decay is what remains).
 DEFAULT_SSM_LR_FACTOR = 1.0

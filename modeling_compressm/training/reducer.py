@@ -1,6 +1,7 @@
 """`CompreSSMReducer`: in-training balanced truncation for any training loop (plain PyTorch, accelerate, Trainer).
 
-    reducer = CompreSSMReducer(model, optimizer, tau=0.05, interval=20, end_step=0.1, max_steps=2000)
+    settings = ReductionSettings(policy="tolerance", tau=0.05, interval=20, end_step=0.1)  # or settings.DEFAULTS
+    reducer = CompreSSMReducer(model, optimizer, settings=settings, max_steps=2000)  # or keywords: tau=0.05, ...
     for step in range(1, max_steps + 1):
         loss = model(**batch).loss
         loss.backward(); optimizer.step(); optimizer.zero_grad()

@@ -4,8 +4,8 @@
     penalty = weight * sum over LRU layers of (sum of the layer's Hankel singular values) / (its number of states)
 
 is added to the training objective from `start_step` until `end_step` (default: the last scheduled reduction event),
-so that the states the reductions will remove carry little by the time they are removed (issue 21: with weight 0.02
-the compressed byte LM beat the same sizes trained from scratch, which plain truncation did not).
+so that the states the reductions will remove carry little by the time they are removed (in the LM study, with weight
+0.02 the compressed byte LM beat the same sizes trained from scratch, which plain truncation did not).
 
 It acts on the gradients, not on the loss tensor: every `every` optimizer steps the penalty and its gradient w.r.t.
 the SSM parameters are computed (one differentiable factorisation per layer, float64), and at every step of the
