@@ -16,7 +16,15 @@ setup(
     # a top-level package named `kernels` belongs to Hugging Face's hub-kernels library, which transformers imports
     # (from 5.25 when generating), and a checkout's root on sys.path must not shadow it.
     # The repository folder `hub_configs/` (JSON model presets) is installed as `modeling_compressm.hub_configs`.
-    packages=["modeling_compressm", "modeling_compressm.hub_configs", "compressm_kernels"],
+    # modeling_compressm: the remote-code bundle (flat, as transformers copies it); .training: the training library;
+    # .app: the command-line application.
+    packages=[
+        "modeling_compressm",
+        "modeling_compressm.training",
+        "modeling_compressm.app",
+        "modeling_compressm.hub_configs",
+        "compressm_kernels",
+    ],
     package_dir={
         "modeling_compressm": "modeling_compressm",
         "modeling_compressm.hub_configs": "hub_configs",
@@ -42,5 +50,5 @@ setup(
         # parameterized: imported by transformers' own model test mixins (tests/test_modeling_common.py)
         "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7", "parameterized"],
     },
-    entry_points={"console_scripts": ["compressm=modeling_compressm.cli:main"]},
+    entry_points={"console_scripts": ["compressm=modeling_compressm.app.cli:main"]},
 )

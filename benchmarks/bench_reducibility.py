@@ -26,7 +26,7 @@ import torch
 from quickstart_time import cpu_model  # benchmarks/ is sys.path[0]
 
 from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM
-from modeling_compressm.reducibility import ReducibilityRegularizer
+from modeling_compressm.training.reducibility import ReducibilityRegularizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

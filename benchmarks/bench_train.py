@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from modeling_compressm import load_preset  # noqa: E402
+from modeling_compressm import load_preset, reduce_with_optimizer  # noqa: E402
 from modeling_compressm.modeling_compressm import CompreSSMForCausalLM  # noqa: E402
 
 
@@ -185,11 +185,11 @@ def measure_reduction_event(args, batch, device):
     start = time.perf_counter()
     hsv = model.hankel_singular_values()
     ranks = [max(1, h.numel() // 2) for h in hsv]
-    report = model.reduce(ranks, strict=True, record=False, optimizer=optimizer, optimizer_state="reset")
+    report = reduce_with_optimizer(model, ranks, optimizer, optimizer_state="reset", strict=True, record=False)
     _sync(device)
     seconds = time.perf_counter() - start
-    return dict(event_ms=1e3 * seconds, dims_before=[r["old_dim"] for r in report],
-                dims_after=[r["new_dim"] for r in report])
+    return dict(event_ms=1e3 * seconds, dims_before=[r.old_dim for r in report],
+                dims_after=[r.new_dim for r in report])
 
 
 class _TimeLimit(Exception):

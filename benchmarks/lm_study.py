@@ -10,7 +10,7 @@ per-file SHA-256 and the Python version are recorded with the results. Two token
     bpe     byte-level BPE trained with `tokenizers` on the training files only (vocabulary and hash recorded)
 
 Bits per byte (bpb) = summed eval cross-entropy (nats) / ln 2 / number of UTF-8 bytes of the predicted tokens, so
-both tokenisations are on one scale. The permuted 8x8 digits task (`modeling_compressm.data`) runs through the same
+both tokenisations are on one scale. The permuted 8x8 digits task (`modeling_compressm.app.data`) runs through the same
 training function for the no-regression check.
 
 Everything a run does is one function, `train_run(task, **knobs)`: a plain PyTorch loop (AdamW with the package's
@@ -48,10 +48,11 @@ from pathlib import Path
 import torch
 
 from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM, CompreSSMForSequenceClassification
-from modeling_compressm.optim import DEFAULT_SSM_PARAMETER_NAMES, compressm_parameter_groups
-from modeling_compressm.rank_selection import apply_gate, budget_ranks, select_ranks
-from modeling_compressm.reducibility import ReducibilityRegularizer
-from modeling_compressm.schedule import ReductionSchedule
+from modeling_compressm.training import reduce_with_optimizer as reduce_and_repair
+from modeling_compressm.training.optim import DEFAULT_SSM_PARAMETER_NAMES, compressm_parameter_groups
+from modeling_compressm.training.rank_selection import apply_gate, budget_ranks, select_ranks
+from modeling_compressm.training.reducibility import ReducibilityRegularizer
+from modeling_compressm.training.settings import DEFAULTS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_LOG = RESULTS_DIR / "lm_study_runs.jsonl"
@@ -193,7 +194,7 @@ class DigitsTask:
     kind = "classification"
 
     def __init__(self, permutation_seed: int = 0, hidden_size=32, num_layers=2, batch_size=64):
-        from modeling_compressm.data import DigitsSequenceDataset
+        from modeling_compressm.app.data import DigitsSequenceDataset
 
         self.train, self.test = DigitsSequenceDataset.splits(seed=0, permutation_seed=permutation_seed)
         self.hidden_size, self.num_layers, self.batch_size = hidden_size, num_layers, batch_size
@@ -249,26 +250,26 @@ def equalise_state_norms(layer, optimizer=None) -> torch.Tensor:
 
 def reduce_with_optimizer(model, optimizer, ranks: list[int | None], moments: str = "reset",
                           gauge: str = "balanced", system: str = "real") -> dict:
-    """`model.reduce(ranks, optimizer=optimizer, optimizer_state=moments, system=system)`, then the state scaling
+    """`modeling_compressm.reduce_with_optimizer(model, ranks, optimizer, moments, system=system)`, then the state scaling
     `gauge`.
 
     moments: "reset" deletes the Adam state of every SSM parameter of a reduced layer (the package default);
-        "project" carries it through the reduction's change of basis (`modeling_compressm.optim.project_optimizer_state`).
+        "project" carries it through the reduction's change of basis (`modeling_compressm.training.optim.project_optimizer_state`).
     gauge: "balanced" keeps the reduction's own state scaling (balanced, then unit-norm eigenvectors); "equal-norm"
         rescales each new state so its B row and C column have equal norms (`equalise_state_norms`).
     Returns {"status": per-layer statuses, "mapped": per-layer bool (state carried over)}.
     """
     if gauge not in ("balanced", "equal-norm"):
         raise ValueError(f"gauge must be 'balanced' or 'equal-norm', got {gauge!r}")
-    report = model.reduce(list(ranks), record=False, optimizer=optimizer, optimizer_state=moments, system=system)
+    report = reduce_and_repair(model, list(ranks), optimizer, moments, record=False, system=system)
     layers = model.lru_layers()
     mapped = []
     for layer, entry in zip(layers, report):
-        reduced = entry["status"] == "reduced"
+        reduced = entry.status == "reduced"
         if reduced and gauge == "equal-norm":
             equalise_state_norms(layer, optimizer)
         mapped.append(reduced and layer.B_re in optimizer.state)
-    return {"status": [entry["status"] for entry in report], "mapped": mapped}
+    return {"status": [entry.status for entry in report], "mapped": mapped}
 
 
 def choose_ranks(hsv: list[torch.Tensor], dims: list[int], policy: str, tau: float, gate: float, min_dim: int,
@@ -406,7 +407,7 @@ def train_run(
     optimizer step. policy "tolerance" / "global" use tau; "budget" shrinks the total state geometrically to
     `final_fraction` of the start over the events (one global HSV ranking per event); gate / min_dim as in
     rank_selection. policy "package-default" ignores the other reduction knobs and runs the package's
-    `CompreSSMReducer(model, optimizer, max_steps=max_steps)` at `schedule.DEFAULTS` (what users get). `moments` is the optimizer-state repair and `gauge` the state scaling after a reduction (see
+    `CompreSSMReducer(model, optimizer, max_steps=max_steps)` at `settings.DEFAULTS` (what users get). `moments` is the optimizer-state repair and `gauge` the state scaling after a reduction (see
     `reduce_with_optimizer`). `rewarmup` (fraction of
     max_steps) ramps the learning rate of `rewarmup_groups` ("ssm" or "all") linearly from 0 after each event.
     system: the balanced map ("real": the layer's real output map, the package default; "complex": the paper's).
@@ -436,7 +437,7 @@ def train_run(
     warmup_steps = max(1, int(warmup * max_steps))
     schedule_events = event_steps(max_steps, reduce_start, reduce_end, num_events) if compress else []
     reducer = None
-    if compress and policy == "package-default":  # the package's CompreSSMReducer with schedule.DEFAULTS, as shipped
+    if compress and policy == "package-default":  # the package's CompreSSMReducer with settings.DEFAULTS, as shipped
         from modeling_compressm import CompreSSMReducer
 
         regularizer = ReducibilityRegularizer(weight=reducibility, every=reducibility_every) if reducibility else None
@@ -444,7 +445,7 @@ def train_run(
         schedule_events = reducer.schedule.steps(max_steps)
     step_regularizer = None  # the regulariser of a run that the package's reducer does not drive
     if reducibility and reducer is None:
-        window_end = schedule_events[-1] if schedule_events else ReductionSchedule().steps(max_steps)[-1]
+        window_end = schedule_events[-1] if schedule_events else DEFAULTS.schedule.steps(max_steps)[-1]
         step_regularizer = ReducibilityRegularizer(weight=reducibility, every=reducibility_every, end_step=window_end)
     rewarmup_steps = int(rewarmup * max_steps)
     total_start = sum(dims)
@@ -747,7 +748,7 @@ RECIPES: dict[str, dict] = {
     "quarter-late": {"policy": "budget", "final_fraction": 0.25, "reduce_start": 0.05, "reduce_end": 0.2,
                      "num_events": 4, "moments": "project", "gauge": "equal-norm"},
     # what the package ships: CompreSSMReducer(model, optimizer, max_steps=...) with every setting at
-    # modeling_compressm.schedule.DEFAULTS (the budget-reset recipe, implemented as the "global" policy)
+    # modeling_compressm.training.settings.DEFAULTS (the budget-reset recipe, implemented as the "global" policy)
     "package-default": {"policy": "package-default"},
 }
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from modeling_compressm import CompreSSMMamba2Config, CompreSSMMamba2ForCausalLM
-from modeling_compressm.mamba2_training import Mamba2GramianCollector, repair_optimizer
+from modeling_compressm.training.mamba2_training import Mamba2GramianCollector, repair_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_study import load_corpus  # noqa: E402 - benchmarks/ sibling

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from modeling_compressm.cli import train_preset
+from modeling_compressm.app.cli import train_preset
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TASKS = ("digits", "permuted-digits")
@@ -67,7 +67,7 @@ def device_description() -> dict:
 def step_seconds(preset: str, dims: list[int], batch_size: int = 64, steps: int = 5, repeats: int = 12) -> float:
     """Least time of one training step (forward + backward + AdamW) at state sizes `dims`, min over `repeats` blocks
     of `steps` steps on random digits-shaped inputs: less sensitive to other processes than a whole run's time."""
-    from modeling_compressm.presets import build_model_from_preset
+    from modeling_compressm.app.presets import build_model_from_preset
 
     model = build_model_from_preset(preset, seed=0, state_dims=list(dims)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     add_step_times(rows, args.preset)
     wall = training_wall + time.perf_counter() - timing_started
 
-    from modeling_compressm.presets import load_preset
+    from modeling_compressm.app.presets import load_preset
 
     config = load_preset(args.preset, **initial)
     max_steps = rows[0]["max_steps"]

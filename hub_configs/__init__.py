@@ -1,2 +1,2 @@
 """JSON presets for CompreSSM models, installed as `modeling_compressm.hub_configs` (load with
-`modeling_compressm.presets.load_preset(name)`)."""
+`modeling_compressm.app.presets.load_preset(name)`)."""

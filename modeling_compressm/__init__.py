@@ -12,13 +12,11 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .callback import CompreSSMCallback, CompreSSMTrainer
-from .checkpoints import prepare_model_for_resume
 from .configuration_compressm import CompreSSMConfig
 from .configuration_compressm_mamba import CompreSSMMambaConfig
 from .configuration_compressm_mamba2 import CompreSSMMamba2Config
 from .events import HistoryError, ReductionEvent, event_metrics
-from .fsdp_strategy import FSDP2Strategy as _FSDP2Strategy  # noqa: F401 - registers the reducer's FSDP2 strategy
+from .layer_reduction import LayerReduction
 from .modeling_compressm import (
     CompreSSMCache,
     CompreSSMForCausalLM,
@@ -33,11 +31,6 @@ from .modeling_compressm_mamba2 import (
     CompreSSMMamba2Model,
     CompreSSMMamba2PreTrainedModel,
 )
-from .optim import compressm_adamw, compressm_parameter_groups
-from .optimizer_state import StaleOptimizerStateError
-from .presets import build_model_for_tokenizer, build_model_from_preset, list_presets, load_preset
-from .reducer import CompreSSMReducer
-from .reducibility import ReducibilityRegularizer
 from .reduction import (
     ReductionError,
     balanced_truncation,
@@ -45,8 +38,31 @@ from .reduction import (
     hankel_singular_values,
     rank_for_energy,
 )
-from .text_data import load_text_dataset, pack_dataset, tokenize_for_classification
-from .tokenization import byte_level_tokenizer, load_tokenizer
+
+# The training library and the application (subpackages; the model bundle above imports neither).
+from .training import (
+    CompreSSMCallback,
+    CompreSSMReducer,
+    CompreSSMTrainer,
+    ReducibilityRegularizer,
+    ReductionSettings,
+    StaleOptimizerStateError,
+    compressm_adamw,
+    compressm_parameter_groups,
+    prepare_model_for_resume,
+    reduce_with_optimizer,
+)
+from .app import (
+    build_model_for_tokenizer,
+    build_model_from_preset,
+    byte_level_tokenizer,
+    list_presets,
+    load_preset,
+    load_text_dataset,
+    load_tokenizer,
+    pack_dataset,
+    tokenize_for_classification,
+)
 
 __version__ = "0.1.0"
 
@@ -108,14 +124,17 @@ __all__ = [
     "balanced_truncation",
     "rank_for_energy",
     "CompreSSMReducer",
+    "ReductionSettings",
     "ReducibilityRegularizer",
     "CompreSSMCallback",
     "CompreSSMTrainer",
     "prepare_model_for_resume",
     "ReductionEvent",
+    "LayerReduction",
     "HistoryError",
     "event_metrics",
     "StaleOptimizerStateError",
+    "reduce_with_optimizer",
     "compressm_parameter_groups",
     "compressm_adamw",
 ]

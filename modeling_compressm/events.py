@@ -13,6 +13,9 @@ Files written before the version field existed (a bare {"state_dims": [...], "ev
 version 0: their events used the key "type": "rollback" for rollbacks and policy "manual" for `model.reduce`.
 
 Copied next to the weights of `trust_remote_code` checkpoints, so it imports only the standard library.
+
+Longer than 500 lines on purpose: the event type, its field-by-field validation and the history file's one reader
+and writer are one concept (one file format); split, the schema would be written in two places.
 """
 
 from __future__ import annotations
@@ -167,6 +170,23 @@ class ReductionEvent:
     extra: dict = field(default_factory=dict)
 
     # -------------------------------------------------------------------------------------------- conversion
+    @classmethod
+    def from_layers(cls, layers, **fields) -> "ReductionEvent":
+        """The event of a reduction from its per-layer results (`layer_reduction.LayerReduction`, one per layer, as
+        `model.reduce` returns them): sizes, statuses, errors, kept energy, bounds and requested ranks; `fields` sets
+        the others (step, kind, policy, ...) and may override any of these."""
+        per_layer = {
+            "dims_before": [layer.old_dim for layer in layers],
+            "dims_after": [layer.new_dim for layer in layers],
+            "status": [layer.status for layer in layers],
+            "errors": [layer.error for layer in layers],
+            "kept_energy": [layer.kept_energy for layer in layers],
+            "hinf_bound": [layer.hinf_bound for layer in layers],
+            "hinf_bound_relative": [layer.hinf_bound_relative for layer in layers],
+            "ranks_requested": [layer.rank_requested for layer in layers],
+        }
+        return cls(**{**per_layer, **fields})
+
     def to_dict(self) -> dict:
         """JSON-serialisable dict; optional fields that are None (and an empty `extra`) are left out."""
         data = {}

@@ -2,7 +2,7 @@
 nn.Module code).
 
 The sum of a layer's Hankel singular values (its Hankel nuclear norm) is the error bound of truncating all of it;
-pushing it down in training leaves fewer states that matter, so later truncation loses less (issue 21, design
+pushing it down in training leaves fewer states that matter, so later truncation loses less (see the design
 notes). With P = Lc Lc^H and Q = Lo Lo^H (Cholesky factors of the closed-form Gramians), the HSVs are the singular
 values of Lo^H Lc, so
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .reduction import _gramians, check_system
+from .reduction import check_system, gramians_unchecked
 
 __all__ = ["JITTER", "hankel_nuclear_norm", "reducibility_penalty"]
 
@@ -49,11 +49,11 @@ def hankel_nuclear_norm(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, sys
     """
     lam, B, C = (t.to(torch.complex128) for t in (lam, B, C))
     if check_system(system) == "real":
-        from .real_map import _real_gramians
+        from .real_map import real_gramians_unchecked
 
-        P, Q = _real_gramians(lam, B, C)  # float64 (2N, 2N), from N x N complex blocks
+        P, Q = real_gramians_unchecked(lam, B, C)  # float64 (2N, 2N), from N x N complex blocks
     else:
-        P, Q = _gramians(lam, B, C)
+        P, Q = gramians_unchecked(lam, B, C)
     return torch.linalg.matrix_norm(_cholesky(Q).mH @ _cholesky(P), ord="nuc").to(torch.float64)
 
 

@@ -32,14 +32,14 @@ def escape_markdown(value) -> str:
 
 
 def _energy_line(event) -> str:
-    kept = event.get("kept_energy")
+    kept = event.kept_energy
     if not kept:
         return ""
     return ", ".join(f"{value:.4f}" if value is not None else "-" for value in kept)
 
 
 def _bound_line(event) -> str:
-    bounds = event.get("hinf_bound_relative")
+    bounds = event.hinf_bound_relative
     if not bounds:
         return "-"
     return ", ".join(f"{value:.3g}" if value is not None else "-" for value in bounds)
@@ -284,11 +284,11 @@ def _summary_sentence(events, reductions) -> str:
                    "smallest Hankel singular values.")
 
 
-def _when_reduced(events: list[dict]) -> str:
+def _when_reduced(events: list) -> str:
     """"during training", "after training" (only manual, post-hoc events) or both."""
     manual = [
-        "manual" in (event.get("kind"), event.get("policy")) or event.get("step") is None
-        for event in events if event.get("kind", event.get("type")) != "rollback"
+        "manual" in (event.kind, event.policy) or event.step is None
+        for event in events if event.kind != "rollback"
     ]
     if manual and all(manual):
         return "after training (post hoc)"
@@ -297,7 +297,7 @@ def _when_reduced(events: list[dict]) -> str:
     return "during training"
 
 
-def _is_replaceable(card_path: str) -> bool:
+def is_replaceable_card(card_path: str) -> bool:
     """True when card_path is missing, a card this module wrote, or transformers' auto-generated placeholder."""
     if not os.path.exists(card_path):
         return True
@@ -317,7 +317,7 @@ def write_model_card(model, save_directory: str, overwrite: bool = False, draw_p
     distributed job. Returns True when README.md was written.
     """
     card_path = os.path.join(save_directory, "README.md")
-    if not overwrite and not _is_replaceable(card_path):
+    if not overwrite and not is_replaceable_card(card_path):
         return False
     card = render_model_card(model)
     hsv_per_layer, png = card_spectrum(model, draw_plot=draw_plot)

@@ -45,6 +45,7 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_compressm import CompreSSMConfig
+from .layer_reduction import LayerChange, LayerReduction
 from .events import (
     HISTORY_FILE,
     HistoryError,
@@ -645,7 +646,7 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
                 "state_dict=torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
                 "options=StateDictOptions(full_state_dict=True, cpu_offload=True)) (a collective: run it on every rank)"
             )
-        with self._as_unsharded_class():
+        with self._as_own_class():
             return self._save_with_compressm_files(save_directory, args, kwargs, state_dict, is_main_process)
 
     def _save_with_compressm_files(self, save_directory, args, kwargs, state_dict, is_main_process):
@@ -687,23 +688,24 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
             )
 
     @contextlib.contextmanager
-    def _as_unsharded_class(self):
-        """FSDP2's `fully_shard` gives the model a subclass "FSDP<class>" defined in torch; transformers names the
-        saved architecture, `auto_map` and the modeling file to copy after `type(model)`. Present the CompreSSM class
-        for the duration of a save (nothing in a save runs FSDP's forward or state-dict hooks)."""
-        sharded_class = type(self)
+    def _as_own_class(self):
+        """A library that subclasses the model at run time (FSDP2's `fully_shard` makes "FSDP<class>", defined in
+        torch) must not become the saved architecture: transformers names `architectures`, `auto_map` and the
+        modeling file to copy after `type(model)`. Present the CompreSSM class for the duration of a save (a save runs
+        no forward or state-dict hook of that subclass)."""
+        runtime_class = type(self)
         own_class = next(
-            klass for klass in sharded_class.__mro__
+            klass for klass in runtime_class.__mro__
             if issubclass(klass, CompreSSMPreTrainedModel) and not klass.__module__.startswith("torch.")
         )
-        if own_class is sharded_class:
+        if own_class is runtime_class:
             yield
             return
         self.__class__ = own_class
         try:
             yield
         finally:
-            self.__class__ = sharded_class
+            self.__class__ = runtime_class
 
     def _has_sharded_parameters(self) -> bool:
         """Whether parameters are DTensors (FSDP2 / tensor parallel): their values need collectives."""
@@ -851,10 +853,8 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
         Trainer resumes from a checkpoint saved after a reduction). Parameter objects are kept; their data changes.
         With `initialise` the re-allocated layers are freshly initialised, otherwise their values are undefined
         until the caller writes them (no random numbers are drawn).
-        Returns one `optimizer_state.LayerChange` per re-allocated layer (for `repair_optimizer_state`).
+        Returns one `LayerChange` per re-allocated layer (for the training library's optimizer repair).
         """
-        from .optimizer_state import LayerChange
-
         layers = self.lru_layers()
         if len(state_dims) != len(layers):
             raise ValueError(f"state_dims has {len(state_dims)} entries, the model has {len(layers)} LRU layers")
@@ -868,8 +868,12 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
             previous = layer.resize_state(dim, initialise=initialise)
             parameters = {name: getattr(layer, name) for name in layer.SSM_PARAMETER_NAMES}
             changes.append(LayerChange(layer=index, parameters=parameters, previous=previous))
-        self.config.state_dims = [layer.state_dim for layer in layers]
+        self._sync_state_dims()
         return changes
+
+    def _sync_state_dims(self) -> None:
+        """Write the layers' sizes into `config.state_dims`: the one place that does (after any change of size)."""
+        self.config.state_dims = [layer.state_dim for layer in self.lru_layers()]
 
     @torch.no_grad()
     def reduce(
@@ -877,12 +881,14 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
         ranks: list[int | None],
         strict: bool = False,
         record: bool = True,
-        optimizer=None,
-        optimizer_state: str = "reset",
         balancings: list | None = None,
         system: str = "real",
-    ) -> list[dict]:
+    ) -> list[LayerReduction]:
         """Shrink layers in place by balanced truncation and rewrite `config.state_dims`.
+
+        A pure model transform: an optimizer that trains this model still holds state of the old shapes for the
+        reduced parameters. While training, use `modeling_compressm.reduce_with_optimizer(model, ranks, optimizer)`
+        (the training library), which calls this and repairs that state, or `CompreSSMReducer`.
 
         Args:
             ranks: one entry per layer: the new state size, or None to leave the layer alone. A rank >= the current
@@ -890,26 +896,15 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
             strict: raise the ReductionError of a failing layer instead of skipping it with a warning.
             record: append a "manual" `ReductionEvent` to `reduction_history` when a layer changed
                 (CompreSSMReducer passes False and records its own, richer event).
-            optimizer: the optimizer training this model (torch or accelerate's wrapper): the state of the reduced
-                parameters is repaired through `optimizer_state.repair_optimizer_state(optimizer, changes,
-                optimizer_state)`. Without it, the next `optimizer.step()` that finds old-shaped state for them raises
-                `StaleOptimizerStateError` saying so.
-            optimizer_state: repair mode, a name in `optimizer_state.OPTIMIZER_STATE_REPAIRS` ("reset" deletes it).
             balancings: per layer the `reduction.Balancing` already computed for this event (or None entries), so
                 the factorisation that picked the ranks is not computed again (each carries its own system).
             system: "real" (default): balanced truncation of the layer's real map u -> Re(C h), at most `ranks[i]`
                 LRU states (a conjugate pair or a real pole is one); "complex": of the complex map (the paper's).
         Returns:
-            One dict per layer: {"layer", "old_dim", "new_dim", "status" ("reduced" | "unchanged" | "failed"),
-            "error" (str or None), "hsv" (float64 tensor or None: the balanced system's HSVs, 2N_i of them for the
-            real map), "kept_energy", "hinf_bound" (2 * sum of the discarded HSVs), "hinf_bound_relative" (that bound over a lower bound of the layer's H-infinity gain, so
-            an upper bound of the relative change of the layer's map) (floats or None), "change"
-            (`optimizer_state.LayerChange` or None)}. Parameters of reduced layers keep their identity but change
-            shape, and their gradients are dropped.
+            One `LayerReduction` per layer (status "reduced" | "unchanged" | "failed", sizes, the HSVs as a float64
+            tensor, kept energy, H-infinity bounds, and for reduced layers the `LayerChange` with the basis maps).
+            Parameters of reduced layers keep their identity but change shape, and their gradients are dropped.
         """
-        from .optimizer_state import LayerChange, optimizer_state_repair, repair_optimizer_state, watch_for_stale_state
-
-        optimizer_state_repair(optimizer_state)  # unknown mode: fail before changing anything
         check_system(system)
         layers = self.lru_layers()
         if len(ranks) != len(layers):
@@ -919,75 +914,56 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
         for index, rank in enumerate(ranks):
             if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
                 raise ValueError(f"ranks[{index}] must be a positive int or None, got {rank!r}")
-        report = []
-        for index, (layer, rank) in enumerate(zip(layers, ranks)):
-            entry = {"layer": index, "old_dim": layer.state_dim, "new_dim": layer.state_dim, "status": "unchanged",
-                     "error": None, "hsv": None, "kept_energy": None, "hinf_bound": None,
-                     "hinf_bound_relative": None, "change": None}
-            report.append(entry)
-            if rank is None or rank >= layer.state_dim:
-                continue
-            balancing = balancings[index] if balancings is not None else None
-            try:
-                if balancing is not None:
-                    lam, B, C = balancing.lam, balancing.B, balancing.C
-                    reduced = truncate(balancing, rank)
-                else:
-                    lam, B, C, _ = layer.to_lti()
-                    reduced = balanced_truncation(lam, B, C, rank, system)
-                previous = layer.load_system(reduced.lam, reduced.B, reduced.C)
-            except ReductionError as error:
-                if strict:
-                    raise
-                logger.warning("CompreSSM: layer %d not reduced (%d -> %d): %s", index, layer.state_dim, rank, error)
-                entry.update(status="failed", error=str(error))
-                continue
-            hsv = reduced.hsv
-            total = float(hsv.sum())
-            gain = max(float(hsv[0]), gain_lower_bound(lam, B, C, system=reduced.system)) if total > 0 else 0.0
-            bound = hinf_error_bound(hsv, reduced.order)  # gain <= the layer's H-inf norm, bound >= its change
-            entry.update(
-                new_dim=layer.state_dim,
-                status="reduced",
-                hsv=hsv,
-                kept_energy=float(hsv[: reduced.order].sum()) / total if total > 0 else 1.0,
-                hinf_bound=bound,
-                hinf_bound_relative=bound / gain if gain > 0 else 0.0,
-                change=LayerChange(
-                    layer=index,
-                    parameters={name: getattr(layer, name) for name in layer.SSM_PARAMETER_NAMES},
-                    previous=previous,
-                    project=reduced.project,
-                    lift=reduced.lift,
-                ),
-            )
-        self.config.state_dims = [layer.state_dim for layer in layers]
-        changes = [entry["change"] for entry in report if entry["change"] is not None]
-        if changes:
-            if optimizer is not None:
-                repair_optimizer_state(optimizer, changes, optimizer_state)
-            else:
-                watch_for_stale_state({
-                    f"layer {change.layer} {name}": parameter
-                    for change in changes for name, parameter in change.parameters.items()
-                })
-        if record and any(entry["status"] != "unchanged" for entry in report):
+        results = [
+            self._reduce_layer(index, layer, rank, balancings[index] if balancings is not None else None, system,
+                               strict)
+            for index, (layer, rank) in enumerate(zip(layers, ranks))
+        ]
+        self._sync_state_dims()
+        if record and any(result.status != "unchanged" for result in results):
             self.reduction_history.append(
-                ReductionEvent(
-                    step=None,
-                    kind="manual",
-                    policy="manual",
-                    dims_before=[entry["old_dim"] for entry in report],
-                    dims_after=list(self.config.state_dims),
-                    status=[entry["status"] for entry in report],
-                    errors=[entry["error"] for entry in report],
-                    kept_energy=[1.0 if entry["kept_energy"] is None else entry["kept_energy"] for entry in report],
-                    hinf_bound=[entry["hinf_bound"] for entry in report],
-                    hinf_bound_relative=[entry["hinf_bound_relative"] for entry in report],
-                    ranks_requested=[rank if rank is not None else None for rank in ranks],
+                ReductionEvent.from_layers(
+                    results, step=None, kind="manual", policy="manual",
+                    kept_energy=[1.0 if result.kept_energy is None else result.kept_energy for result in results],
                 )
             )
-        return report
+        return results
+
+    @staticmethod
+    def _reduce_layer(index: int, layer: CompreSSMLRU, rank, balancing, system: str, strict: bool) -> LayerReduction:
+        """Truncate one layer to at most `rank` states (None or >= its size: left alone); see `reduce`."""
+        result = LayerReduction(layer=index, old_dim=layer.state_dim, new_dim=layer.state_dim, rank_requested=rank)
+        if rank is None or rank >= layer.state_dim:
+            return result
+        try:
+            if balancing is not None:
+                lam, B, C = balancing.lam, balancing.B, balancing.C
+                reduced = truncate(balancing, rank)
+            else:
+                lam, B, C, _ = layer.to_lti()
+                reduced = balanced_truncation(lam, B, C, rank, system)
+            previous = layer.load_system(reduced.lam, reduced.B, reduced.C)
+        except ReductionError as error:
+            if strict:
+                raise
+            logger.warning("CompreSSM: layer %d not reduced (%d -> %d): %s", index, layer.state_dim, rank, error)
+            result.status, result.error, result.kept_energy = "failed", str(error), None
+            return result
+        hsv = reduced.hsv
+        total = float(hsv.sum())
+        gain = max(float(hsv[0]), gain_lower_bound(lam, B, C, system=reduced.system)) if total > 0 else 0.0
+        bound = hinf_error_bound(hsv, reduced.order)  # gain <= the layer's H-inf norm, bound >= its change
+        result.new_dim, result.status, result.hsv = layer.state_dim, "reduced", hsv
+        result.kept_energy = float(hsv[: reduced.order].sum()) / total if total > 0 else 1.0
+        result.hinf_bound, result.hinf_bound_relative = bound, bound / gain if gain > 0 else 0.0
+        result.change = LayerChange(
+            layer=index,
+            parameters={name: getattr(layer, name) for name in layer.SSM_PARAMETER_NAMES},
+            previous=previous,
+            project=reduced.project,
+            lift=reduced.lift,
+        )
+        return result
 
 
 # Generation bookkeeping that transformers may pass to `forward` and that a recurrence does not use.

@@ -42,10 +42,10 @@ from .reduction import (
     _as_system,
     _check_reduced,
     _eigendecomposition,
-    _gramians,
     _is_zero_system,
     _psd_factor,
     _truncate_zero_system,
+    gramians_unchecked,
 )
 
 __all__ = ["augmented_system", "real_system", "real_map_gramians", "balance_real_map", "truncate_real_map"]
@@ -74,13 +74,13 @@ def _basis_change(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return W, J
 
 
-def _real_gramians(lam, B, C) -> tuple[torch.Tensor, torch.Tensor]:
+def real_gramians_unchecked(lam, B, C) -> tuple[torch.Tensor, torch.Tensor]:
     """P_x, Q_x float64 (2N, 2N) from N x N complex blocks (differentiable): with the Gramian P = sum h h^H and
     M = sum h h^T (closed form, like P), sum Re h Re h^T = Re(P + M) / 2, sum Im h Im h^T = Re(P - M) / 2 and
     sum Re h Im h^T = Im(M - P) / 2; likewise Q_x from Q = C^H C / (1 - conj(lam_i) lam_j) and
     N = C^T C / (1 - lam_i lam_j) (y = Re(C h): |Re g|^2 = (Re(g^H g) + Re(g^T g)) / 2)."""
     outer = lam[:, None] * lam[None, :]
-    P, Q = _gramians(lam, B, C)
+    P, Q = gramians_unchecked(lam, B, C)
     M = (B @ B.T) / (1.0 - outer)
     N = (C.T @ C) / (1.0 - outer)
     P_x = 0.5 * torch.cat([torch.cat([(P + M).real, (M - P).imag], dim=1),
@@ -99,7 +99,7 @@ def real_map_gramians(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> tu
     Returns:
         P_x, Q_x: float64 (2N, 2N), symmetric positive semi-definite.
     """
-    return _real_gramians(*_as_system(lam, B, C))
+    return real_gramians_unchecked(*_as_system(lam, B, C))
 
 
 def balance_real_map(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> Balancing:
@@ -107,7 +107,7 @@ def balance_real_map(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> Bal
     SVD(Lo^T Lc) = U diag(hsv) Vh, all float64 (2N, 2N); hsv float64 (2N,) descending; lam, B, C the layer's system
     (complex128). Raises ReductionError for NaN/Inf input, |lam| >= 1 or non-finite singular values."""
     lam, B, C = _as_system(lam, B, C)
-    P_x, Q_x = _real_gramians(lam, B, C)
+    P_x, Q_x = real_gramians_unchecked(lam, B, C)
     controllability_factor, observability_factor = _psd_factor(P_x).real, _psd_factor(Q_x).real
     U, sigma, Vh = torch.linalg.svd(observability_factor.T @ controllability_factor)
     if not torch.isfinite(sigma).all():

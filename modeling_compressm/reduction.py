@@ -161,10 +161,11 @@ def gramians(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> tuple[torch
     Returns:
         P, Q: complex128 (N, N), Hermitian positive semi-definite.
     """
-    return _gramians(*_as_system(lam, B, C))
+    return gramians_unchecked(*_as_system(lam, B, C))
 
 
-def _gramians(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gramians_unchecked(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gramians` without its checks of the system (differentiable): for callers that checked it already."""
     outer = lam[:, None] * lam.conj()[None, :]
     P = (B @ B.conj().T) / (1.0 - outer)
     Q = (C.conj().T @ C) / (1.0 - outer.conj())
@@ -200,7 +201,7 @@ def balance(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, system: str = D
 
         return balance_real_map(lam, B, C)
     lam, B, C = _as_system(lam, B, C)
-    P, Q = _gramians(lam, B, C)
+    P, Q = gramians_unchecked(lam, B, C)
     controllability_factor = _psd_factor(P)
     observability_factor = _psd_factor(Q)
     # Square-root method: SVD of Lo^H Lc (conjugate transpose, not a plain transpose).

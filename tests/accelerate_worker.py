@@ -31,7 +31,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from modeling_compressm import CompreSSMConfig, CompreSSMForSequenceClassification, CompreSSMReducer
-from modeling_compressm.fsdp import is_fsdp2
+from modeling_compressm.training.fsdp import is_fsdp2
 
 LENGTH = 12
 REDUCER = dict(tau=0.05, start_step=3, end_step=3, interval=3, collective_timeout=60)

@@ -49,10 +49,10 @@ from modeling_compressm import (
     CompreSSMForSequenceClassification,
     CompreSSMReducer,
 )
-from modeling_compressm.collectives import DistributedReductionError
-from modeling_compressm.distributed import LocalStrategy, register_strategy
-from modeling_compressm.fsdp import is_fsdp2
-from modeling_compressm.optimizer_state import register_optimizer_state_repair
+from modeling_compressm.training.collectives import DistributedReductionError
+from modeling_compressm.training.distributed import LocalStrategy, register_strategy
+from modeling_compressm.training.fsdp import is_fsdp2
+from modeling_compressm.training.optimizer_state import register_optimizer_state_repair
 
 FULL = StateDictOptions(full_state_dict=True)
 SSM_NAMES = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "C_im")

@@ -476,8 +476,9 @@ def test_documented_event_counts_match_the_schedules():
     """Issue 20.13: docs/train-your-data.md said the CLI's default schedule has 7 events; a 124-step run has 8."""
     import re
 
-    from modeling_compressm.run_settings import ReductionPlan
-    from modeling_compressm.schedule import ReductionSchedule
+    from modeling_compressm.app.run_settings import ReductionPlan
+    from modeling_compressm.training.schedule import ReductionSchedule
+    from modeling_compressm.training.settings import DEFAULTS
 
     def cli_steps(max_steps):
         resolved = ReductionPlan().resolve(max_steps)
@@ -499,7 +500,7 @@ def test_documented_event_counts_match_the_schedules():
     # docs/callback.md on the library's default schedule (fractions 0 / 0.1 / 0.025 of max_steps)
     text = _normalised("docs/callback.md")
     assert "4 events, at 2.5%, 5%, 7.5% and 10% of `max_steps`, when `max_steps` is a multiple of 40" in text
-    library = {max_steps: ReductionSchedule().steps(max_steps) for max_steps in range(1, 5001)}
+    library = {max_steps: DEFAULTS.schedule.steps(max_steps) for max_steps in range(1, 5001)}
     assert all(len(library[max_steps]) == 4 for max_steps in range(40, 5001, 40))
     claim = re.search(r"gives up to (\d+) events in short runs \(a (\d+)-step run reduces at steps 1 to (\d+)\)", text)
     assert claim and max(map(len, library.values())) == int(claim.group(1))

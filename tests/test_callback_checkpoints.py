@@ -120,7 +120,7 @@ def _run_with_incomplete_newest_checkpoint(tmp_path):
 
 def test_resume_from_an_incomplete_checkpoint_names_the_folder_to_delete(tmp_path):
     """Issue 20.9: transformers' bare FileNotFoundError for trainer_state.json gave no hint."""
-    from modeling_compressm.checkpoints import IncompleteCheckpointError, last_complete_checkpoint
+    from modeling_compressm.training.checkpoints import IncompleteCheckpointError, last_complete_checkpoint
 
     output = _run_with_incomplete_newest_checkpoint(tmp_path)
     expected = (r"cannot resume from .*checkpoint-4: it has no trainer_state\.json.*Delete that folder and resume "
@@ -148,3 +148,19 @@ def test_compressm_trainer_falls_back_to_the_newest_complete_checkpoint(tmp_path
     assert [event.step for event in callback.history] == [2, 4] and model.config.state_dims == [9, 9]
     assert any("skipped the incomplete checkpoint(s)" in r.getMessage() and "checkpoint-4" in r.getMessage()
                and "resuming from" in r.getMessage() for r in caplog.records)
+
+
+def test_what_prepare_model_for_resume_keeps_for_the_callback_stays_outside_the_model(tmp_path):
+    """The stop flag and pending check that prepare_model_for_resume reads are handed to the callback that trains
+    this model, once; nothing of them is stored on the model, so a copy (or a pickle) does not carry them."""
+    import copy
+
+    from modeling_compressm.training.checkpoints import take_prepared_resume
+
+    checkpoint = _checkpoint_without_compression(tmp_path)
+    model = make_model()
+    prepare_model_for_resume(model, str(checkpoint))
+    assert not [key for key in vars(model) if "resume" in key]
+    assert take_prepared_resume(copy.deepcopy(model)) is None
+    assert take_prepared_resume(model).path == str(checkpoint)
+    assert take_prepared_resume(model) is None  # taken once

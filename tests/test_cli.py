@@ -23,14 +23,14 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from fake_hub import install_fake_hub
 from without_package import BLOCK_PACKAGE
-from modeling_compressm.cli import build_parser, main
-from modeling_compressm.data import DigitsSequenceDataset, digits_collator, load_digits_sequences
-from modeling_compressm.output_folder import MANIFEST_FILE
+from modeling_compressm.app.cli import build_parser, main
+from modeling_compressm.app.data import DigitsSequenceDataset, digits_collator, load_digits_sequences
+from modeling_compressm.app.output_folder import MANIFEST_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HANG_GUARD_S = 1800  # subprocesses: a guard against hangs, not a speed requirement
 REMOTE_CODE_FILES = {"modeling_compressm.py", "configuration_compressm.py", "reduction.py", "real_map.py", "scan.py",
-                     "model_card.py", "events.py", "optimizer_state.py"}
+                     "model_card.py", "events.py", "layer_reduction.py"}
 LM_OUTPUT_FILES = REMOTE_CODE_FILES | {
     "config.json", "generation_config.json", "model.safetensors", "compressm_history.json", "README.md",
     "hsv_spectrum.png", "tokenizer.json", "tokenizer_config.json", "train_summary.json",
@@ -417,7 +417,7 @@ def test_bad_input_gives_clear_errors(argv, message, tmp_path, capsys):
 def test_global_policy_keeps_the_final_fraction_of_the_total_state(tmp_path, capsys, monkeypatch):
     """--policy global spreads the shrink over the scheduled events so that --final-fraction of the total is left;
     --ssm-lr-factor reaches the optimizer the recipe builds."""
-    import modeling_compressm.recipe as recipe
+    import modeling_compressm.app.recipe as recipe
 
     seen = {}
     build = recipe.build_optimizer
@@ -511,7 +511,7 @@ def test_digits_data():
 def test_console_script_default_run(tmp_path):
     """`compressm train` (the README's first command) in a fresh directory, shortened to 30 steps: the default
     preset, output folder, progress bar and thread setting (OMP_NUM_THREADS unset)."""
-    from modeling_compressm.run_settings import default_num_threads
+    from modeling_compressm.app.run_settings import default_num_threads
 
     script = shutil.which("compressm", path=os.path.dirname(sys.executable)) or shutil.which("compressm")
     if script is None:
@@ -531,7 +531,7 @@ def test_console_script_default_run(tmp_path):
 
 
 def test_rollback_policy_evaluates_on_a_validation_split_not_the_test_set(tmp_path, monkeypatch):
-    from modeling_compressm import recipe
+    from modeling_compressm.app import recipe
 
     import transformers
 

@@ -9,8 +9,8 @@ import re
 import datasets
 import pytest
 
-from modeling_compressm.cli import main
-from modeling_compressm.data_files import builder_for_files, resolve_data_files
+from modeling_compressm.app.cli import main
+from modeling_compressm.app.data_files import builder_for_files, resolve_data_files
 
 LINE = "the state space model keeps a small hidden state and the balanced truncation removes states.\n"
 TINY_LM = ["--preset", "tiny", "--tokenizer", "bytes", "--block-size", "16", "--batch-size", "4", "--max-steps", "2",

@@ -5,8 +5,8 @@ model was saved (exit 1, one line, no traceback), and an upload sends compressm'
 import os
 
 from fake_hub import install_fake_hub
-from modeling_compressm.cli import main
-from modeling_compressm.publish import push_folder_to_hub
+from modeling_compressm.app.cli import main
+from modeling_compressm.app.publish import push_folder_to_hub
 
 SHORT_RUN = ["train", "--max-steps", "2", "--no-progress", "--start-step", "1", "--end-step", "1", "--push-to-hub",
              "--hub-model-id", "someone/digits"]
@@ -17,7 +17,7 @@ def _unreachable(*args, **kwargs):
 
 
 def test_an_unreachable_hub_stops_the_run_before_training(tmp_path, capsys, monkeypatch):
-    import modeling_compressm.recipe as recipe
+    import modeling_compressm.app.recipe as recipe
 
     hub = install_fake_hub(monkeypatch)
     monkeypatch.setattr(hub, "create_repo", _unreachable)

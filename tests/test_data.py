@@ -20,8 +20,8 @@ from modeling_compressm import (
     pack_dataset,
     tokenize_for_classification,
 )
-from modeling_compressm import text_data
-from modeling_compressm.tokenization import save_tokenizer
+from modeling_compressm.app import text_data
+from modeling_compressm.app.tokenization import save_tokenizer
 
 LINES = [f"line {index}: the state space model keeps a small state, ünïcode {index % 7}" for index in range(60)]
 DOCUMENTS = [{"text": f"document {index} " + "words " * (index % 5 + 3), "label": ["neg", "pos"][index % 2]}

@@ -1,4 +1,4 @@
-"""The default reduction recipe (schedule.DEFAULTS, chosen by the LM study of issue 14): its schedule scales with
+"""The default reduction recipe (settings.DEFAULTS, chosen by the LM study of issue 14): its schedule scales with
 max_steps, so `CompreSSMCallback()` with no arguments reduces in a short plain-Trainer run, and the "global" policy
 halves the total state over the scheduled events."""
 
@@ -7,8 +7,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from modeling_compressm import CompreSSMCallback, CompreSSMConfig, CompreSSMForCausalLM, CompreSSMReducer
-from modeling_compressm.rank_selection import global_ranks, select_ranks
-from modeling_compressm.schedule import DEFAULTS, ReductionSchedule
+from modeling_compressm.training.rank_selection import global_ranks, select_ranks
+from modeling_compressm.training.settings import DEFAULTS
 from tasks import one_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,7 +23,7 @@ def tiny_lm(state_dims=16):
 @pytest.mark.parametrize("max_steps, expected", [(800, [20, 40, 60, 80]), (1000, [25, 50, 75, 100]),
                                                  (60, [1, 2, 3, 4, 5, 6]), (20, [1, 2])])
 def test_default_schedule_scales_with_max_steps(max_steps, expected):
-    assert ReductionSchedule().steps(max_steps) == expected
+    assert DEFAULTS.schedule.steps(max_steps) == expected
 
 
 def test_callback_with_no_arguments_reduces_in_a_short_plain_trainer_run(tmp_path):

@@ -87,7 +87,7 @@ def test_reduction_collectives_default_to_their_own_timeout_shorter_than_ddp_tim
     from transformers import Trainer, TrainerControl, TrainerState
 
     from modeling_compressm import CompreSSMCallback
-    from modeling_compressm.schedule import DEFAULTS
+    from modeling_compressm.training.settings import DEFAULTS
     from tasks import SignTask, tiny_classifier, training_arguments
 
     assert DEFAULTS.collective_timeout == 300

@@ -28,7 +28,7 @@ from modeling_compressm import (
     CompreSSMModel,
     CompreSSMTrainer,
 )
-from modeling_compressm import callback as callback_module
+from modeling_compressm.training import callback as callback_module
 
 import loss_contract  # tests/ helpers
 from generation_checks import cache_of
@@ -414,7 +414,7 @@ def test_resume_reconciles_history_with_trainer_state_richer_wins(tmp_path, capl
 
 
 def test_reconcile_histories_prefers_the_richer_side():
-    from modeling_compressm.checkpoints import reconcile_histories
+    from modeling_compressm.training.checkpoints import reconcile_histories
     from modeling_compressm.events import ReductionEvent
 
     one = [ReductionEvent(step=2, dims_before=[16, 16], dims_after=[12, 12])]
@@ -575,16 +575,16 @@ def test_near_unit_modulus_layer_reports_the_hinf_bound_not_only_kept_energy():
     rank = rank_for_energy(hsv, 0.01)
     (entry,) = model.reduce([rank])
     y_reduced, _ = layer(u)
-    assert entry["kept_energy"] >= 0.99  # energy says "almost nothing changed"...
+    assert entry.kept_energy >= 0.99  # energy says "almost nothing changed"...
     change = ((y_full - y_reduced).norm() / (y_full - u * layer.D).norm()).item()
     assert change > 0.05  # ...but the map moved visibly,
-    assert entry["hinf_bound_relative"] > 10 * (1 - entry["kept_energy"])  # and the bound says so
-    assert entry["hinf_bound_relative"] <= entry["hinf_bound"] / hsv[0].item() + 1e-12  # gain used >= Hankel norm
+    assert entry.hinf_bound_relative > 10 * (1 - entry.kept_energy)  # and the bound says so
+    assert entry.hinf_bound_relative <= entry.hinf_bound / hsv[0].item() + 1e-12  # gain used >= Hankel norm
     # the absolute bound holds for the signal (l2 gain of the complex map bounds the real output)
     error = (y_full - y_reduced).flatten(1).norm(dim=1)
-    assert torch.all(error <= entry["hinf_bound"] * u.flatten(1).norm(dim=1) * (1 + 1e-3))
+    assert torch.all(error <= entry.hinf_bound * u.flatten(1).norm(dim=1) * (1 + 1e-3))
     (event,) = model.reduction_history
-    assert event.hinf_bound_relative[0] == pytest.approx(entry["hinf_bound_relative"])
+    assert event.hinf_bound_relative[0] == pytest.approx(entry.hinf_bound_relative)
 
 
 class StateSizeMetric:

@@ -17,11 +17,11 @@ from modeling_compressm import (
     CompreSSMForSequenceClassification,
     CompreSSMReducer,
 )
-from modeling_compressm import distributed as distributed_module
-from modeling_compressm import optimizer_state as optimizer_state_module
-from modeling_compressm.callback import TRAINER_FSDP_MESSAGE
-from modeling_compressm.fsdp import DistributedReductionError, full_lru_parameters, is_fsdp2
-from modeling_compressm.optimizer_state import StaleOptimizerStateError, replace_parameters_in_optimizer
+from modeling_compressm.training import distributed as distributed_module
+from modeling_compressm.training import optimizer_state as optimizer_state_module
+from modeling_compressm.training.callback import TRAINER_FSDP_MESSAGE
+from modeling_compressm.training.fsdp import DistributedReductionError, full_lru_parameters, is_fsdp2
+from modeling_compressm.training.optimizer_state import StaleOptimizerStateError, replace_parameters_in_optimizer
 
 from tasks import SignTask, one_thread, training_arguments  # noqa: F401 - one_thread is a fixture
 from two_ranks import requires_gloo, run_two_ranks_for_report

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM, HistoryError, ReductionEvent
-from modeling_compressm.checkpoints import read_checkpoint
+from modeling_compressm.training.checkpoints import read_checkpoint
 
 
 def reduced_lm(*ranks_per_event):

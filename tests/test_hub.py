@@ -1,6 +1,7 @@
 """Hub round trip of a reduced model: save_pretrained files, model card, remote-code loading in a process where the
 package cannot be imported, Auto-class loading with the package, and an offline push_to_hub."""
 
+import ast
 import json
 import os
 import subprocess
@@ -29,7 +30,7 @@ REMOTE_CODE_FILES = {
     "scan.py",
     "model_card.py",
     "events.py",
-    "optimizer_state.py",
+    "layer_reduction.py",
 }
 EXPECTED_FILES = {"config.json", "model.safetensors", "compressm_history.json", "README.md", "hsv_spectrum.png"}
 EXPECTED_FILES |= REMOTE_CODE_FILES
@@ -41,14 +42,14 @@ def _reduce_and_record(model, ranks, step=7):
     """model.reduce(ranks) plus the history event CompreSSMCallback would record for it."""
     before = list(model.config.state_dims)
     report = model.reduce(ranks, strict=True, record=False)
-    assert [entry["status"] for entry in report] == ["reduced" if r is not None else "unchanged" for r in ranks]
+    assert [entry.status for entry in report] == ["reduced" if r is not None else "unchanged" for r in ranks]
     model.reduction_history.append({
         "step": step,
         "policy": "fixed",
         "dims_before": before,
         "dims_after": list(model.config.state_dims),
-        "kept_energy": [entry["kept_energy"] if entry["kept_energy"] is not None else 1.0 for entry in report],
-        "hsv": [entry["hsv"].tolist() if entry["hsv"] is not None else None for entry in report],
+        "kept_energy": [entry.kept_energy if entry.kept_energy is not None else 1.0 for entry in report],
+        "hsv": [entry.hsv.tolist() if entry.hsv is not None else None for entry in report],
     })
     return report
 
@@ -89,9 +90,58 @@ def _load_warnings(messages):
     return [message for message in messages if any(marker in message for marker in LOAD_WARNING_MARKERS)]
 
 
+def _bundle_imports(package: Path, module_file: str) -> list[str]:
+    """The package-relative imports of one flat module (top-level and inside functions), as dotted names relative to
+    the package root: "events", "training.optimizer_state", ..."""
+    found = []
+    for node in ast.walk(ast.parse((package / module_file).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            if node.level != 1:
+                found.append("." * (node.level - 1) + (node.module or ""))
+            elif node.module:
+                found.append(node.module)
+            else:
+                found.extend(alias.name for alias in node.names)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+            found.extend(f"<absolute {name}>" for name in names if name.split(".")[0] == "modeling_compressm")
+    return found
+
+
+def _bundle_of(package: Path, entry_files) -> set[str]:
+    """The flat modules `entry_files` need, transitively (what transformers copies next to the weights); AssertionError
+    naming the importing module for an import that leaves the flat bundle (a subpackage, or the installed package)."""
+    bundle, todo = set(), list(entry_files)
+    while todo:
+        module_file = todo.pop()
+        if module_file in bundle:
+            continue
+        bundle.add(module_file)
+        for name in _bundle_imports(package, module_file):
+            outside = name.startswith(("<", ".")) or "." in name or not (package / f"{name}.py").is_file()
+            assert not outside, f"{module_file} imports {name}: the remote-code bundle must stay flat and self-contained"
+            todo.append(f"{name}.py")
+    return bundle
+
+
+def test_the_remote_code_bundle_imports_neither_the_training_library_nor_the_application():
+    """Every model and config file, and what it imports transitively, stays among the flat modules of the package:
+    none reaches `modeling_compressm.training` or `modeling_compressm.app` (those are not copied into checkpoints)."""
+    package = Path(modeling_compressm.__file__).parent
+    entry_files = sorted(path.name for pattern in ("modeling_*.py", "configuration_*.py") for path in package.glob(pattern))
+    bundle = _bundle_of(package, entry_files)
+    for subpackage in ("training", "app"):
+        moved = {path.name for path in (package / subpackage).glob("*.py")} - {"__init__.py"}
+        assert not bundle & moved, f"the bundle shares module names with {subpackage}/: {sorted(bundle & moved)}"
+    assert _bundle_of(package, ["modeling_compressm.py", "configuration_compressm.py"]) == REMOTE_CODE_FILES
+
+
 def test_saved_files_config_and_weights(reduced_checkpoints):
     path = reduced_checkpoints["root"] / "classifier"
     assert set(os.listdir(path)) == EXPECTED_FILES
+    # A checkpoint's Python files are the bundle the modeling file needs, and no module of the training loop.
+    assert {name for name in os.listdir(path) if name.endswith(".py")} == REMOTE_CODE_FILES
+    assert "optimizer_state.py" not in os.listdir(path) and "reducer.py" not in os.listdir(path)
     config = json.loads((path / "config.json").read_text())
     assert config["state_dims"] == [6, 5]
     assert config["model_type"] == "compressm"

@@ -98,7 +98,7 @@ def test_package_default_arm_runs_the_shipped_reducer_and_the_overview_lists_it(
                    "--posthoc-steps", "0", "--log", str(log)])
     rows = {row["arm"]: row for row in map(json.loads, log.read_text().splitlines())}
     compressed = rows["compressm[package-default]"]
-    # schedule.DEFAULTS in a 40-step run: events at 2.5/5/7.5/10% = steps 1-4, half of the 16 states left
+    # settings.DEFAULTS in a 40-step run: events at 2.5/5/7.5/10% = steps 1-4, half of the 16 states left
     assert [event["step"] for event in compressed["events"]] == [1, 2, 3, 4]
     assert sum(compressed["dims_after"]) == 8
     lines, _ = lm_study_report.build_report(list(rows.values()))

@@ -11,7 +11,7 @@ if modeling2._MISSING:
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from modeling_compressm import CompreSSMMamba2ForCausalLM  # noqa: E402
-from modeling_compressm.mamba2_training import Mamba2ReductionCallback, repair_optimizer  # noqa: E402
+from modeling_compressm.training.mamba2_training import Mamba2ReductionCallback, repair_optimizer  # noqa: E402
 from test_mamba2 import GROUPS, STATE, VOCAB, _calibration, _stock_model  # noqa: E402 - tests/ helpers
 
 
@@ -93,7 +93,7 @@ def test_trainer_reduces_from_training_batch_statistics(tmp_path):
 
 
 def test_activation_checkpointing_recomputation_is_not_counted_twice():
-    from modeling_compressm.mamba2_training import Mamba2GramianCollector
+    from modeling_compressm.training.mamba2_training import Mamba2GramianCollector
 
     model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_model())
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -157,8 +157,8 @@ def test_reduce_shrinks_in_place_and_rewrites_the_config(lm):
     parameters_before = {name: p for name, p in lm.named_parameters()}
     report = lm.reduce([5, 20])
     assert lm.config.state_dims == [5, 7]  # never grows a layer
-    assert [entry["status"] for entry in report] == ["reduced", "unchanged"]
-    assert report[0]["old_dim"] == 12 and report[0]["new_dim"] == 5 and 0 < report[0]["kept_energy"] <= 1
+    assert [entry.status for entry in report] == ["reduced", "unchanged"]
+    assert report[0].old_dim == 12 and report[0].new_dim == 5 and 0 < report[0].kept_energy <= 1
     layer = lm.lru_layers()[0]
     assert layer.B_re.shape == (5, 16) and layer.C_im.shape == (16, 5) and layer.nu_log.shape == (5,)
     # The Parameter objects survive, so optimizers keep pointing at them.
@@ -203,7 +203,7 @@ def test_failing_layer_is_skipped_with_a_warning(lm, monkeypatch, caplog):
     monkeypatch.setattr("modeling_compressm.modeling_compressm.balanced_truncation", flaky)
     with caplog.at_level(logging.WARNING):
         report = lm.reduce([4, 3])
-    assert [entry["status"] for entry in report] == ["failed", "reduced"]
+    assert [entry.status for entry in report] == ["failed", "reduced"]
     assert lm.config.state_dims == [12, 3]
     assert "unstable eigenvalue" in caplog.text
     with pytest.raises(reduction.ReductionError):

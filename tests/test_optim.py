@@ -1,4 +1,4 @@
-"""Optimizer parameter groups (modeling_compressm.optim): coverage, weight decay and learning rates per group, and an
+"""Optimizer parameter groups (modeling_compressm.training.optim): coverage, weight decay and learning rates per group, and an
 optimizer that stays usable across reductions (alone and inside transformers.Trainer with CompreSSMCallback)."""
 
 import pytest
@@ -6,8 +6,14 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from tasks import one_thread  # noqa: F401 (fixture)
-from modeling_compressm import CompreSSMCallback, CompreSSMConfig, CompreSSMForCausalLM, CompreSSMTrainer
-from modeling_compressm.optim import (
+from modeling_compressm import (
+    CompreSSMCallback,
+    CompreSSMConfig,
+    CompreSSMForCausalLM,
+    CompreSSMTrainer,
+    reduce_with_optimizer,
+)
+from modeling_compressm.training.optim import (
     DEFAULT_SSM_LR_FACTOR,
     DEFAULT_SSM_PARAMETER_NAMES,
     compressm_adamw,
@@ -123,7 +129,7 @@ def test_optimizer_stays_valid_across_a_reduction():
     optimizer.zero_grad()
     layer = model.lru_layers()[0]
     report = model.reduce([6, None])
-    assert report[0]["status"] == "reduced" and layer.B_re.shape == (6, 8)
+    assert report[0].status == "reduced" and layer.B_re.shape == (6, 8)
     for parameter in layer.ssm_parameters():  # what CompreSSMCallback does for reduced layers
         optimizer.state.pop(parameter, None)
     groups = {group["name"]: group for group in optimizer.param_groups}
@@ -235,15 +241,15 @@ def test_project_carries_b_and_c_moments_through_the_change_of_basis():
     optimizer.state[layer.B_re]["exp_avg_sq"] = torch.ones(12, 8)
     optimizer.state[layer.B_im]["exp_avg_sq"] = torch.ones(12, 8)
     step_before = optimizer.state[layer.B_re]["step"].clone()
-    report = model.reduce([5, None], optimizer=optimizer, optimizer_state="project", system="complex")
-    assert report[0]["status"] == "reduced"
+    report = reduce_with_optimizer(model, [5, None], optimizer=optimizer, optimizer_state="project", system="complex")
+    assert report[0].status == "reduced"
     state = optimizer.state
     for name in ("B_re", "B_im", "C_re", "C_im"):
         torch.testing.assert_close(state[getattr(layer, name)]["exp_avg"], getattr(layer, name).detach(),
                                    rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(state[layer.nu_log]["exp_avg"], torch.full((5,), 0.25))  # participation average
-    project = report[0]["change"].project
-    gain_old = torch.exp(report[0]["change"].previous["gamma_log"].double())
+    project = report[0].change.project
+    gain_old = torch.exp(report[0].change.previous["gamma_log"].double())
     gain_new = torch.exp(layer.gamma_log.detach().double())
     b_map = project * (gain_old[None, :] / gain_new[:, None])
     expected_var = (b_map.real.square() + b_map.imag.square()).sum(dim=1, keepdim=True).expand(5, 8)
@@ -259,7 +265,7 @@ def test_project_state_trains_on_and_resets_layers_without_state():
     second = model.lru_layers()[1]
     for parameter in second.ssm_parameters():
         optimizer.state.pop(parameter)  # nothing to carry for this layer
-    model.reduce([6, 6], optimizer=optimizer, optimizer_state="project")
+    reduce_with_optimizer(model, [6, 6], optimizer=optimizer, optimizer_state="project")
     first = model.lru_layers()[0]
     assert optimizer.state[first.C_im]["exp_avg_sq"].shape == (8, 6)
     assert (optimizer.state[first.C_im]["exp_avg_sq"] >= 0).all()

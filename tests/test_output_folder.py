@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from without_package import BLOCK_PACKAGE
-from modeling_compressm.cli import main
-from modeling_compressm.output_folder import MANIFEST_FILE, compressm_files, write_output_folder
+from modeling_compressm.app.cli import main
+from modeling_compressm.app.output_folder import MANIFEST_FILE, compressm_files, write_output_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHORT_RUN = ["--max-steps", "2", "--no-progress", "--start-step", "1", "--end-step", "1"]
@@ -56,7 +56,7 @@ def test_train_again_into_an_earlier_output_keeps_the_users_files(tmp_path, caps
 
 
 def test_a_users_file_that_the_output_would_replace_stops_train_before_training(tmp_path, capsys, monkeypatch):
-    import modeling_compressm.recipe as recipe
+    import modeling_compressm.app.recipe as recipe
 
     folder = tmp_path / "run"
     assert _train(folder) == 0

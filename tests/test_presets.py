@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM, CompreSSMForSequenceClassification
-from modeling_compressm.presets import (
+from modeling_compressm.app.presets import (
     PRESETS_DIR,
     build_model_from_preset,
     list_presets,
@@ -117,8 +117,8 @@ def test_wheel_ships_the_presets(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for preset in EXPECTED:
         assert f"modeling_compressm/hub_configs/{preset}.json" in names
-    assert "modeling_compressm/cli.py" in names and "modeling_compressm/presets.py" in names
+    assert "modeling_compressm/app/cli.py" in names and "modeling_compressm/app/presets.py" in names
     entry_points = zipfile.ZipFile(wheel).read(
         next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
     ).decode()
-    assert "compressm = modeling_compressm.cli:main" in entry_points
+    assert "compressm = modeling_compressm.app.cli:main" in entry_points

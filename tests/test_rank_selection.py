@@ -1,9 +1,9 @@
-"""Unit tests for modeling_compressm.rank_selection (pure functions on Hankel singular values)."""
+"""Unit tests for modeling_compressm.training.rank_selection (pure functions on Hankel singular values)."""
 
 import pytest
 import torch
 
-from modeling_compressm.rank_selection import (
+from modeling_compressm.training.rank_selection import (
     apply_gate,
     budget_ranks,
     fixed_fraction_ranks,

@@ -8,10 +8,10 @@ import torch
 
 from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM
 from modeling_compressm.model_card import render_model_card
-from modeling_compressm.output_folder import MANIFEST_FILE, write_output_folder
-from modeling_compressm.optim import DEFAULT_SSM_LR_FACTOR, DEFAULT_SSM_PARAMETER_NAMES
-from modeling_compressm.recipe import build_optimizer
-from modeling_compressm.run_settings import ReductionPlan, TrainingOptions, configure_threads, default_num_threads
+from modeling_compressm.app.output_folder import MANIFEST_FILE, write_output_folder
+from modeling_compressm.training.optim import DEFAULT_SSM_LR_FACTOR, DEFAULT_SSM_PARAMETER_NAMES
+from modeling_compressm.app.recipe import build_optimizer
+from modeling_compressm.app.run_settings import ReductionPlan, TrainingOptions, configure_threads, default_num_threads
 
 
 def test_reduction_plan_resolves_steps_and_fractions():

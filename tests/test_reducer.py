@@ -11,16 +11,17 @@ import torch
 from accelerate import Accelerator
 from transformers import TrainingArguments, get_linear_schedule_with_warmup
 
-import modeling_compressm.reducer as reducer_module
+import modeling_compressm.training.reducer as reducer_module
 from modeling_compressm import (
     CompreSSMCallback,
     CompreSSMReducer,
     CompreSSMTrainer,
     StaleOptimizerStateError,
+    reduce_with_optimizer,
 )
-from modeling_compressm import distributed as distributed_module
-from modeling_compressm import optimizer_state as optimizer_state_module
-from modeling_compressm.schedule import DEFAULTS
+from modeling_compressm.training import distributed as distributed_module
+from modeling_compressm.training import optimizer_state as optimizer_state_module
+from modeling_compressm.training.settings import DEFAULTS
 from tasks import SignTask, one_thread, tiny_classifier  # noqa: F401 (fixture)
 
 MAX_STEPS = 24
@@ -159,14 +160,14 @@ def test_model_reduce_with_live_graph_and_stale_optimizer_state_fails_clearly_or
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-    model.reduce([8, 8])  # `loss` still holds the previous graph; no optimizer passed
+    reduce_with_optimizer(model, [8, 8])  # `loss` still holds the previous graph; no optimizer passed
     model(**inputs).loss.backward()  # the live graph does not break the next backward
     assert model.lru_layers()[0].B_re.grad.shape == (8, 16)
     with pytest.raises(StaleOptimizerStateError, match=r"optimizer=optimizer"):
         optimizer.step()
     optimizer.zero_grad()
 
-    model.reduce([4, 4], optimizer=optimizer)  # the clean way: state of the reduced parameters is repaired
+    reduce_with_optimizer(model, [4, 4], optimizer=optimizer)  # the clean way: state of the reduced parameters is repaired
     loss = model(**inputs).loss
     loss.backward()
     optimizer.step()
@@ -181,7 +182,7 @@ def test_reducing_without_an_optimizer_does_not_keep_the_model_alive():
     import weakref
 
     model = make_model()
-    model.reduce([8, 8])
+    reduce_with_optimizer(model, [8, 8])
     watched = weakref.ref(model.lru_layers()[0].B_re)
     assert id(watched()) in optimizer_state_module._STALE  # it is being watched
     del model
@@ -325,7 +326,7 @@ def test_compiled_model_is_accepted():
 
 
 def test_schedule_and_policy_defaults_live_in_one_object():
-    inferred = {"policy", "tau", "fraction"}  # None: resolved from DEFAULTS by schedule.resolve_policy_arguments
+    inferred = {"policy", "tau", "fraction"}  # None: inferred by ReductionSettings.from_arguments
     for cls in (CompreSSMReducer, CompreSSMCallback):
         # the callback's collective_timeout None is resolved from DEFAULTS (and ddp_timeout) when training starts
         resolved_later = inferred | ({"collective_timeout"} if cls is CompreSSMCallback else set())
@@ -368,7 +369,7 @@ def test_event_due_while_a_rollback_check_pends_is_skipped_with_a_warning(caplog
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
     reducer = CompreSSMReducer(model, optimizer, policy="rollback", tau=0.05, start_step=2, end_step=6, interval=2)
     data = batch()
-    with caplog.at_level("WARNING", logger="modeling_compressm.reducer"):
+    with caplog.at_level("WARNING", logger="modeling_compressm.training.reducer"):
         for step in range(1, 7):
             model(**data).loss.backward()
             optimizer.step()

@@ -6,10 +6,10 @@ from conftest import random_stable_system
 from tasks import SignTask, one_thread, tiny_classifier, training_arguments  # noqa: F401 (fixture)
 
 from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM
-from modeling_compressm.callback import CompreSSMCallback
+from modeling_compressm.training.callback import CompreSSMCallback
 from modeling_compressm.hankel_penalty import hankel_nuclear_norm, reducibility_penalty
-from modeling_compressm.reducer import CompreSSMReducer
-from modeling_compressm.reducibility import ReducibilityRegularizer
+from modeling_compressm.training.reducer import CompreSSMReducer
+from modeling_compressm.training.reducibility import ReducibilityRegularizer
 from modeling_compressm.reduction import balance
 
 
@@ -91,7 +91,7 @@ def test_bad_settings_and_a_sharded_model_are_refused_clearly(monkeypatch):
     class ShardedStrategy:
         shards_parameters = True
 
-    monkeypatch.setattr("modeling_compressm.reducer.strategy_for", lambda *args: ShardedStrategy())
+    monkeypatch.setattr("modeling_compressm.training.reducer.strategy_for", lambda *args: ShardedStrategy())
     with pytest.raises(ValueError, match="sharded"):
         CompreSSMReducer(_lm(), None, regularizer=ReducibilityRegularizer())
 

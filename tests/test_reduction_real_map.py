@@ -8,11 +8,12 @@ import pytest
 import torch
 from conftest import random_stable_system
 
-from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM
-from modeling_compressm.callback import CompreSSMCallback
-from modeling_compressm.cli import build_parser
-from modeling_compressm.posthoc import reduce_checkpoint
-from modeling_compressm.reducer import CompreSSMReducer
+from modeling_compressm import CompreSSMConfig, CompreSSMForCausalLM, reduce_with_optimizer
+from modeling_compressm.training.callback import CompreSSMCallback
+from modeling_compressm.app.cli import build_parser
+from modeling_compressm.app.posthoc import reduce_checkpoint
+from modeling_compressm.training.reducer import CompreSSMReducer
+from modeling_compressm.training.settings import ReductionSettings
 from modeling_compressm.reduction import (
     ReductionError,
     balance,
@@ -157,10 +158,11 @@ def test_real_map_truncation_loses_less_than_complex_map_truncation_on_a_trained
 
 
 def test_a_model_reduces_its_real_map_by_default_and_the_complex_map_on_request():
+    # the reducer and the callback take their defaults from ReductionSettings (their keywords are its fields)
     for entry_point in (CompreSSMForCausalLM.reduce, CompreSSMForCausalLM.hankel_singular_values,
-                        CompreSSMReducer.__init__, CompreSSMCallback.__init__, reduce_checkpoint, balance,
-                        balanced_truncation):
+                        ReductionSettings, reduce_checkpoint, balance, balanced_truncation):
         assert inspect.signature(entry_point).parameters["system"].default == "real", entry_point
+    assert CompreSSMCallback().system == "real"
     assert build_parser().parse_args(["reduce", "some-folder", "--tau", "0.1"]).system == "real"
     assert build_parser().parse_args(["reduce", "x", "--tau", "0.1", "--system", "complex"]).system == "complex"
 
@@ -171,8 +173,8 @@ def test_a_model_reduces_its_real_map_by_default_and_the_complex_map_on_request(
     paper.load_state_dict(model.state_dict())
     report = model.reduce([5])
     paper_report = paper.reduce([5], system="complex")
-    assert model.config.state_dims[0] <= 5 and report[0]["hsv"].shape == (20,)
-    assert paper_report[0]["hsv"].shape == (10,)
+    assert model.config.state_dims[0] <= 5 and report[0].hsv.shape == (20,)
+    assert paper_report[0].hsv.shape == (10,)
     hsv = model.hankel_singular_values()[0]
     assert hsv.shape == (model.config.state_dims[0],)
     with pytest.raises(ValueError, match="system must be one of"):
@@ -193,7 +195,7 @@ def test_reducer_logs_per_state_values_of_the_real_map():
 
 
 def test_project_mode_carries_moments_through_a_real_map_reduction():
-    from modeling_compressm.optim import compressm_adamw
+    from modeling_compressm.training.optim import compressm_adamw
 
     torch.manual_seed(0)
     model = CompreSSMForCausalLM(CompreSSMConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, state_dims=12))
@@ -205,8 +207,8 @@ def test_project_mode_carries_moments_through_a_real_map_reduction():
     # First moments equal to the parameters map like the parameters: they must come out equal to the reduced ones.
     for name in ("B_re", "B_im", "C_re", "C_im"):
         optimizer.state[getattr(layer, name)]["exp_avg"] = getattr(layer, name).detach().clone()
-    report = model.reduce([5], optimizer=optimizer, optimizer_state="project")
-    assert report[0]["status"] == "reduced" and report[0]["change"].project.shape[1] == 24
+    report = reduce_with_optimizer(model, [5], optimizer=optimizer, optimizer_state="project")
+    assert report[0].status == "reduced" and report[0].change.project.shape[1] == 24
     for name in ("B_re", "B_im", "C_re", "C_im"):
         torch.testing.assert_close(optimizer.state[getattr(layer, name)]["exp_avg"], getattr(layer, name).detach(),
                                    rtol=1e-4, atol=1e-5)
@@ -224,7 +226,7 @@ def test_a_layer_whose_real_map_has_few_states_keeps_it_exactly_with_fewer_state
 
 
 def test_compressm_train_threads_the_system_to_the_callback():
-    from modeling_compressm.run_settings import ReductionPlan
+    from modeling_compressm.app.run_settings import ReductionPlan
 
     args = build_parser().parse_args(["train", "--system", "complex"])
     assert args.system == "complex"

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modeling_compressm import recipe
-from modeling_compressm.data import DigitsSequenceDataset, load_digits_sequences
+from modeling_compressm.app import recipe
+from modeling_compressm.app.data import DigitsSequenceDataset, load_digits_sequences
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_paper.py"
 
@@ -33,7 +33,7 @@ def test_permutation_is_fixed_and_default_unchanged():
 
 
 def test_train_preset_datasets_take_the_permutation():
-    from modeling_compressm.presets import load_preset
+    from modeling_compressm.app.presets import load_preset
 
     config = load_preset("digits")
     train, test = recipe.digits_datasets(config, permutation_seed=0)

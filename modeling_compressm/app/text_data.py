@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 
 from .data_files import DATA_FILE_BUILDERS, builder_for_files, is_builder_name, resolve_data_files, split_and_pattern
-from .tokenization import _first_line
+from .tokenization import first_line
 
 __all__ = [
     "load_text_dataset",
@@ -46,7 +46,7 @@ def _load_files(builder: str, extra: dict, files: dict[str, list[str]], cache_di
     except Exception as error:  # parse errors of csv/json/parquet readers come in many types
         if isinstance(error, StopIteration) or "corresponds to no data" in str(error):
             raise ValueError(f"{shown} has no rows; give a file with rows of text") from None
-        raise ValueError(f"could not read {shown} as {builder}: {_first_line(error)}") from None
+        raise ValueError(f"could not read {shown} as {builder}: {first_line(error)}") from None
     if builder == "text":
         for split in loaded.values():
             split.info.description = LINES_DESCRIPTION
@@ -75,7 +75,7 @@ def _load_data_files(spec: str | None, data_files, config_name: str | None, cach
         try:
             return datasets.load_dataset(spec, config_name, data_files=patterns, cache_dir=cache_dir)
         except Exception as error:
-            raise ValueError(f"could not load --data-files {values} of dataset {spec!r}: {_first_line(error)}") from None
+            raise ValueError(f"could not load --data-files {values} of dataset {spec!r}: {first_line(error)}") from None
     _refuse_config(config_name, "local data files")
     files = resolve_data_files(data_files, default_split=split)
     builder, extra = builder_for_files(files, spec)
@@ -106,7 +106,7 @@ def _load_raw(spec: str, config_name: str | None, cache_dir: str | None):
         try:
             return datasets.load_dataset(spec, config_name, cache_dir=cache_dir)
         except Exception as error:
-            raise ValueError(f"could not load a dataset from folder {spec!r}: {_first_line(error)}") from None
+            raise ValueError(f"could not load a dataset from folder {spec!r}: {first_line(error)}") from None
     if extension in DATA_FILE_BUILDERS or os.path.isabs(spec) or spec.startswith(".") or spec.count("/") > 1:
         raise ValueError(f"dataset file or folder {spec!r} does not exist")
     if is_builder_name(spec):  # datasets would read whatever files of the current folder have "train" in their name
@@ -119,10 +119,10 @@ def _load_raw(spec: str, config_name: str | None, cache_dir: str | None):
     except ConnectionError as error:
         raise ValueError(
             f"dataset {spec!r} is not a local file or folder and is not in the datasets cache, and the Hugging Face "
-            f"Hub cannot be reached ({_first_line(error)}): give a local file or folder, or load it once while online"
+            f"Hub cannot be reached ({first_line(error)}): give a local file or folder, or load it once while online"
         ) from None
     except Exception as error:
-        raise ValueError(f"could not load dataset {spec!r}: {_first_line(error)}") from None
+        raise ValueError(f"could not load dataset {spec!r}: {first_line(error)}") from None
 
 
 def load_text_dataset(

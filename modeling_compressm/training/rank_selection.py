@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .reduction import rank_for_energy
+from ..reduction import rank_for_energy
 
 POLICIES = ("tolerance", "fixed", "rollback", "global")
 

@@ -21,9 +21,9 @@ __all__ = ["push_folder_to_hub", "check_hub_access", "upload_names", "HubUploadE
 def upload_names(folder: str) -> list[str]:
     """The files of `folder` an upload sends: those its manifest says compressm wrote (the user's own files in an
     output folder stay local), or every file of a folder without a manifest."""
-    from .output_folder import MANIFEST_FILE, _read_manifest
+    from .output_folder import MANIFEST_FILE, read_manifest
 
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     names = sorted(manifest) if manifest is not None else sorted(os.listdir(folder))
     return [name for name in names if name != MANIFEST_FILE and os.path.isfile(os.path.join(folder, name))]
 
@@ -41,11 +41,11 @@ class _FolderUpload(PushToHubMixin):
 
     def _upload_modified_files(self, working_dir, *args, **kwargs):
         # push_to_hub has just written the Hub's card (or transformers' placeholder) over README.md
-        from .model_card import _is_replaceable
+        from ..model_card import is_replaceable_card
 
         ours = os.path.join(self.folder, "README.md")
         target = os.path.join(working_dir, "README.md")
-        if os.path.isfile(ours) and _is_replaceable(target):
+        if os.path.isfile(ours) and is_replaceable_card(target):
             shutil.copy2(ours, target)
         return super()._upload_modified_files(working_dir, *args, **kwargs)
 
@@ -59,15 +59,15 @@ class HubUploadError(RuntimeError):
         self.repo_id, self.folder, self.summary = repo_id, folder, summary
         super().__init__(
             f"the upload to the Hub repo {repo_id!r} failed ({_describe(cause)}); the model is saved in {folder}: "
-            f"upload it later with python -c \"from modeling_compressm.publish import push_folder_to_hub; "
+            f"upload it later with python -c \"from modeling_compressm.app.publish import push_folder_to_hub; "
             f"push_folder_to_hub('{folder}', '{repo_id}')\""
         )
 
 
 def _describe(error: BaseException) -> str:
-    from .tokenization import _first_line
+    from .tokenization import first_line
 
-    return f"{type(error).__name__}: {_first_line(error)}"
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def _hub_api():

@@ -19,12 +19,12 @@ check. Around that it does only Trainer plumbing:
   `_load_best_model`; an unbound one re-sizes when the Trainer logs its final metrics, which transformers >= 5.3
   does before loading the best checkpoint (earlier releases load it first, so there the callback must be bound).
 
-Reduction math lives in `reduction.py`, the loop-independent core in `reducer.py`, schedule and policies in
-`schedule.py`, checkpoint reading and atomic saves in `checkpoints.py`, the checks of the Trainer's arguments before
-step 1 in `trainer_checks.py`, the wrapped methods of a plain Trainer in `trainer_hooks.py`, and moving a
-checkpoint's optimizer state into other parameter groups in `optimizer_regroup.py`. Over 500 lines because what stays
-here is the two classes, which need the Trainer itself: its logging, optimizer groups, resume, checkpoint and
-best-model hooks (on both sides of transformers 5.3).
+Reduction math lives in `reduction.py`, the loop-independent core in `reducer.py`, its settings in `settings.py`,
+schedule and policies in `schedule.py`, checkpoint reading and atomic saves in `checkpoints.py`, the checks of the
+Trainer's arguments before step 1 in `trainer_checks.py`, the wrapped methods of a plain Trainer in
+`trainer_hooks.py`, and moving a checkpoint's optimizer state into other parameter groups in `optimizer_regroup.py`.
+Over 500 lines because what stays here is the two classes, which need the Trainer itself: its logging, optimizer
+groups, resume, checkpoint and best-model hooks (on both sides of transformers 5.3).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from packaging import version
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..events import coerce_events, event_metrics
+from ..model_card import defer_card_plot, refresh_card_spectrum, write_model_card
 from .checkpoints import (
     atomic_checkpoint_save,
     last_complete_checkpoint,
@@ -44,17 +46,13 @@ from .checkpoints import (
     reconcile_histories,
     restore_checkpoint_sizes,
     save_pending_check,
+    take_prepared_resume,
 )
 from .distributed import distributed_world_size, rebuild_ddp_reducer
-from .events import coerce_events, event_metrics
-from .model_card import defer_card_plot, refresh_card_spectrum, write_model_card
 from .optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
 from .optimizer_regroup import known_layouts, load_regrouped_optimizer_state
-from .optimizer_state import optimizer_state_repair
-from .reducibility import regularizer_from
-from .reduction import check_system
 from .reducer import CompreSSMReducer, compressm_model_of
-from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, RollbackRule, resolve_policy_arguments
+from .settings import ReductionSettings, SettingsView, settings_from
 from .trainer_checks import (  # noqa: F401 (TRAINER_FSDP_MESSAGE: importable from here, as before)
     TRAINER_FSDP_MESSAGE,
     check_every_event_is_checked,
@@ -78,82 +76,35 @@ __all__ = ["CompreSSMCallback", "CompreSSMTrainer", "prepare_model_for_resume", 
 FINAL_LOG_PRECEDES_BEST_MODEL_LOAD = version.parse(transformers.__version__).release >= (5, 3)
 
 
-class CompreSSMCallback(TrainerCallback, ExportableState):
+class CompreSSMCallback(SettingsView, TrainerCallback, ExportableState):
     """Shrink a CompreSSM model during `Trainer` training by balanced truncation (arXiv 2510.02823).
 
     Every `interval` optimizer steps from `start_step` to `end_step` (inclusive, global_step > 0), each layer's
     Hankel singular values are computed, new state sizes picked and the model reduced in place (`CompreSSMReducer`).
 
     Args:
-        policy: "global" (every scheduled event keeps the same share of the total state, so that `final_fraction`
-            of it is left after the last one, states ranked by normalised HSV over all layers), "tolerance" (keep
-            (1 - tau) of each layer's HSV energy), "fixed" (remove `fraction` of each layer's states per event) or
-            "rollback" (tolerance sizes, but each event is checked at the next evaluation and undone, ending all
-            further reductions, if `rollback_metric` degraded by more than `rollback_tolerance`). None (default):
-            "tolerance" if `tau` is given, "fixed" if `fraction` is given, else "global" (`DEFAULTS.policy`).
-        tau, fraction, gate, min_dim, total_budget, final_fraction: see `schedule.RankPolicy`.
-        start_step, end_step, interval: see `schedule.ReductionSchedule` (ints: steps; floats in (0, 1]: fractions
-            of max_steps).
-        rollback_metric, rollback_tolerance, greater_is_better: see `schedule.RollbackRule`.
-        log_hsv: store the per-layer HSVs in each history event and log their sums.
-        optimizer_state: optimizer-state repair mode ("reset").
-        system: the balanced system: "real" (default), the map u -> Re(C h) each layer computes, ranks counted in
-            LRU states; "complex", the paper's complex map (lam, B, C), to reproduce its numbers.
-        regularizer: a `reducibility.ReducibilityRegularizer` to train the model to be reducible (a Hankel
-            nuclear-norm penalty whose gradient is added before each optimizer step of its window, by default up to
-            the last reduction event; works in a plain Trainer); None (default) for none.
-        collective_timeout: seconds a collective of a distributed reduction may wait for the other ranks before the
-            run fails naming the rank that did not arrive; None: `DEFAULTS.collective_timeout` (300 s), or the
+        settings: a `settings.ReductionSettings` (or its `to_dict()`): schedule, rank policy ("global" by default;
+            "tolerance", "fixed", or "rollback": tolerance sizes, but each event is checked at the next evaluation
+            and undone, ending all further reductions, if `rollback_metric` degraded by more than
+            `rollback_tolerance`), optimizer-state mode, system, regularizer (a `reducibility.ReducibilityRegularizer`
+            whose gradient is added before each optimizer step of its window; works in a plain Trainer) and
+            collective timeout. The reducer of each run gets these settings, with `collective_timeout` lowered to the
             Trainer's `ddp_timeout` where that is shorter.
-    Defaults come from `schedule.DEFAULTS`. Invalid values raise ValueError here; checks that need the model
-    (`total_budget` against `min_dim` x layers) or the TrainingArguments run when training starts, before step 1.
+        **shortcuts: instead of `settings`, its fields as keywords (`CompreSSMCallback(tau=0.05, interval=10)`;
+            `ReductionSettings.from_arguments`: policy None is "tolerance" if tau is given, "fixed" if fraction is
+            given, else the default).
+    Invalid values raise ValueError here; checks that need the model (`total_budget` against `min_dim` x layers) or
+    the TrainingArguments run when training starts, before step 1.
 
     Attributes:
+        settings: the ReductionSettings; its fields read as attributes (`callback.policy`, `callback.schedule`, ...).
         history: the reduction events (`events.ReductionEvent`; the same list as `model.reduction_history`).
         reducer: the CompreSSMReducer of the current run (None before training starts).
     """
 
-    def __init__(
-        self,
-        policy: str | None = None,
-        tau: float | None = None,
-        fraction: float | None = None,
-        start_step: int | float = DEFAULTS.start_step,
-        end_step: int | float = DEFAULTS.end_step,
-        interval: int | float = DEFAULTS.interval,
-        gate: float = DEFAULTS.gate,
-        min_dim: int = DEFAULTS.min_dim,
-        total_budget: int | None = DEFAULTS.total_budget,
-        rollback_metric: str = DEFAULTS.rollback_metric,
-        rollback_tolerance: float = DEFAULTS.rollback_tolerance,
-        greater_is_better: bool | None = DEFAULTS.greater_is_better,
-        log_hsv: bool = DEFAULTS.log_hsv,
-        optimizer_state: str = DEFAULTS.optimizer_state,
-        final_fraction: float = DEFAULTS.final_fraction,
-        system: str = DEFAULTS.system,
-        regularizer=None,
-        collective_timeout: float | None = None,
-    ):
-        policy, tau, fraction = resolve_policy_arguments(policy, tau, fraction)
-        if collective_timeout is not None and (
-            isinstance(collective_timeout, bool) or not isinstance(collective_timeout, (int, float))
-            or not collective_timeout > 0
-        ):
-            raise ValueError(
-                f"collective_timeout must be None or a positive number of seconds, got {collective_timeout!r}"
-            )
-        self.collective_timeout = None if collective_timeout is None else float(collective_timeout)
-        self.system = check_system(system)
-        self.regularizer = regularizer_from(regularizer)
+    def __init__(self, settings: ReductionSettings | dict | None = None, **shortcuts):
+        self.settings = settings_from(settings, shortcuts, "CompreSSMCallback")
         self._penalty: float | None = None
-        self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget, final_fraction)
-        self.schedule = ReductionSchedule(start_step, end_step, interval)
-        self.rollback_rule = RollbackRule(rollback_metric, rollback_tolerance, greater_is_better)
-        if not isinstance(log_hsv, bool):
-            raise ValueError(f"log_hsv must be a bool, got {log_hsv!r}")
-        optimizer_state_repair(optimizer_state)
-        self.log_hsv = log_hsv
-        self.optimizer_state = optimizer_state
         self.reducer: CompreSSMReducer | None = None
         self.reducer_state: dict | None = None  # restored from trainer_state.json (restore_callback_states_...)
         self._legacy_history: list | None = None
@@ -162,21 +113,6 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self._last_metric: float | None = None
 
     # ------------------------------------------------------------------------------------------ configuration
-    # The constructor arguments, readable under their names (settings live in rank_policy / schedule / rollback_rule).
-    policy = property(lambda self: self.rank_policy.policy)
-    tau = property(lambda self: self.rank_policy.tau)
-    fraction = property(lambda self: self.rank_policy.fraction)
-    gate = property(lambda self: self.rank_policy.gate)
-    min_dim = property(lambda self: self.rank_policy.min_dim)
-    total_budget = property(lambda self: self.rank_policy.total_budget)
-    final_fraction = property(lambda self: self.rank_policy.final_fraction)
-    start_step = property(lambda self: self.schedule.start_step)
-    end_step = property(lambda self: self.schedule.end_step)
-    interval = property(lambda self: self.schedule.interval)
-    rollback_metric = property(lambda self: self.rollback_rule.metric)
-    rollback_tolerance = property(lambda self: self.rollback_rule.tolerance)
-    greater_is_better = property(lambda self: self.rollback_rule.greater_is_better)
-
     @property
     def metric_name(self) -> str:
         return self.rollback_rule.metric_name
@@ -186,12 +122,10 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         return self.rollback_rule.lower_is_better
 
     def effective_collective_timeout(self, args) -> float:
-        """Seconds a collective of a distributed reduction waits: `collective_timeout` when given, else
-        `DEFAULTS.collective_timeout` (300 s), or the Trainer's `ddp_timeout` where that is shorter."""
-        if self.collective_timeout is not None:
-            return self.collective_timeout
+        """Seconds a collective of a distributed reduction waits: `settings.collective_timeout` (300 s by default),
+        or the Trainer's `ddp_timeout` where that is shorter (the process group gives up then anyway)."""
         ddp_timeout = getattr(args, "ddp_timeout", None)
-        return float(min(DEFAULTS.collective_timeout, ddp_timeout or DEFAULTS.collective_timeout))
+        return float(min(self.collective_timeout, ddp_timeout or self.collective_timeout))
 
     def resolved_end_step(self, max_steps: int) -> int:
         """end_step as an absolute step for a run of `max_steps` optimizer steps."""
@@ -235,30 +169,14 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
         self._trainer = trainer
         return self
 
-    def _reducer_kwargs(self) -> dict:
-        policy, schedule = self.rank_policy, self.schedule
-        return {
-            "policy": policy.policy, "tau": policy.tau, "fraction": policy.fraction, "gate": policy.gate,
-            "min_dim": policy.min_dim, "total_budget": policy.total_budget, "final_fraction": policy.final_fraction,
-            "start_step": schedule.start_step,
-            "end_step": schedule.end_step, "interval": schedule.interval, "optimizer_state": self.optimizer_state,
-            "log_hsv": self.log_hsv, "system": self.system,
-            "regularizer": self.regularizer.settings() if self.regularizer is not None else None,
-        }
-
     def state(self) -> dict:
-        """ExportableState: constructor arguments and progress, saved in trainer_state.json of every checkpoint."""
-        rule = self.rollback_rule
-        arguments = {
-            **self._reducer_kwargs(),
-            "rollback_metric": rule.metric, "rollback_tolerance": rule.tolerance,
-            "greater_is_better": rule.greater_is_better, "collective_timeout": self.collective_timeout,
-        }
+        """ExportableState: the settings (as constructor keywords) and progress, saved in trainer_state.json of
+        every checkpoint."""
         if self.reducer is not None:
             progress = self.reducer.state_dict(include_snapshot=False)
         else:
             progress = self.reducer_state
-        return {"args": arguments, "attributes": {"reducer_state": progress}}
+        return {"args": self.settings.to_dict(), "attributes": {"reducer_state": progress}}
 
     # ----------------------------------------------------------------------------------------- Trainer binding
     def _running_trainer(self, optimizer):
@@ -311,10 +229,10 @@ class CompreSSMCallback(TrainerCallback, ExportableState):
             state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         wrapped = trainer.model_wrapped if trainer is not None else model
         compressm_model = compressm_model_of(model)
-        resume = compressm_model.__dict__.pop("_compressm_resume", None)
+        resume = take_prepared_resume(compressm_model)
         self.reducer = CompreSSMReducer(
-            wrapped, optimizer, **self._reducer_kwargs(), max_steps=state.max_steps,
-            collective_timeout=self.effective_collective_timeout(args),
+            wrapped, optimizer, max_steps=state.max_steps,
+            settings=self.settings.replace(collective_timeout=self.effective_collective_timeout(args)),
         )
         self._restore_progress(state, compressm_model, resume)
         if self.policy == "rollback":

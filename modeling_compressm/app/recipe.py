@@ -1,7 +1,7 @@
 """The training recipe behind `compressm train`: data -> model -> Trainer with CompreSSMCallback -> evaluation ->
 an output folder with model, tokenizer, model card and metrics (written whole or not at all) -> optional Hub upload.
 
-    from modeling_compressm.recipe import train_preset, train_on_dataset
+    from modeling_compressm.app.recipe import train_preset, train_on_dataset
 
     summary = train_preset("digits", tau=0.05, max_steps=600)                 # offline digits classifier
     summary = train_on_dataset("corpus.txt", preset="tiny", tokenizer="bytes", block_size=128,
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 from transformers import TrainerCallback
 
+from ..training.rank_selection import POLICIES
+from ..training.schedule import is_int
 from .output_folder import check_output_dir, save_run
 from .run_settings import (
     DEFAULT_BATCH_SIZE,
@@ -43,7 +45,6 @@ from .run_settings import (
     DEFAULT_TEXT_PRESET,
     ReductionPlan,
     TrainingOptions,
-    _is_int,
 )
 
 __all__ = [
@@ -73,7 +74,7 @@ def build_optimizer(model, *, learning_rate: float, weight_decay: float, ssm_lr_
     """
     import torch
 
-    from .optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
+    from ..training.optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
 
     factor = DEFAULT_SSM_LR_FACTOR if ssm_lr_factor is None else ssm_lr_factor
     groups = compressm_parameter_groups(model, weight_decay, factor, learning_rate=learning_rate)
@@ -105,7 +106,7 @@ def run_training(model, train_dataset, eval_dataset, *, options: TrainingOptions
     import torch
     from transformers import TrainingArguments
 
-    from .callback import CompreSSMTrainer
+    from ..training.callback import CompreSSMTrainer
 
     callback = callback if callback is not None else plan.make_callback(max_steps)
     steps = plan.resolve(max_steps) if plan.compress else None
@@ -232,7 +233,7 @@ def _common_summary(model, run: TrainingRun, plan: ReductionPlan, dims_before, p
         "threads": torch.get_num_threads(),
         "device": str(run.trainer.args.device),
         "events": [
-            {key: event.get(key) for key in ("step", "dims_before", "dims_after", "kept_energy", "policy")}
+            {key: getattr(event, key) for key in ("step", "dims_before", "dims_after", "kept_energy", "policy")}
             for event in model.reduction_history
         ],
         "log_history": list(run.trainer.state.log_history),
@@ -295,8 +296,8 @@ def train_preset(
 
     started = time.perf_counter()
     if plan is None:
-        if policy not in ("tolerance", "fixed", "rollback"):
-            raise ValueError(f"policy must be 'tolerance', 'fixed' or 'rollback', got {policy!r}")
+        if policy not in POLICIES:  # the CLI's --policy choices, the global policy included
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         plan = ReductionPlan(compress=compress, policy=policy, tau=tau, fraction=fraction,
                              start_step=reduction_start, end_step=reduction_end, num_intervals=num_reductions)
     if options is None:
@@ -477,7 +478,7 @@ def train_on_dataset(
     options.validate()
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    if not _is_int(block_size) or block_size < 2:
+    if not is_int(block_size) or block_size < 2:
         raise ValueError(f"block size must be an int >= 2, got {block_size!r}")
     hub_model_id = _prepare_output(output_dir, overwrite_output_dir, options, push_to_hub, hub_model_id)
 
@@ -495,7 +496,7 @@ def train_on_dataset(
     if isinstance(dataset, hf_datasets.DatasetDict):
         splits, dataset_name = dataset, "a DatasetDict"
     elif given:
-        splits, dataset_name = _synthetic_splits(), "synthetic toy corpus (modeling_compressm.data)"
+        splits, dataset_name = _synthetic_splits(), "synthetic toy corpus (modeling_compressm.app.data)"
     else:
         splits = load_text_dataset(
             dataset, data_files=data_files, config_name=dataset_config, split=split, eval_split=eval_split,

@@ -5,7 +5,7 @@ gamma_log, B) with AdamW *without* weight decay and with a reduced learning rate
 task). Weight decay on `nu_log` / `theta_log` pulls the eigenvalue parametrisation towards a fixed point
 (|lam| = exp(-1), phase 1) instead of towards "no recurrence", which is not what regularisation is meant to do.
 
-    from modeling_compressm.optim import compressm_adamw, compressm_parameter_groups
+    from modeling_compressm.training.optim import compressm_adamw, compressm_parameter_groups
     optimizer = compressm_adamw(model, learning_rate=3e-3, weight_decay=0.1, ssm_lr_factor=0.5)
     # or, for transformers.Trainer:  Trainer(..., optimizers=(optimizer, None))
 
@@ -29,7 +29,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .modeling_compressm import CompreSSMLRU
+from ..modeling_compressm import CompreSSMLRU
 from .optimizer_state import LayerChange, register_optimizer_state_repair, reset_optimizer_state
 
 __all__ = [
@@ -46,7 +46,7 @@ LRU_PARAMETER_NAMES = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re
 # The recurrence parameters the reference trains without weight decay and with lr * ssm_lr_factor.
 DEFAULT_SSM_PARAMETER_NAMES = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im")
 # The SSM learning-rate factor of CompreSSMTrainer's default optimizer and of the CLI's. Measured in the LM study
-# (benchmarks/results/lm_study_cpu-x86-64_2026-11-26.md, docs/callback.md): 0.5 (the reference uses 0.1-0.5) left
+# (benchmarks/results/, docs/callback.md): 0.5 (the reference uses 0.1-0.5) left
 # the full-size model unchanged within noise and made the compressed runs worse against small-from-scratch, and
 # factors below 1 trained worse at a learning rate below the best one; so 1.0 (no weight decay is what remains).
 DEFAULT_SSM_LR_FACTOR = 1.0
@@ -298,6 +298,3 @@ def project_optimizer_state(optimizer: torch.optim.Optimizer, changes: list[Laye
                       else value)
                 for key, value in state.items()
             }
-
-
-register_optimizer_state_repair("project", project_optimizer_state)

@@ -22,14 +22,15 @@ import json
 import logging
 import os
 import shutil
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..events import HISTORY_FILE, HistoryError, ReductionEvent, coerce_events, history_problems, read_history
+from ..events import histories_matching_weights
 from .distributed import find_wrapper, rebuild_ddp_reducer
-from .events import HISTORY_FILE, HistoryError, ReductionEvent, coerce_events, history_problems, read_history
-from .events import histories_matching_weights
 from .optimizer_state import repair_optimizer_state
 from .reducer import compressm_model_of
 
@@ -236,7 +237,7 @@ def check_checkpoint_complete(checkpoint_dir) -> None:
     raise IncompleteCheckpointError(
         f"cannot resume from {checkpoint_dir}: {reason} (the process was probably stopped while saving). Delete "
         f"that folder and {alternative}; resume_from_checkpoint=last_complete_checkpoint(output_dir) "
-        "(modeling_compressm.checkpoints) skips such folders by itself"
+        "(modeling_compressm.training.checkpoints) skips such folders by itself"
     )
 
 
@@ -263,8 +264,19 @@ def prepare_model_for_resume(model, checkpoint_dir) -> list[int]:
     model = compressm_model_of(model)
     model.set_state_dims(info.state_dims)
     model.reduction_history = info.events
-    model.__dict__["_compressm_resume"] = info
+    _PREPARED_RESUMES[model] = info
     return list(model.config.state_dims)
+
+
+# What prepare_model_for_resume read beyond sizes and history (stop flag, pending rollback check), kept for the
+# CompreSSMCallback that starts training this model (`take_prepared_resume`). Held weakly, and outside the model
+# object, so nothing of it is saved, copied or pickled with the model.
+_PREPARED_RESUMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def take_prepared_resume(model) -> CheckpointReductionState | None:
+    """The checkpoint state `prepare_model_for_resume` prepared this (unwrapped) model with, once; None if none."""
+    return _PREPARED_RESUMES.pop(model, None)
 
 
 def restore_checkpoint_sizes(model, checkpoint_dir, step, optimizer=None, wrapped=None) -> bool:

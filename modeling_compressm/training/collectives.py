@@ -1,9 +1,9 @@
-"""Collectives with a timeout for the distributed steps of a reduction (issue 11.7: a stopped or crashed rank must
-give a clear error, not a hang).
+"""Collectives with a timeout for the distributed steps of a reduction: a stopped or crashed rank must give a
+clear error, not a hang.
 
 Each call starts the collective asynchronously and waits with `Work.wait(timeout)`; a timeout, or a peer that
 closed its connection, raises `DistributedReductionError` naming the step (`what`), the rank that waited and, where
-it can be known, the rank(s) that never reached the collective (issue 20.11): before each collective every rank
+it can be known, the rank(s) that never reached the collective: before each collective every rank
 records in the job's key-value store (the default process group's store, a TCPStore under torchrun) how many
 collectives of that group it has reached, so the rank that gives up reads which peers are behind.
 
@@ -21,7 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .schedule import DEFAULTS
+from .settings import DEFAULTS
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -31,7 +31,7 @@ __all__ = [
     "timed_broadcast_object",
 ]
 
-# How long one collective of a reduction may wait for the other ranks (`schedule.DEFAULTS.collective_timeout`). Rank
+# How long one collective of a reduction may wait for the other ranks (`settings.DEFAULTS.collective_timeout`). Rank
 # `src` computes the reduction while the others wait in the first collective after it, so this bounds the reduction
 # time of the slowest layer too.
 DEFAULT_TIMEOUT = timedelta(seconds=DEFAULTS.collective_timeout)

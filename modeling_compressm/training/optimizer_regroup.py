@@ -1,4 +1,4 @@
-"""Resume from a checkpoint whose optimizer grouped the parameters differently (issue 20.7).
+"""Resume from a checkpoint whose optimizer grouped the parameters differently.
 
 A run that adds compression to checkpoints written without it (a plain `Trainer`, two groups: decay / no decay)
 builds its optimizer over `optim.compressm_parameter_groups` (three groups: the LRU parameters get their own), and

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
-from .mamba2_reduction import GramianStatistics
-from .modeling_compressm_mamba2 import CompreSSMMamba2Mixer
+from ..mamba2_reduction import GramianStatistics
+from ..modeling_compressm_mamba2 import CompreSSMMamba2Mixer
 
 
 class Mamba2GramianCollector:

@@ -9,6 +9,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from ..training.schedule import is_int, steps_of
+
 __all__ = [
     "ReductionPlan",
     "TrainingOptions",
@@ -29,18 +31,14 @@ DEFAULT_END_STEP = 0.3
 DEFAULT_NUM_INTERVALS = 6
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _resolve_step(value, max_steps: int, name: str) -> int:
     """An absolute step (int >= 0) or a fraction of the run (float in [0, 1]) as an int step."""
-    if _is_int(value):
+    if is_int(value):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
         return value
     if isinstance(value, float) and 0.0 <= value <= 1.0:
-        return int(value * max_steps)
+        return steps_of(value, max_steps)
     raise ValueError(f"{name} must be an int step or a float fraction of the run in [0, 1], got {value!r}")
 
 
@@ -79,35 +77,41 @@ class ReductionPlan:
         if end < start:
             raise ValueError(f"the end step ({end}) comes before the start step ({start})")
         if self.interval is None:
-            if not _is_int(self.num_intervals) or self.num_intervals < 1:
+            if not is_int(self.num_intervals) or self.num_intervals < 1:
                 raise ValueError(f"num_intervals must be a positive int, got {self.num_intervals!r}")
             interval = max(1, (end - start) // self.num_intervals)
-        elif _is_int(self.interval) and self.interval >= 1:
+        elif is_int(self.interval) and self.interval >= 1:
             interval = self.interval
         elif isinstance(self.interval, float) and 0.0 < self.interval <= 1.0:
-            interval = max(1, int(round(self.interval * max_steps)))
+            interval = steps_of(self.interval, max_steps, minimum=1)  # rounded down, as CompreSSMReducer does
         else:
             raise ValueError(
                 f"interval must be an int >= 1 or a float fraction of the run in (0, 1], got {self.interval!r}"
             )
         return {"start_step": start, "end_step": end, "interval": interval}
 
-    def make_callback(self, max_steps: int):
-        """A CompreSSMCallback for a run of `max_steps` steps, or None without compression. Its constructor checks
-        the values (ValueError)."""
-        if not self.compress:
-            return None
+    def settings(self, max_steps: int):
+        """The `ReductionSettings` of a run of `max_steps` steps (steps resolved to ints); fields left at None keep
+        the library's defaults. ValueError for invalid values."""
         if self.final_fraction is not None and self.policy != "global":
             raise ValueError(f"final_fraction (--final-fraction) applies to the global policy, not {self.policy!r}: "
                              "add --policy global")
-        from .callback import CompreSSMCallback
+        from ..training.settings import ReductionSettings
 
         optional = {name: getattr(self, name) for name in ("fraction", "gate", "min_dim", "total_budget",
                                                             "final_fraction", "system")}
-        return CompreSSMCallback(
+        return ReductionSettings.from_arguments(
             policy=self.policy, tau=self.tau, **self.resolve(max_steps),
             **{name: value for name, value in optional.items() if value is not None},
         )
+
+    def make_callback(self, max_steps: int):
+        """A CompreSSMCallback with `settings(max_steps)`, or None without compression."""
+        if not self.compress:
+            return None
+        from ..training.callback import CompreSSMCallback
+
+        return CompreSSMCallback(settings=self.settings(max_steps))
 
     def describe(self, max_steps: int) -> dict:
         if not self.compress:
@@ -119,7 +123,7 @@ class ReductionPlan:
         if self.policy == "fixed" and self.fraction is not None:
             out["fraction"] = self.fraction
         if self.policy == "global":
-            from .schedule import DEFAULTS
+            from ..training.settings import DEFAULTS
 
             out["final fraction"] = self.final_fraction if self.final_fraction is not None else DEFAULTS.final_fraction
         out["reduction steps"] = f"every {steps['interval']} from {steps['start_step']} to {steps['end_step']}"
@@ -153,16 +157,16 @@ class TrainingOptions:
     callbacks: list = field(default_factory=list)
 
     def validate(self) -> None:
-        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
+        if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
             raise ValueError(f"max_steps must be a positive int, got {self.max_steps!r}")
         if self.epochs is not None and (not isinstance(self.epochs, (int, float)) or self.epochs <= 0):
             raise ValueError(f"epochs must be positive, got {self.epochs!r}")
         for name in ("batch_size",) + (("eval_batch_size",) if self.eval_batch_size is not None else ()):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
-        if self.save_steps is not None and (not _is_int(self.save_steps) or self.save_steps < 1):
+        if self.save_steps is not None and (not is_int(self.save_steps) or self.save_steps < 1):
             raise ValueError(f"save_steps must be a positive int, got {self.save_steps!r}")
         if self.ssm_lr_factor is not None and (
             not isinstance(self.ssm_lr_factor, (int, float)) or not self.ssm_lr_factor > 0
@@ -254,7 +258,7 @@ def configure_threads(threads: int | None) -> tuple[int, str]:
     import torch
 
     if threads is not None:
-        if not _is_int(threads) or threads < 1:
+        if not is_int(threads) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
         torch.set_num_threads(threads)
         return threads, "--threads"

@@ -17,20 +17,23 @@ at them, but whatever state it holds for them (Adam's moments) has the old shape
   objects (FSDP2 re-sharding), put the new ones in the old ones' place in their param groups, keeping group
   hyper-parameters (same optimizer object, so LR schedulers and accelerate's wrapper stay attached).
 
-Copied next to the weights of `trust_remote_code` checkpoints (model.reduce uses it), so it imports only torch.
+Part of the training library: the model (`model.reduce`) changes sizes and returns `LayerReduction`s; repairing an
+optimizer is `reduce_with_optimizer` here, or the reducer's job.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from ..layer_reduction import LayerChange, LayerReduction
+
 __all__ = [
     "LayerChange",
+    "reduce_with_optimizer",
     "StaleOptimizerStateError",
     "OPTIMIZER_STATE_REPAIRS",
     "register_optimizer_state_repair",
@@ -43,26 +46,6 @@ __all__ = [
     "unwatch_stale_state",
     "watch_for_replaced_parameters",
 ]
-
-
-@dataclass
-class LayerChange:
-    """What happened to one LRU layer's parameters in a reduction (or a re-allocation).
-
-    layer: layer index.
-    parameters: name -> the nn.Parameter, now holding the new values (state size r).
-    previous: name -> the values before (state size N), same dtype/device.
-    project: complex128 (r, N), new state = project @ old state; None when the layer was re-allocated rather than
-        reduced (no basis relation between old and new values). A reduction of the real map (`system="real"`, the
-        default) gives (r, 2N): new state = project @ [old state; conj(old state)] (`reduction.ReducedSystem`).
-    lift: complex128 (N, r), old state ~ lift @ new state; None likewise. Real map: (2N, r), new C = [C, conj(C)] @ lift.
-    """
-
-    layer: int
-    parameters: dict
-    previous: dict = field(default_factory=dict)
-    project: torch.Tensor | None = None
-    lift: torch.Tensor | None = None
 
 
 class StaleOptimizerStateError(RuntimeError):
@@ -190,7 +173,7 @@ def _check_stale_state(optimizer, args, kwargs):
                 raise StaleOptimizerStateError(
                     f"{type(optimizer).__name__} holds {state_name!r} of shape {tuple(value.shape)} for {name}, which "
                     f"a reduction changed to {tuple(parameter.shape)}. Pass the optimizer to the reduction "
-                    "(model.reduce(ranks, optimizer=optimizer) or CompreSSMReducer(model, optimizer)) so its state "
+                    "(reduce_with_optimizer(model, ranks, optimizer=optimizer) or CompreSSMReducer(model, optimizer)) so its state "
                     "is repaired, or delete that state (optimizer.state.pop(parameter)) yourself."
                 )
         _STALE.pop(key, None)  # state matches the new shape: nothing left to watch
@@ -228,3 +211,35 @@ def watch_for_replaced_parameters(parameters) -> None:
     for parameter in parameters:
         _REPLACED[id(parameter)] = parameter
     _register_hook()
+
+
+def reduce_with_optimizer(
+    model, ranks: list[int | None], optimizer=None, optimizer_state: str = "reset", **reduce_arguments
+) -> list[LayerReduction]:
+    """`model.reduce(ranks, **reduce_arguments)` for a model that is training: the optimizer state of the reduced
+    parameters is repaired with the mode `optimizer_state` (a name in OPTIMIZER_STATE_REPAIRS; "reset" deletes it).
+
+    Args:
+        model: a CompreSSM model (`CompreSSMPreTrainedModel`), unwrapped.
+        ranks: per layer the new state size or None, as for `model.reduce`.
+        optimizer: the optimizer training the model (torch or accelerate's wrapper). None: the reduced parameters are
+            watched instead, and the next `optimizer.step()` of any optimizer that still holds old-shaped state for
+            them raises `StaleOptimizerStateError` saying what to do.
+        optimizer_state: the repair mode; an unknown one raises ValueError before the model changes.
+        reduce_arguments: `strict`, `record`, `balancings`, `system` of `model.reduce`.
+    Returns:
+        `model.reduce`'s list of `LayerReduction` (one per layer).
+    """
+    optimizer_state_repair(optimizer_state)  # unknown mode: fail before changing anything
+    results = model.reduce(ranks, **reduce_arguments)
+    changes = [result.change for result in results if result.change is not None]
+    if not changes:
+        return results
+    if optimizer is not None:
+        repair_optimizer_state(optimizer, changes, optimizer_state)
+    else:
+        watch_for_stale_state({
+            f"layer {change.layer} {name}": parameter
+            for change in changes for name, parameter in change.parameters.items()
+        })
+    return results

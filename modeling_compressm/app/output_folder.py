@@ -75,7 +75,7 @@ def _digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def _read_manifest(folder: str) -> dict[str, str] | None:
+def read_manifest(folder: str) -> dict[str, str] | None:
     """{file name: SHA-256} from the folder's manifest; None without one; ValueError naming it when damaged."""
     path = os.path.join(folder, MANIFEST_FILE)
     if not os.path.lexists(path):
@@ -106,7 +106,7 @@ def compressm_files(folder: str) -> set[str]:
     replaces or drops these; every other entry belongs to the user and is kept."""
     if not os.path.isdir(folder):
         return set()
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     if manifest is None:
         if not _looks_like_compressm_output(folder):
             return set()
@@ -130,7 +130,7 @@ def check_output_dir(path: str, overwrite: bool = False) -> None:
         raise ValueError(f"output dir {path!r} is a file; choose another --output-dir")
     if not os.path.isdir(path) or not os.listdir(path) or overwrite:
         if os.path.isdir(path):
-            _read_manifest(path)  # a damaged manifest is reported, also with overwrite
+            read_manifest(path)  # a damaged manifest is reported, also with overwrite
         return
     if not _looks_like_compressm_output(path):
         raise ValueError(

@@ -4,8 +4,8 @@
     penalty = weight * sum over LRU layers of (sum of the layer's Hankel singular values) / (its number of states)
 
 is added to the training objective from `start_step` until `end_step` (default: the last scheduled reduction event),
-so that the states the reductions will remove carry little by the time they are removed (issue 21: with weight 0.02
-the compressed byte LM beat the same sizes trained from scratch, which plain truncation did not).
+so that the states the reductions will remove carry little by the time they are removed (in the LM study, with weight
+0.02 the compressed byte LM beat the same sizes trained from scratch, which plain truncation did not).
 
 It acts on the gradients, not on the loss tensor: every `every` optimizer steps the penalty and its gradient w.r.t.
 the SSM parameters are computed (one differentiable factorisation per layer, float64), and at every step of the
@@ -28,13 +28,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .hankel_penalty import reducibility_penalty
+from ..hankel_penalty import reducibility_penalty
+from .schedule import is_int
 
 __all__ = ["ReducibilityRegularizer", "regularizer_from"]
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -60,11 +58,11 @@ class ReducibilityRegularizer:
             math.isfinite(self.weight) and self.weight > 0
         ):
             raise ValueError(f"ReducibilityRegularizer.weight must be a positive number, got {self.weight!r}")
-        if not _is_int(self.every) or self.every < 1:
+        if not is_int(self.every) or self.every < 1:
             raise ValueError(f"ReducibilityRegularizer.every must be an int >= 1 (steps), got {self.every!r}")
-        if not _is_int(self.start_step) or self.start_step < 1:
+        if not is_int(self.start_step) or self.start_step < 1:
             raise ValueError(f"ReducibilityRegularizer.start_step must be an int >= 1, got {self.start_step!r}")
-        if self.end_step is not None and (not _is_int(self.end_step) or self.end_step < self.start_step):
+        if self.end_step is not None and (not is_int(self.end_step) or self.end_step < self.start_step):
             raise ValueError(
                 f"ReducibilityRegularizer.end_step must be None (the last reduction event) or an int >= start_step "
                 f"({self.start_step}), got {self.end_step!r}"

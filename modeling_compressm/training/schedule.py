@@ -1,9 +1,9 @@
 """When to reduce and to which sizes: the defaults, the schedule, the rank policy and the rollback rule.
 
-No model, optimizer or Trainer code here: these are plain settings objects, validated at construction, that the
-reducer core (`reducer.py`) and the Trainer adapter (`callback.py`) share.
+No model, optimizer or Trainer code here: these are plain values, validated at construction, built from one
+`settings.ReductionSettings` (which holds the defaults: `settings.DEFAULTS`) and shared by the reducer core
+(`reducer.py`) and the Trainer adapter (`callback.py`).
 
-* `DEFAULTS` is the one place that holds the default settings of `CompreSSMReducer` and `CompreSSMCallback`.
 * `ReductionSchedule`: events at steps s > 0 with start <= s <= end and (s - start) % interval == 0; each of
   start/end/interval is an int (absolute optimizer step) or a float in (0, 1] (a fraction of `max_steps`).
 * `RankPolicy`: per-layer sizes from Hankel singular values (`rank_selection.select_ranks`), with layers whose
@@ -14,60 +14,33 @@ reducer core (`reducer.py`) and the Trainer adapter (`callback.py`) share.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from .rank_selection import POLICIES, select_ranks
 
 
-@dataclass(frozen=True)
-class ReductionDefaults:
-    """Default settings of CompreSSMReducer / CompreSSMCallback (one place; change them here only).
-
-    The default recipe is the one that did best overall in the language-modelling study (issue 14,
-    benchmarks/results/lm_study_*.md, docs/callback.md): four events at 2.5%, 5%, 7.5% and 10% of `max_steps`
-    (the schedule scales with the run, so short runs reduce too), each keeping the same share of the total state
-    so that half of it is left after the last event, the states picked by one global ranking of the per-layer
-    normalised HSVs, and the Adam state of reduced SSM parameters reset.
-    """
-
-    policy: str = "global"
-    tau: float = 0.01
-    fraction: float = 0.25
-    final_fraction: float = 0.5
-    start_step: int | float = 0
-    end_step: int | float = 0.1
-    interval: int | float = 0.025
-    gate: float = 0.95
-    min_dim: int = 1
-    total_budget: int | None = None
-    optimizer_state: str = "reset"
-    # Balanced system: "real" (the map u -> Re(C h) the layer computes) or "complex" (the paper's map (lam, B, C)).
-    system: str = "real"
-    log_hsv: bool = True
-    rollback_metric: str = "eval_loss"
-    rollback_tolerance: float = 0.01
-    greater_is_better: bool | None = None
-    # Seconds a collective of a distributed reduction may wait for the other ranks before failing (rank 0 decides the
-    # event while the others wait in the first collective, so this also bounds the time one event takes to decide).
-    # Shorter than a Trainer's ddp_timeout (1800 s): a stalled rank fails the run within minutes, not half an hour.
-    collective_timeout: float = 300.0
-
-
-DEFAULTS = ReductionDefaults()
-
-
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """An int or float that is not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def steps_of(value: int | float, max_steps: int | None, minimum: int = 0) -> int:
+    """An absolute step (an int, returned as is) or a fraction of a run of `max_steps` steps (a float, rounded down,
+    at least `minimum`): the one rounding rule of every schedule in the package."""
+    if isinstance(value, float):
+        return max(minimum, int(math.floor(value * max_steps + 1e-9)))
+    return int(value)
+
+
 def _check_point(name: str, value) -> None:
-    if not _is_number(value):
+    if not is_number(value):
         raise ValueError(f"{name} must be an int (absolute step) or a float in (0, 1] (fraction of max_steps), got {value!r}")
     if isinstance(value, float) and not 0.0 < value <= 1.0:
         raise ValueError(
@@ -85,19 +58,19 @@ class ReductionSchedule:
     interval: steps between events (int >= 1, or a float in (0, 1]: fraction of max_steps, at least 1 step).
     """
 
-    start_step: int | float = DEFAULTS.start_step
-    end_step: int | float = DEFAULTS.end_step
-    interval: int | float = DEFAULTS.interval
+    start_step: int | float
+    end_step: int | float
+    interval: int | float
 
     def __post_init__(self):
-        if _is_int(self.start_step) and self.start_step < 0:
+        if is_int(self.start_step) and self.start_step < 0:
             raise ValueError(f"start_step must be an int >= 0, got {self.start_step!r}")
         _check_point("start_step", self.start_step)
         _check_point("end_step", self.end_step)
-        if _is_int(self.interval) and self.interval < 1:
+        if is_int(self.interval) and self.interval < 1:
             raise ValueError(f"interval must be an int >= 1 or a float in (0, 1], got {self.interval!r}")
         _check_point("interval", self.interval)
-        if _is_int(self.start_step) and _is_int(self.end_step) and self.end_step < self.start_step:
+        if is_int(self.start_step) and is_int(self.end_step) and self.end_step < self.start_step:
             raise ValueError(f"end_step ({self.end_step}) must be >= start_step ({self.start_step})")
 
     @property
@@ -106,18 +79,14 @@ class ReductionSchedule:
 
     def resolve(self, max_steps: int | None) -> tuple[int, int, int]:
         """(start, end, interval) as absolute steps for a run of `max_steps` optimizer steps."""
-        if self.needs_max_steps and (not _is_int(max_steps) or max_steps < 1):
+        if self.needs_max_steps and (not is_int(max_steps) or max_steps < 1):
             raise ValueError(
                 "start_step / end_step / interval given as fractions need the run's max_steps (a positive int), got "
                 f"max_steps={max_steps!r}"
             )
 
-        def absolute(value, minimum):
-            if isinstance(value, float):
-                return max(minimum, int(math.floor(value * max_steps + 1e-9)))
-            return int(value)
-
-        return absolute(self.start_step, 0), absolute(self.end_step, 0), absolute(self.interval, 1)
+        return (steps_of(self.start_step, max_steps), steps_of(self.end_step, max_steps),
+                steps_of(self.interval, max_steps, minimum=1))
 
     def is_due(self, step: int, max_steps: int | None) -> bool:
         """Whether an event is scheduled after optimizer step `step`."""
@@ -129,21 +98,6 @@ class ReductionSchedule:
         start, end, interval = self.resolve(max_steps)
         first = start if start > 0 else interval
         return list(range(first, end + 1, interval)) if first <= end else []
-
-
-def resolve_policy_arguments(policy: str | None, tau: float | None, fraction: float | None) -> tuple:
-    """(policy, tau, fraction) with the constructors' None defaults filled in. policy None is inferred from what
-    was passed: "tolerance" when tau is given, "fixed" when fraction is given, otherwise `DEFAULTS.policy`; so
-    `CompreSSMCallback(tau=0.05)` keeps meaning a tolerance of 0.05. Passing both without a policy is ambiguous and
-    raises ValueError."""
-    if policy is None:
-        if tau is not None and fraction is not None:
-            raise ValueError(
-                "tau (tolerance policy) and fraction (fixed policy) were both given without a policy: pass "
-                "policy='tolerance', 'fixed', 'rollback' or 'global'"
-            )
-        policy = "tolerance" if tau is not None else "fixed" if fraction is not None else DEFAULTS.policy
-    return policy, DEFAULTS.tau if tau is None else tau, DEFAULTS.fraction if fraction is None else fraction
 
 
 @dataclass(frozen=True)
@@ -159,29 +113,29 @@ class RankPolicy:
     final_fraction: "global" policy: share of the total state left after the last scheduled event, in (0, 1).
     """
 
-    policy: str = DEFAULTS.policy
-    tau: float = DEFAULTS.tau
-    fraction: float = DEFAULTS.fraction
-    gate: float = DEFAULTS.gate
-    min_dim: int = DEFAULTS.min_dim
-    total_budget: int | None = DEFAULTS.total_budget
-    final_fraction: float = DEFAULTS.final_fraction
+    policy: str
+    tau: float
+    fraction: float
+    gate: float
+    min_dim: int
+    total_budget: int | None
+    final_fraction: float
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if not _is_number(self.tau) or not 0.0 <= float(self.tau) < 1.0:
+        if not is_number(self.tau) or not 0.0 <= float(self.tau) < 1.0:
             raise ValueError(f"tau must be a number in [0, 1), got {self.tau!r}")
-        if not _is_number(self.fraction) or not 0.0 < float(self.fraction) < 1.0:
+        if not is_number(self.fraction) or not 0.0 < float(self.fraction) < 1.0:
             raise ValueError(f"fraction must be a number strictly between 0 and 1, got {self.fraction!r}")
-        if not _is_number(self.final_fraction) or not 0.0 < float(self.final_fraction) < 1.0:
+        if not is_number(self.final_fraction) or not 0.0 < float(self.final_fraction) < 1.0:
             raise ValueError(f"final_fraction must be a number strictly between 0 and 1, got {self.final_fraction!r}")
-        if not _is_number(self.gate) or not 0.0 < float(self.gate) <= 1.0:
+        if not is_number(self.gate) or not 0.0 < float(self.gate) <= 1.0:
             raise ValueError(f"gate must be a number in (0, 1], got {self.gate!r}")
-        if not _is_int(self.min_dim) or self.min_dim < 1:
+        if not is_int(self.min_dim) or self.min_dim < 1:
             raise ValueError(f"min_dim must be an int >= 1, got {self.min_dim!r}")
         if self.total_budget is not None:
-            if not _is_int(self.total_budget) or self.total_budget < 1:
+            if not is_int(self.total_budget) or self.total_budget < 1:
                 raise ValueError(f"total_budget must be None or a positive int, got {self.total_budget!r}")
             if self.total_budget < self.min_dim:
                 raise ValueError(
@@ -237,14 +191,14 @@ class RollbackRule:
     rollback.   greater_is_better: None infers it from the name (names ending in "loss" are lower-is-better).
     """
 
-    metric: str = DEFAULTS.rollback_metric
-    tolerance: float = DEFAULTS.rollback_tolerance
-    greater_is_better: bool | None = DEFAULTS.greater_is_better
+    metric: str
+    tolerance: float
+    greater_is_better: bool | None
 
     def __post_init__(self):
         if not isinstance(self.metric, str) or not self.metric:
             raise ValueError(f"rollback_metric must be a non-empty string, got {self.metric!r}")
-        if not _is_number(self.tolerance) or not self.tolerance >= 0 or not math.isfinite(self.tolerance):
+        if not is_number(self.tolerance) or not self.tolerance >= 0 or not math.isfinite(self.tolerance):
             raise ValueError(f"rollback_tolerance must be a finite number >= 0, got {self.tolerance!r}")
         if self.greater_is_better is not None and not isinstance(self.greater_is_better, bool):
             raise ValueError(f"greater_is_better must be None or a bool, got {self.greater_is_better!r}")
@@ -285,8 +239,3 @@ def unchecked_rollback_events(event_steps: list[int], checks: list[int]) -> list
         (step, following) for step, following in zip(event_steps, event_steps[1:])
         if not any(step <= check < following for check in checks)
     ]
-
-
-def settings_dict(schedule: ReductionSchedule, policy: RankPolicy) -> dict:
-    """The schedule and policy settings as constructor keyword arguments."""
-    return {**asdict(policy), **asdict(schedule)}

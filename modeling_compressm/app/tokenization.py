@@ -104,12 +104,12 @@ def load_tokenizer(name_or_path: str, *, pad_token: str | None = None, trust_rem
         except (OSError, ValueError, KeyError) as error:
             if os.path.isdir(name_or_path):
                 raise ValueError(
-                    f"could not load a tokenizer from folder {name_or_path!r} ({_first_line(error)}); it needs the "
+                    f"could not load a tokenizer from folder {name_or_path!r} ({first_line(error)}); it needs the "
                     "files tokenizer.save_pretrained writes (e.g. tokenizer.json + tokenizer_config.json)"
                 ) from None
             raise ValueError(
                 f"tokenizer {name_or_path!r} is not a local folder and could not be loaded from the Hugging Face Hub "
-                f"or its local cache ({_offline_hint()}{_first_line(error)}); give a local tokenizer folder or "
+                f"or its local cache ({_offline_hint()}{first_line(error)}); give a local tokenizer folder or "
                 "'bytes', or download it once while online"
             ) from None
     if pad_token is not None:
@@ -152,7 +152,7 @@ def save_tokenizer(tokenizer, directory: str) -> list[str]:
     return sorted(set(written))
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0][:300]
 

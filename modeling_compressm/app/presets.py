@@ -3,7 +3,7 @@
 The folder ships inside the pip package as `modeling_compressm.hub_configs`, so presets load from any installation
 (editable or not) without network access.
 
-    from modeling_compressm.presets import load_preset, build_model_from_preset
+    from modeling_compressm.app.presets import load_preset, build_model_from_preset
     config = load_preset("digits")                      # CompreSSMConfig
     model = build_model_from_preset("tiny", seed=0)     # CompreSSMForCausalLM with the preset's sizes
     model = build_model_for_tokenizer("tiny", tokenizer) # vocabulary and special token ids from the tokenizer
@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from .configuration_compressm import CompreSSMConfig
+from ..configuration_compressm import CompreSSMConfig
 
 __all__ = [
     "PRESETS_DIR",
@@ -99,7 +99,7 @@ def load_preset(name: str, **overrides) -> CompreSSMConfig:
 def model_class_for_config(config: CompreSSMConfig):
     """The model class named by `config.architectures` (CausalLM for token models, SequenceClassification for
     continuous-input classifiers when `architectures` is unset)."""
-    from . import modeling_compressm as modeling
+    from .. import modeling_compressm as modeling
 
     names = getattr(config, "architectures", None) or (
         ["CompreSSMForSequenceClassification"] if config.input_dim is not None else ["CompreSSMForCausalLM"]

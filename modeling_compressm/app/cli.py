@@ -8,9 +8,9 @@
     compressm generate my-lm "The state"              # continuation by a saved causal LM
     compressm presets                                 # list the presets
 
-The training recipe lives in `modeling_compressm.recipe` (`train_preset`, `train_on_dataset`), the data pieces in
-`modeling_compressm.text_data` and `modeling_compressm.tokenization`, post-hoc reduction and generation in
-`modeling_compressm.posthoc`; this module only parses arguments and prints. Bad input exits with status 2 and a
+The training recipe lives in `modeling_compressm.app.recipe` (`train_preset`, `train_on_dataset`), the data pieces in
+`modeling_compressm.app.text_data` and `modeling_compressm.app.tokenization`, post-hoc reduction and generation in
+`modeling_compressm.app.posthoc`; this module only parses arguments and prints. Bad input exits with status 2 and a
 one-line message, before anything is written; a failed Hub upload after training exits with status 1 after the
 report, with one line saying where the model was saved.
 """
@@ -23,6 +23,7 @@ import os
 import sys
 import traceback
 
+from ..training.rank_selection import POLICIES
 from .recipe import train_on_dataset, train_preset
 from .run_settings import (
     DEFAULT_BATCH_SIZE,
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache-dir", default=None, help="datasets cache folder (default: HF_DATASETS_CACHE)")
 
     reduction = train.add_argument_group("reduction (CompreSSMCallback)")
-    reduction.add_argument("--policy", choices=("tolerance", "fixed", "rollback", "global"), default="tolerance",
+    reduction.add_argument("--policy", choices=POLICIES, default="tolerance",
                            help="tolerance: per-layer tau (default); fixed: --fraction per event; rollback: tolerance "
                            "undone when eval loss degrades; global: keep --final-fraction of the total state after "
                            "the last event, one HSV ranking over all layers (the library's default recipe)")
@@ -251,7 +252,7 @@ def _train(args) -> int:
 
 def _hint_missing_plot(folder: str | None) -> None:
     """One line on stderr when the model card in `folder` has no HSV plot because matplotlib is not installed."""
-    from .model_card import HSV_PLOT_FILE
+    from ..model_card import HSV_PLOT_FILE
 
     if folder is None or os.path.isfile(os.path.join(folder, HSV_PLOT_FILE)):
         return

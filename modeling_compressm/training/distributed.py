@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from .collectives import DistributedReductionError, timed_broadcast, timed_broadcast_object
 from .optimizer_state import repair_optimizer_state, replace_parameters_in_optimizer, unwrap_optimizer
-from .schedule import DEFAULTS
+from .settings import DEFAULTS
 
 __all__ = [
     "DistributedReductionError",

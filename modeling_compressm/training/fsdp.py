@@ -349,7 +349,7 @@ def full_lru_parameters(
     _check_same_layout(slots, process_group, device, timeout)
     dims_before = list(getattr(model.config, "state_dims", [])) if hasattr(model, "config") else None
 
-    def forget_full_parameters() -> None:  # model.reduce inside the block watches them for stale optimizer state
+    def forget_full_parameters() -> None:  # reduce_with_optimizer(optimizer=None) in the block watches them
         unwatch_stale_state(slot.module._parameters[slot.name] for slot in slots)
 
     def restore_sharded() -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ..modeling_compressm import CompreSSMForCausalLM
 from .distributed import compressm_model_of
 from .fsdp import is_fsdp2
-from .modeling_compressm import CompreSSMForCausalLM
 from .schedule import evaluation_steps, unchecked_rollback_events
 
 __all__ = [

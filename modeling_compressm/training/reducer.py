@@ -1,6 +1,7 @@
 """`CompreSSMReducer`: in-training balanced truncation for any training loop (plain PyTorch, accelerate, Trainer).
 
-    reducer = CompreSSMReducer(model, optimizer, tau=0.05, interval=20, end_step=0.1, max_steps=2000)
+    settings = ReductionSettings(policy="tolerance", tau=0.05, interval=20, end_step=0.1)  # or settings.DEFAULTS
+    reducer = CompreSSMReducer(model, optimizer, settings=settings, max_steps=2000)  # or keywords: tau=0.05, ...
     for step in range(1, max_steps + 1):
         loss = model(**batch).loss
         loss.backward(); optimizer.step(); optimizer.zero_grad()
@@ -40,19 +41,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..events import ReductionEvent, coerce_events
+from ..layer_reduction import LayerChange, LayerReduction
+from ..reduction import ReductionError, balance
 from .collectives import DistributedReductionError
 from .distributed import compressm_model_of, strategy_for
-from .events import ReductionEvent, coerce_events
 from .optimizer_state import (
-    LayerChange,
-    optimizer_state_repair,
     unwatch_stale_state,
     unwrap_optimizer,
     watch_for_replaced_parameters,
 )
-from .reducibility import regularizer_from
-from .reduction import ReductionError, balance, check_system
-from .schedule import DEFAULTS, RankPolicy, ReductionSchedule, resolve_policy_arguments
+from .settings import ReductionSettings, SettingsView, settings_from
 
 logger = logging.getLogger(__name__)
 
@@ -72,18 +71,15 @@ class _DeciderFailed:
 
 @dataclass
 class _Outcome:
-    """What the deciding rank did at an event (picklable: sent to the other ranks)."""
+    """What the deciding rank did at an event (picklable: sent to the other ranks).
 
-    dims_after: list[int]
-    status: list[str]
-    errors: list[str | None]
-    kept_energy: list[float | None]
-    hinf_bound: list[float | None]
-    hinf_bound_relative: list[float | None]
-    ranks_requested: list[int]
+    layers: one `LayerReduction` per layer, as sent: `hsv` left out, and the `change` of a reduced layer holding only
+    its basis maps (CPU `project` / `lift`; every rank fills in its own parameters).
+    hsv: per layer the state HSVs (lists of floats) the sizes were picked from, or None where they failed.
+    """
+
+    layers: list[LayerReduction]
     hsv: list[list[float] | None]
-    project: list[torch.Tensor | None] = field(default_factory=list)
-    lift: list[torch.Tensor | None] = field(default_factory=list)
     # The decider released the wrapper (strategy.before_change) to re-size layers; if then no layer was reduced
     # (every truncation failed), every rank must still re-register with it (after_change), or DDP is left without
     # its reducer and the next step fails.
@@ -104,7 +100,7 @@ class PendingCheck:
     metric_before: float | None = None
 
 
-class CompreSSMReducer:
+class CompreSSMReducer(SettingsView):
     """Shrink a CompreSSM model in place while it trains (see the module docstring for a loop).
 
     Args:
@@ -113,63 +109,23 @@ class CompreSSMReducer:
             it must be the DDP-wrapped or the FSDP2-sharded model.
         optimizer: the optimizer training it (torch, or accelerate's AcceleratedOptimizer); None when there is none
             (an optimizer that was left out fails with `StaleOptimizerStateError` at its next step).
-        policy, tau, fraction, gate, min_dim, total_budget, final_fraction: rank policy (`schedule.RankPolicy`);
-            policy None is "tolerance" if tau is given, "fixed" if fraction is given, else `DEFAULTS.policy`
-            (`schedule.resolve_policy_arguments`).
-        start_step, end_step, interval: schedule (`schedule.ReductionSchedule`); ints are optimizer steps, floats in
-            (0, 1] fractions of `max_steps`.
+        settings: a `settings.ReductionSettings` (schedule, rank policy, optimizer-state mode, system, regularizer,
+            collective timeout, ...), or its `to_dict()`; None: the keyword settings below, else `settings.DEFAULTS`.
         max_steps: length of the run in optimizer steps (needed when the schedule uses fractions).
-        optimizer_state: optimizer-state repair mode (`optimizer_state.OPTIMIZER_STATE_REPAIRS`, "reset" deletes it).
-        log_hsv: store each layer's HSVs in the events (per LRU state, `reduction.Balancing.state_hsv`).
-        system: the balanced system, "real" (the layer's real output map, default) or "complex" (the paper's
-            complex map, to reproduce it); see `reduction.SYSTEMS`.
-        regularizer: a `reducibility.ReducibilityRegularizer` (or its settings dict) to train the model to be
-            reducible: call `apply_regularizer(step)` between `loss.backward()` and `optimizer.step()`; None (default)
-            for none. Refused (ValueError) for FSDP2-sharded models.
-        collective_timeout: seconds a distributed collective may wait before failing with a clear error.
-    Defaults come from `schedule.DEFAULTS`.
+        **shortcuts: instead of `settings`, its fields as keywords (`policy=`, `tau=`, `fraction=`, `interval=`, ...;
+            `ReductionSettings.from_arguments`: policy None is "tolerance" if tau is given, "fixed" if fraction is
+            given, else the default).
+    The settings' fields read as attributes (`reducer.policy`, `reducer.schedule`, ...; `settings.SettingsView`).
+    A regularizer (`settings.regularizer`) trains the model to be reducible: call `apply_regularizer(step)` between
+    `loss.backward()` and `optimizer.step()`; refused (ValueError) for FSDP2-sharded models.
     """
 
-    def __init__(
-        self,
-        model,
-        optimizer=None,
-        *,
-        policy: str | None = None,
-        tau: float | None = None,
-        fraction: float | None = None,
-        start_step: int | float = DEFAULTS.start_step,
-        end_step: int | float = DEFAULTS.end_step,
-        interval: int | float = DEFAULTS.interval,
-        max_steps: int | None = None,
-        gate: float = DEFAULTS.gate,
-        min_dim: int = DEFAULTS.min_dim,
-        total_budget: int | None = DEFAULTS.total_budget,
-        optimizer_state: str = DEFAULTS.optimizer_state,
-        log_hsv: bool = DEFAULTS.log_hsv,
-        collective_timeout: float = DEFAULTS.collective_timeout,
-        final_fraction: float = DEFAULTS.final_fraction,
-        system: str = DEFAULTS.system,
-        regularizer=None,
-    ):
-        policy, tau, fraction = resolve_policy_arguments(policy, tau, fraction)
-        self.system = check_system(system)
-        self.regularizer = regularizer_from(regularizer)
-        self.rank_policy = RankPolicy(policy, tau, fraction, gate, min_dim, total_budget, final_fraction)
-        self.schedule = ReductionSchedule(start_step, end_step, interval)
+    def __init__(self, model, optimizer=None, *, settings: ReductionSettings | dict | None = None,
+                 max_steps: int | None = None, **shortcuts):
+        self.settings = settings_from(settings, shortcuts, "CompreSSMReducer")
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
             raise ValueError(f"max_steps must be None or a positive int, got {max_steps!r}")
-        optimizer_state_repair(optimizer_state)
-        if not isinstance(log_hsv, bool):
-            raise ValueError(f"log_hsv must be a bool, got {log_hsv!r}")
-        if not isinstance(collective_timeout, (int, float)) or isinstance(collective_timeout, bool) or not (
-            collective_timeout > 0
-        ):
-            raise ValueError(f"collective_timeout must be a positive number of seconds, got {collective_timeout!r}")
         self.max_steps = max_steps
-        self.optimizer_state = optimizer_state
-        self.log_hsv = log_hsv
-        self.collective_timeout = float(collective_timeout)
 
         self.wrapped_model = model
         self.model = compressm_model_of(model)
@@ -189,17 +145,13 @@ class CompreSSMReducer:
         if max_steps is not None and not self.schedule.steps(max_steps):
             logger.warning(
                 "CompreSSMReducer: the schedule (start_step=%r, end_step=%r, interval=%r) has no event in a run of %d "
-                "steps: nothing will be reduced", start_step, end_step, interval, max_steps,
+                "steps: nothing will be reduced", self.start_step, self.end_step, self.interval, max_steps,
             )
             if self.regularizer is not None and self.regularizer.end_step is None:
                 logger.warning("CompreSSMReducer: the reducibility regularizer's window ends at the last reduction "
                                "event, and there is none: it will not act (give it an end_step)")
 
     # ---------------------------------------------------------------------------------------------- properties
-    @property
-    def policy(self) -> str:
-        return self.rank_policy.policy
-
     @property
     def state_dims(self) -> list[int]:
         return [layer.state_dim for layer in self.model.lru_layers()]
@@ -288,21 +240,15 @@ class CompreSSMReducer:
         started = time.perf_counter()
         dims_before = self.state_dims
         outcome, changes = self._reduce(step)
-        if not any(status != "unchanged" for status in outcome.status):
+        if not any(layer.status != "unchanged" for layer in outcome.layers):
             return None
-        event = ReductionEvent(
+        event = ReductionEvent.from_layers(
+            outcome.layers,
             step=step,
             kind="reduction",
             policy=self.policy,
             dims_before=dims_before,
-            dims_after=list(outcome.dims_after),
-            status=list(outcome.status),
-            errors=list(outcome.errors),
-            kept_energy=list(outcome.kept_energy),
-            hinf_bound=list(outcome.hinf_bound),
-            hinf_bound_relative=list(outcome.hinf_bound_relative),
             hsv=list(outcome.hsv) if self.log_hsv else None,
-            ranks_requested=list(outcome.ranks_requested),
             wall_time_s=time.perf_counter() - started,
             tau=self.rank_policy.tau if self.policy != "fixed" else None,
             fraction=self.rank_policy.fraction if self.policy == "fixed" else None,
@@ -334,16 +280,17 @@ class CompreSSMReducer:
                     f"CompreSSM reduction at step {step}: rank 0 failed while deciding it ({outcome.message}); "
                     "nothing was changed on this rank"
                 )
-            reduced = [index for index, status in enumerate(outcome.status) if status == "reduced"]
+            reduced = [result.layer for result in outcome.layers if result.reduced]
             rewrap = bool(reduced) or outcome.wrapper_released
             if rewrap and not strategy.is_decider:
                 strategy.before_change(model)
-                layers = model.lru_layers()
-                for index in reduced:
-                    previous = layers[index].resize_state(outcome.dims_after[index], initialise=False)
-                    parameters = {name: getattr(layers[index], name) for name in layers[index].SSM_PARAMETER_NAMES}
-                    changes.append(LayerChange(index, parameters, previous, outcome.project[index], outcome.lift[index]))
-                model.config.state_dims = [layer.state_dim for layer in layers]
+                # the decider's sizes (its values arrive in share_parameters), with its basis maps for the optimizer
+                resized = model.set_state_dims([result.new_dim for result in outcome.layers], initialise=False)
+                changes = [
+                    dataclasses.replace(change, project=outcome.layers[change.layer].change.project,
+                                        lift=outcome.layers[change.layer].change.lift)
+                    for change in resized
+                ]
             if reduced:
                 strategy.share_parameters(model, reduced, step)
         if rewrap:
@@ -396,46 +343,30 @@ class CompreSSMReducer:
         hsv = [balancing.state_hsv if balancing is not None else None for balancing in balancings]
         ranks = self.rank_policy.select(hsv, current, events=self.scheduled_events())
         targets = [rank if hsv[index] is not None and rank < current[index] else None for index, rank in enumerate(ranks)]
-        report = None
+        results = [LayerReduction(index, dim, dim) for index, dim in enumerate(current)]
         released = any(target is not None for target in targets)
         if released:
             self.strategy.before_change(model)
-            report = model.reduce(targets, record=False, balancings=balancings)
-        status, kept, bound, relative = [], [], [], []
-        project, lift = [], []
-        changes = []
-        for index in range(len(layers)):
-            entry = report[index] if report is not None else None
-            if errors[index] is not None:
-                status.append("failed")
-            elif entry is not None and entry["status"] != "unchanged":
-                status.append(entry["status"])
-                errors[index] = entry["error"]
-            else:
-                status.append("unchanged")
-            reduced = status[-1] == "reduced"
-            kept.append(entry["kept_energy"] if reduced else (1.0 if status[-1] == "unchanged" else None))
-            bound.append(entry["hinf_bound"] if reduced else None)
-            relative.append(entry["hinf_bound_relative"] if reduced else None)
-            project.append(entry["change"].project.detach().cpu() if reduced else None)
-            lift.append(entry["change"].lift.detach().cpu() if reduced else None)
-            if reduced:
-                changes.append(entry["change"])
-                self._report_layer(step, index, current[index], targets[index], hsv[index], relative[-1], kept[-1])
-            elif status[-1] == "failed" and entry is not None and entry["status"] == "failed":
+            results = model.reduce(targets, record=False, balancings=balancings)
+        sent, changes = [], []
+        for index, result in enumerate(results):
+            if errors[index] is not None:  # its HSVs failed: never truncated
+                result = dataclasses.replace(result, status="failed", error=errors[index], kept_energy=None)
+            elif result.status == "failed":
                 logger.warning("CompreSSMReducer: step %s: layer %d left at %d states (reduction to %d failed: %s)",
-                               step, index, current[index], targets[index], errors[index])
+                               step, index, current[index], targets[index], result.error)
+            elif result.reduced:
+                changes.append(result.change)
+                self._report_layer(step, index, current[index], targets[index], hsv[index],
+                                   result.hinf_bound_relative, result.kept_energy)
+            basis = None
+            if result.reduced:
+                basis = LayerChange(index, {}, project=result.change.project.detach().cpu(),
+                                    lift=result.change.lift.detach().cpu())
+            sent.append(dataclasses.replace(result, rank_requested=ranks[index], hsv=None, change=basis))
         outcome = _Outcome(
-            dims_after=[layer.state_dim for layer in layers],
-            status=status,
-            errors=errors,
-            kept_energy=kept,
-            hinf_bound=bound,
-            hinf_bound_relative=relative,
-            ranks_requested=list(ranks),
+            layers=sent,
             hsv=[values.tolist() if values is not None else None for values in hsv],
-            project=project,
-            lift=lift,
             wrapper_released=released,
         )
         return outcome, changes

@@ -1,7 +1,7 @@
 """Work on a saved CompreSSM checkpoint without training: reduce it by balanced truncation (`compressm reduce`) and
 generate text with it (`compressm generate`).
 
-    from modeling_compressm.posthoc import reduce_checkpoint, generate_text
+    from modeling_compressm.app.posthoc import reduce_checkpoint, generate_text
 
     result = reduce_checkpoint("my-model", tau=0.1, output_dir="my-model-small")
     print(result["report"])                       # per-layer HSV report: size, rank, kept energy, error bound
@@ -36,7 +36,7 @@ def load_checkpoint(path: str):
             raise ValueError(f"{config_path!r} is not a valid JSON config") from None
     if model_type != "compressm":
         raise ValueError(f"{path!r} holds a {model_type!r} model, not a CompreSSM ('compressm') model")
-    from .configuration_compressm import CompreSSMConfig
+    from ..configuration_compressm import CompreSSMConfig
 
     config = CompreSSMConfig.from_pretrained(path)
     return model_class_for_config(config).from_pretrained(path).eval()
@@ -51,7 +51,7 @@ def hsv_report(model, tau: float, min_dim: int = 1, system: str = "real") -> tup
          layer, the state size, the rank, the kept HSV energy, the largest and the largest dropped HSV, and the
          dropped energy Σ dropped σ / Σ σ, which is also the H∞ error bound 2·Σ dropped σ relative to 2·Σ σ)
     """
-    from .reduction import rank_for_energy
+    from ..reduction import rank_for_energy
 
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= float(tau) < 1.0:
         raise ValueError(f"tau must lie in [0, 1), got {tau!r}")

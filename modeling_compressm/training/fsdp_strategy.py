@@ -38,7 +38,7 @@ from .optimizer_state import (
     reset_optimizer_state,
     unwrap_optimizer,
 )
-from .schedule import DEFAULTS
+from .settings import DEFAULTS
 
 __all__ = ["FSDP2Strategy", "repair_on_full_state"]
 
@@ -180,6 +180,3 @@ class FSDP2Strategy(CollectiveStrategy):
             repair_optimizer_state(optimizer, changes, mode)
             return
         repair_on_full_state(inner, changes, repair, old_states, session.full_values if session else {}, self.timeout)
-
-
-register_strategy(is_fsdp2, FSDP2Strategy)
