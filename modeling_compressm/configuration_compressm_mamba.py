@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import MambaConfig
 
-from .configuration_compressm_mamba2 import _per_layer
+from .configuration_compressm_mamba2 import per_layer_sizes
 
 
 class CompreSSMMambaConfig(MambaConfig):
@@ -24,7 +24,7 @@ class CompreSSMMambaConfig(MambaConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         state_dims = self.state_size if self.state_dims is None else self.state_dims
-        self.state_dims = _per_layer(state_dims, "state_dims", self.num_hidden_layers, type(self).__name__)
+        self.state_dims = per_layer_sizes(state_dims, "state_dims", self.num_hidden_layers, type(self).__name__)
 
 
 __all__ = ["CompreSSMMambaConfig"]

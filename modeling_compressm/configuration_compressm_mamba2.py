@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import Mamba2Config
 
 
-def _per_layer(value, name: str, num_layers: int, config_name: str = "CompreSSMMamba2Config") -> list[int]:
+def per_layer_sizes(value, name: str, num_layers: int, config_name: str = "CompreSSMMamba2Config") -> list[int]:
     """An int → one entry per layer; a list must have `num_layers` positive ints (else a ValueError naming
     `config_name.name`)."""
     values = [value] * num_layers if isinstance(value, int) else list(value)
@@ -41,9 +41,9 @@ class CompreSSMMamba2Config(Mamba2Config):
     def _normalise_state_dims(self) -> None:
         layers = self.num_hidden_layers
         state_dims = self.state_size if self.state_dims is None else self.state_dims
-        self.state_dims = _per_layer(state_dims, "state_dims", layers)
+        self.state_dims = per_layer_sizes(state_dims, "state_dims", layers)
         channel_dims = self.state_dims if self.channel_dims is None else self.channel_dims
-        self.channel_dims = _per_layer(channel_dims, "channel_dims", layers)
+        self.channel_dims = per_layer_sizes(channel_dims, "channel_dims", layers)
         for layer, (r, n) in enumerate(zip(self.state_dims, self.channel_dims)):
             if r > n:
                 raise ValueError(

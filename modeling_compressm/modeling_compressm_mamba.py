@@ -24,7 +24,7 @@ from transformers.models.mamba import modeling_mamba as _mamba
 from .configuration_compressm_mamba import CompreSSMMambaConfig
 from .mamba2_reduction import hankel_singular_values, projection_error, select_states, selection_projection
 from .mamba_reduction import MambaGramianStatistics, MambaScanInputs
-from .modeling_compressm_mamba2 import _MISSING as _MISSING_CACHE
+from .modeling_compressm_mamba2 import MISSING_FROM_TRANSFORMERS as MISSING_FROM_TRANSFORMERS_MAMBA2
 from .selective_ssm_surgery import (
     build_backbone,
     check_statistics_arguments,
@@ -35,16 +35,16 @@ from .selective_ssm_surgery import (
 )
 
 # transformers 5.x pieces this model runs on: the Mamba modules whose cache holds a state size per layer.
-_MISSING = [name for name in ("mamba_scan_forward", "causal_conv1d_forward") if not hasattr(_mamba, name)]
-_MISSING += [name for name in _MISSING_CACHE if name.startswith("cache_utils")]
+MISSING_FROM_TRANSFORMERS = [name for name in ("mamba_scan_forward", "causal_conv1d_forward") if not hasattr(_mamba, name)]
+MISSING_FROM_TRANSFORMERS += [name for name in MISSING_FROM_TRANSFORMERS_MAMBA2 if name.startswith("cache_utils")]
 
 
 def require_supported_transformers() -> None:
     """Raise ImportError naming what is missing when this transformers release lacks the Mamba pieces used here."""
-    if _MISSING:
+    if MISSING_FROM_TRANSFORMERS:
         raise ImportError(
             f"CompreSSM Mamba models need transformers' 5.x Mamba modules and lazily allocated linear-attention cache "
-            f"(found transformers {transformers_version}, missing {', '.join(_MISSING)}); "
+            f"(found transformers {transformers_version}, missing {', '.join(MISSING_FROM_TRANSFORMERS)}); "
             "upgrade with `pip install -U transformers`"
         )
 

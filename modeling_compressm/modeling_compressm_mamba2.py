@@ -47,19 +47,19 @@ from .selective_ssm_surgery import (
 
 # transformers 5.x pieces this model runs on; older releases (e.g. 4.56) keep the Mamba-2 cache at one state size.
 _REQUIRED = ("Mamba2Mixer", "Mamba2Block", "causal_conv1d_forward", "mamba2_scan_forward", "apply_mask_to_padding_states")
-_MISSING = [name for name in _REQUIRED if not hasattr(_mamba2, name)]
+MISSING_FROM_TRANSFORMERS = [name for name in _REQUIRED if not hasattr(_mamba2, name)]
 try:
     from transformers.cache_utils import LinearAttentionLayer as _LinearAttentionLayer  # noqa: F401 - feature probe
 except ImportError:
-    _MISSING.append("cache_utils.LinearAttentionLayer")
+    MISSING_FROM_TRANSFORMERS.append("cache_utils.LinearAttentionLayer")
 
 
 def require_supported_transformers() -> None:
     """Raise ImportError naming what is missing when this transformers release lacks the Mamba-2 pieces used here."""
-    if _MISSING:
+    if MISSING_FROM_TRANSFORMERS:
         raise ImportError(
             f"CompreSSM Mamba-2 models need transformers' 5.x Mamba-2 modules and lazily allocated linear-attention "
-            f"cache (found transformers {transformers_version}, missing {', '.join(_MISSING)}); "
+            f"cache (found transformers {transformers_version}, missing {', '.join(MISSING_FROM_TRANSFORMERS)}); "
             "upgrade with `pip install -U transformers`"
         )
 

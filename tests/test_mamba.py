@@ -11,9 +11,9 @@ import torch
 from modeling_compressm import mamba_reduction as math1
 from modeling_compressm import modeling_compressm_mamba as modeling1
 
-if modeling1._MISSING:
+if modeling1.MISSING_FROM_TRANSFORMERS:
     pytest.skip(
-        f"this transformers release lacks the Mamba 5.x pieces ({modeling1._MISSING}); the model refuses there",
+        f"this transformers release lacks the Mamba 5.x pieces ({modeling1.MISSING_FROM_TRANSFORMERS}); the model refuses there",
         allow_module_level=True,
     )
 
@@ -243,6 +243,6 @@ def test_bad_arguments_are_refused_clearly_and_change_nothing():
 
 
 def test_old_transformers_is_refused_clearly(monkeypatch):
-    monkeypatch.setattr(modeling1, "_MISSING", ["mamba_scan_forward"])
+    monkeypatch.setattr(modeling1, "MISSING_FROM_TRANSFORMERS", ["mamba_scan_forward"])
     with pytest.raises(ImportError, match="need transformers' 5.x Mamba modules.*mamba_scan_forward"):
         CompreSSMMambaForCausalLM(CompreSSMMambaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1))

@@ -11,9 +11,9 @@ import torch
 from modeling_compressm import mamba2_reduction as math2
 from modeling_compressm import modeling_compressm_mamba2 as modeling2
 
-if modeling2._MISSING:
+if modeling2.MISSING_FROM_TRANSFORMERS:
     pytest.skip(
-        f"this transformers release lacks the Mamba-2 5.x pieces ({modeling2._MISSING}); the model refuses there",
+        f"this transformers release lacks the Mamba-2 5.x pieces ({modeling2.MISSING_FROM_TRANSFORMERS}); the model refuses there",
         allow_module_level=True,
     )
 
@@ -284,7 +284,7 @@ def test_bad_reduce_arguments_are_refused_and_change_nothing():
 
 
 def test_old_transformers_is_refused_clearly(monkeypatch):
-    monkeypatch.setattr(modeling2, "_MISSING", ["mamba2_scan_forward"])
+    monkeypatch.setattr(modeling2, "MISSING_FROM_TRANSFORMERS", ["mamba2_scan_forward"])
     with pytest.raises(ImportError, match="need transformers' 5.x Mamba-2 modules.*mamba2_scan_forward"):
         CompreSSMMamba2ForCausalLM(CompreSSMMamba2Config(vocab_size=VOCAB, hidden_size=16, num_heads=4, head_dim=8,
                                                          state_size=8, n_groups=2, num_hidden_layers=1))

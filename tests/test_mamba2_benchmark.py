@@ -8,8 +8,8 @@ import pytest
 
 from modeling_compressm import modeling_compressm_mamba2 as modeling2
 
-if modeling2._MISSING:
-    pytest.skip(f"this transformers release lacks the Mamba-2 5.x pieces ({modeling2._MISSING})", allow_module_level=True)
+if modeling2.MISSING_FROM_TRANSFORMERS:
+    pytest.skip(f"this transformers release lacks the Mamba-2 5.x pieces ({modeling2.MISSING_FROM_TRANSFORMERS})", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 

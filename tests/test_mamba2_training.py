@@ -5,8 +5,8 @@ import torch
 
 from modeling_compressm import modeling_compressm_mamba2 as modeling2
 
-if modeling2._MISSING:
-    pytest.skip(f"this transformers release lacks the Mamba-2 5.x pieces ({modeling2._MISSING})", allow_module_level=True)
+if modeling2.MISSING_FROM_TRANSFORMERS:
+    pytest.skip(f"this transformers release lacks the Mamba-2 5.x pieces ({modeling2.MISSING_FROM_TRANSFORMERS})", allow_module_level=True)
 
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
