@@ -868,11 +868,13 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
             previous = layer.resize_state(dim, initialise=initialise)
             parameters = {name: getattr(layer, name) for name in layer.SSM_PARAMETER_NAMES}
             changes.append(LayerChange(layer=index, parameters=parameters, previous=previous))
-        self._sync_state_dims()
+        self.sync_state_dims()
         return changes
 
-    def _sync_state_dims(self) -> None:
-        """Write the layers' sizes into `config.state_dims`: the one place that does (after any change of size)."""
+    def sync_state_dims(self) -> None:
+        """Write the layers' sizes into `config.state_dims`: the one place that does, after any change of size (here,
+        and in the training library when FSDP2 re-registers sharded LRU parameters, whose global shapes give the
+        sizes)."""
         self.config.state_dims = [layer.state_dim for layer in self.lru_layers()]
 
     @torch.no_grad()
@@ -919,7 +921,7 @@ class CompreSSMPreTrainedModel(PreTrainedModel):
                                strict)
             for index, (layer, rank) in enumerate(zip(layers, ranks))
         ]
-        self._sync_state_dims()
+        self.sync_state_dims()
         if record and any(result.status != "unchanged" for result in results):
             self.reduction_history.append(
                 ReductionEvent.from_layers(

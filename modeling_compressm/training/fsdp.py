@@ -347,7 +347,6 @@ def full_lru_parameters(
     device = slots[0].fsdp_param.device
     _check_groups_idle(slots)
     _check_same_layout(slots, process_group, device, timeout)
-    dims_before = list(getattr(model.config, "state_dims", [])) if hasattr(model, "config") else None
 
     def forget_full_parameters() -> None:  # reduce_with_optimizer(optimizer=None) in the block watches them
         unwatch_stale_state(slot.module._parameters[slot.name] for slot in slots)
@@ -356,8 +355,7 @@ def full_lru_parameters(
         forget_full_parameters()
         for slot in slots:
             _register(slot.module, slot.name, slot.sharded)
-        if dims_before is not None:
-            model.config.state_dims = list(dims_before)
+        model.sync_state_dims()  # the sizes of the sharded parameters put back: those before the block
 
     try:
         for slot in slots:
@@ -438,9 +436,8 @@ def full_lru_parameters(
     for group in touched_groups.values():
         group._init_mp_dtypes()
     session.changed_layers = sorted({slots[index].layer for index in new_values})
-    session.state_dims = [layer.state_dim for layer in model.lru_layers()]
-    if hasattr(model, "config") and hasattr(model.config, "state_dims"):
-        model.config.state_dims = list(session.state_dims)
+    model.sync_state_dims()
+    session.state_dims = list(model.config.state_dims)
     if optimizer is not None:
         replace_parameters_in_optimizer(optimizer, session.replaced)
 
