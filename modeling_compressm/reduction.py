@@ -21,6 +21,7 @@ Functions:
     hinf_error_bound(hsv, order)               -> float          2 * sum(hsv[order:]), the H-infinity error bound
     gain_lower_bound(lam, B, C, system=...)    -> float          a lower bound of the H-infinity norm (layer gain)
     rank_for_energy(hsv, tau)                  -> int
+    check_tau(tau, must)                       -> float          the one check of an energy tolerance tau
     lru_parameters_from_system(lam, B)         -> nu_log, theta_log, gamma_log, B_normalised (LRU storage form)
 
 One reduction event factorises each layer once (`balance`): the Hankel singular values that pick the rank and the
@@ -50,6 +51,7 @@ __all__ = [
     "hankel_singular_values",
     "balanced_truncation",
     "rank_for_energy",
+    "check_tau",
     "lru_parameters_from_system",
 ]
 
@@ -393,6 +395,15 @@ def balanced_truncation(lam: torch.Tensor, B: torch.Tensor, C: torch.Tensor, ran
     return truncate(balance(lam, B, C, system), rank)
 
 
+def check_tau(tau, must: str = "lie in") -> float:
+    """The one check of an energy tolerance `tau` (`rank_for_energy`, `schedule.RankPolicy`): an int or float, not a
+    bool, in [0, 1). Returns it as a float; otherwise raises ValueError "tau must {must} [0, 1), got {tau!r}", where
+    `must` is the caller's wording (the rank policy says "be a number in", the tools that take a float "lie in")."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= float(tau) < 1.0:
+        raise ValueError(f"tau must {must} [0, 1), got {tau!r}")
+    return float(tau)
+
+
 def rank_for_energy(hsv: torch.Tensor, tau: float) -> int:
     """Smallest r whose top-r Hankel singular values hold at least (1 - tau) of their sum.
 
@@ -405,8 +416,7 @@ def rank_for_energy(hsv: torch.Tensor, tau: float) -> int:
     Returns:
         int in [1, N].
     """
-    if not 0.0 <= float(tau) < 1.0:
-        raise ValueError(f"tau must lie in [0, 1), got {tau!r}")
+    tau = check_tau(tau)
     if hsv.dim() != 1 or hsv.numel() == 0:
         raise ValueError(f"hsv must be a non-empty 1-D tensor, got shape {tuple(hsv.shape)}")
     values = torch.sort(hsv.detach().to(torch.float64), descending=True).values

@@ -1,6 +1,7 @@
 """Balanced truncation math: Gramians, Hankel singular values, truncation error bound, rank choice, guards."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -116,6 +117,18 @@ def test_rank_for_energy_uses_the_sum_of_singular_values():
         rank_for_energy(hsv, 1.0)
     with pytest.raises(ValueError, match="NaN"):
         rank_for_energy(torch.tensor([1.0, float("nan")]), 0.1)
+
+
+@pytest.mark.parametrize("tau", [False, True, "0.1", -0.1, 1.0, float("nan")])
+def test_rank_for_energy_refuses_every_tau_the_rank_policy_refuses(tau):
+    """One rule decides what a tau is (an int or float, not a bool, in [0, 1)): a value the training settings refuse
+    is not silently turned into a tolerance by the post-hoc function either; each keeps its own wording."""
+    from modeling_compressm.training.settings import ReductionSettings
+
+    with pytest.raises(ValueError, match=r"tau must be a number in \[0, 1\), got " + re.escape(repr(tau))):
+        ReductionSettings(policy="tolerance", tau=tau)
+    with pytest.raises(ValueError, match=r"tau must lie in \[0, 1\), got " + re.escape(repr(tau))):
+        rank_for_energy(torch.tensor([4.0, 3.0, 2.0, 1.0]), tau)
 
 
 def test_guards_raise_reduction_error():

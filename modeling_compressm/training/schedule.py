@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..reduction import check_tau
 from .rank_selection import POLICIES, select_ranks
 
 
@@ -124,8 +125,7 @@ class RankPolicy:
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if not is_number(self.tau) or not 0.0 <= float(self.tau) < 1.0:
-            raise ValueError(f"tau must be a number in [0, 1), got {self.tau!r}")
+        check_tau(self.tau, must="be a number in")
         if not is_number(self.fraction) or not 0.0 < float(self.fraction) < 1.0:
             raise ValueError(f"fraction must be a number strictly between 0 and 1, got {self.fraction!r}")
         if not is_number(self.final_fraction) or not 0.0 < float(self.final_fraction) < 1.0:
