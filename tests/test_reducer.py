@@ -274,7 +274,9 @@ def test_registered_optimizer_state_repair_receives_the_basis_maps(monkeypatch):
         CompreSSMReducer(model, optimizer, optimizer_state="unknown")
 
 
-def test_distributed_strategy_seam_call_order(monkeypatch):
+@pytest.fixture
+def strategy_calls(monkeypatch):
+    """The calls the reducer makes into its distributed strategy (a recording strategy registered for every model)."""
     calls = []
 
     class Recording(distributed_module.ReductionStrategy):
@@ -301,12 +303,41 @@ def test_distributed_strategy_seam_call_order(monkeypatch):
 
     monkeypatch.setattr(distributed_module, "_STRATEGIES", [])
     distributed_module.register_strategy(lambda model: True, Recording)
+    return calls
+
+
+def test_distributed_strategy_seam_call_order(strategy_calls):
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     reducer = CompreSSMReducer(model, optimizer, policy="fixed", fraction=0.5, collective_timeout=7.0)
     reducer.reduce_now(1)
-    assert calls == [("created", True, 7.0), "gathered", "before_change", ("share", "the reduction decision"),
-                     ("share_parameters", (0, 1)), "after_change"]
+    assert strategy_calls == [("created", True, 7.0), "gathered", "before_change", ("share", "the reduction decision"),
+                              ("share_parameters", (0, 1)), "after_change"]
+
+
+def test_best_checkpoint_sizes_go_through_the_reducers_strategy(strategy_calls, tmp_path):
+    """Loading the best checkpoint (`load_best_model_at_end`) re-sizes the model through the run's reducer, so the
+    distributed strategy is told as at an event or a rollback, and the optimizer state of the re-sized parameters
+    is deleted while the other parameters' state is kept."""
+    from modeling_compressm.training.checkpoints import restore_checkpoint_sizes
+
+    model = make_model()
+    model.save_pretrained(tmp_path / "checkpoint-1")  # the best checkpoint, at 16 states
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    reducer = CompreSSMReducer(model, optimizer, policy="fixed", fraction=0.5)
+    model(**batch()).loss.backward()
+    optimizer.step()
+    reducer.reduce_now(1)
+    model(**batch()).loss.backward()
+    optimizer.step()
+    strategy_calls.clear()
+    assert restore_checkpoint_sizes(model, tmp_path / "checkpoint-1", 2, optimizer, reducer=reducer)
+    assert strategy_calls == ["gathered", "before_change", "after_change"]
+    assert model.config.state_dims == [16, 16] and model.lru_layers()[0].B_re.shape == (16, 16)
+    assert [event.kind for event in model.reduction_history] == ["restored"]
+    ssm_parameters = [parameter for layer in model.lru_layers() for parameter in layer.ssm_parameters()]
+    assert all(not optimizer.state.get(parameter) for parameter in ssm_parameters)
+    assert optimizer.state[model.lru_layers()[0].D]  # untouched parameters keep their state
 
 
 def test_compiled_model_is_accepted():

@@ -278,7 +278,7 @@ class CompreSSMCallback(SettingsView, TrainerCallback, ExportableState):
         )
         if message:
             logger.warning("CompreSSMCallback: %s", message)
-        model.reduction_history = events
+        reducer.restore(reducer.state_dims, events)  # the history only: the sizes are the checkpoint's already
         reducer.stopped = stopped
         if restored is not None and restored.get("pending") is not None:
             reducer.restore_pending(dict(restored["pending"], snapshot=None), "the restored callback state")
@@ -369,7 +369,8 @@ class CompreSSMCallback(SettingsView, TrainerCallback, ExportableState):
             and self._trainer is None and model is not None
             and os.path.isfile(os.path.join(state.best_model_checkpoint, "config.json"))
         ):
-            restore_checkpoint_sizes(model, state.best_model_checkpoint, state.global_step, optimizer)
+            restore_checkpoint_sizes(model, state.best_model_checkpoint, state.global_step, optimizer,
+                                     reducer=self.reducer)
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

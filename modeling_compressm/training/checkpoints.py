@@ -32,7 +32,7 @@ from ..events import HISTORY_FILE, HistoryError, ReductionEvent, coerce_events, 
 from ..events import histories_matching_weights
 from .distributed import find_wrapper, rebuild_ddp_reducer
 from .optimizer_state import repair_optimizer_state
-from .reducer import compressm_model_of
+from .reducer import compressm_model_of, restore_sizes_and_history
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +262,7 @@ def prepare_model_for_resume(model, checkpoint_dir) -> list[int]:
     for message in info.warnings:
         logger.warning("CompreSSM resume: %s", message)
     model = compressm_model_of(model)
-    model.set_state_dims(info.state_dims)
-    model.reduction_history = info.events
+    restore_sizes_and_history(model, info.state_dims, info.events)  # no optimizer state yet: nothing to repair
     _PREPARED_RESUMES[model] = info
     return list(model.config.state_dims)
 
@@ -279,12 +278,13 @@ def take_prepared_resume(model) -> CheckpointReductionState | None:
     return _PREPARED_RESUMES.pop(model, None)
 
 
-def restore_checkpoint_sizes(model, checkpoint_dir, step, optimizer=None, wrapped=None) -> bool:
+def restore_checkpoint_sizes(model, checkpoint_dir, step, optimizer=None, wrapped=None, reducer=None) -> bool:
     """Before the weights of `checkpoint_dir` are loaded into a trained model (`load_best_model_at_end`): give the
     model that checkpoint's sizes and history, plus a "restored" event, so weights, sizes and history agree.
 
-    The optimizer state of re-sized parameters is deleted; a DDP wrapper is rebuilt. Does nothing (returns False)
-    when the model already is in that state."""
+    The optimizer state of re-sized parameters is deleted; a DDP wrapper is rebuilt: by `reducer` (the run's
+    CompreSSMReducer, `CompreSSMReducer.restore`) when it reduces this model, else here for `optimizer` and
+    `wrapped`. Does nothing (returns False) when the model already is in that state."""
     checkpoint_dir = os.fspath(checkpoint_dir)
     info = read_checkpoint(checkpoint_dir)
     model = compressm_model_of(model)
@@ -294,11 +294,14 @@ def restore_checkpoint_sizes(model, checkpoint_dir, step, optimizer=None, wrappe
     for message in info.warnings:
         logger.warning("CompreSSM: %s", message)
     dims_now = list(model.config.state_dims)
-    changes = model.set_state_dims(info.state_dims)
-    model.reduction_history = list(info.events) + [
+    events = list(info.events) + [
         ReductionEvent(step=step, kind="restored", policy=None, dims_before=dims_now,
                        dims_after=list(info.state_dims), restored_from=checkpoint_dir)
     ]
+    if reducer is not None and reducer.model is model:
+        reducer.restore(info.state_dims, events)
+        return True
+    changes = restore_sizes_and_history(model, info.state_dims, events)
     if changes:
         if wrapped is not None:
             rebuild_ddp_reducer(find_wrapper(wrapped, DistributedDataParallel))

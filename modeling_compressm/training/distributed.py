@@ -12,8 +12,9 @@ others take its result, and the wrapper that syncs gradients learns that paramet
     replaced = strategy.after_change(model)    # re-register with the wrapper; {old: new} if Parameters were replaced
     strategy.repair_optimizer(optimizer, changes, mode, replaced)   # changes re-read from the model if replaced
 
-Re-sizing outside an event (rollback, `CompreSSMReducer.load_state_dict`) runs `set_state_dims` inside the same
-`gathered` / `before_change` / `after_change` / `repair_optimizer` frame on every rank.
+Re-sizing outside an event (rollback; `CompreSSMReducer.restore`: resume from a reducer state, best-model loading)
+runs `set_state_dims` inside the same `gathered` / `before_change` / `after_change` / `repair_optimizer` frame on
+every rank.
 
 Strategies:
     LocalStrategy   one process: bare model, accelerate without distribution, torch.compile.

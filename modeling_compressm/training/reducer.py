@@ -59,7 +59,32 @@ STATE_FORMAT = "compressm-reducer"
 STATE_VERSION = 1
 
 
-__all__ = ["CompreSSMReducer", "PendingCheck", "compressm_model_of"]
+__all__ = ["CompreSSMReducer", "PendingCheck", "compressm_model_of", "restore_sizes_and_history"]
+
+
+def restore_sizes_and_history(
+    model, state_dims: list[int], events: list[ReductionEvent], resize=None
+) -> list[LayerChange]:
+    """Give a CompreSSM model other state sizes and another history together, outside a reduction event: the one
+    place of the training library that replaces `model.reduction_history` (resume from a checkpoint or a reducer
+    state, the restored callback state, the best checkpoint before its weights load). An event's own records are
+    appended by the reducer (`reduce_now`, `resolve_pending`).
+
+    Args:
+        model: the bare CompreSSM model.   state_dims: the sizes to give it (one positive int per LRU layer).
+        events: the history it gets (`ReductionEvent`s or their dicts).
+        resize: `resize(state_dims) -> list[LayerChange]` re-allocates the layers (a running reducer's
+            `CompreSSMReducer.restore` passes its strategy-aware path: wrapper re-registered, optimizer state of the
+            re-sized parameters deleted); None: `model.set_state_dims` (before training, or with no reducer).
+    Returns:
+        the LayerChanges of the re-allocated layers (freshly initialised: load the weights next); [] when the sizes
+        already were `state_dims`.
+    """
+    changes = []
+    if list(state_dims) != [layer.state_dim for layer in model.lru_layers()]:
+        changes = (resize or model.set_state_dims)(list(state_dims))
+    model.reduction_history = events
+    return changes
 
 
 @dataclass
@@ -505,13 +530,18 @@ class CompreSSMReducer(SettingsView):
         if not isinstance(state.get("version"), int) or state["version"] > STATE_VERSION:
             raise ValueError(f"unsupported CompreSSMReducer state version {state.get('version')!r}")
         events = coerce_events(state.get("history", []), source="reducer state")
-        dims = state.get("state_dims")
-        if dims != self.state_dims:
-            self._resize(dims, initialise=True)
-        self.model.reduction_history = events
+        self.restore(state.get("state_dims"), events)
         self.stopped = bool(state.get("stopped", False))
         self.pending = None
         self.restore_pending(state.get("pending"))
+
+    def restore(self, state_dims: list[int], events: list[ReductionEvent]) -> list[LayerChange]:
+        """Give the model `state_dims` and the history `events` on every rank (`restore_sizes_and_history` through
+        this reducer's strategy: re-sized layers freshly initialised, the wrapper re-registered, their optimizer state
+        deleted). Used by `load_state_dict`, the callback's resume and best-model loading; the rollback re-sizes
+        through the same `_resize`. Returns the LayerChanges ([] when the sizes were already `state_dims`)."""
+        return restore_sizes_and_history(self.model, state_dims, events,
+                                         lambda dims: self._resize(dims, initialise=True))
 
     def restore_pending(self, pending: dict | None, source: str = "the saved reducer state") -> None:
         """Re-arm a rollback check saved by `state_dict()` ({"event_index", "metric_name", "metric_before",

@@ -9,6 +9,7 @@ import contextlib
 import os
 
 from .checkpoints import check_checkpoint_complete, restore_checkpoint_sizes
+from .reducer import CompreSSMReducer
 
 __all__ = [
     "check_checkpoint_before_resume",
@@ -20,12 +21,14 @@ __all__ = [
 
 def restore_best_checkpoint_sizes(trainer) -> bool:
     """Give the Trainer's model the sizes and history of its best checkpoint (before `load_best_model_at_end` loads
-    the weights); False when there is nothing to do."""
+    the weights), through the reducer of its CompreSSMCallback when it has one; False when there is nothing to do."""
     checkpoint = trainer.state.best_model_checkpoint
     if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, "config.json")):
         return False
+    reducer = next((callback.reducer for callback in trainer.callback_handler.callbacks
+                    if isinstance(getattr(callback, "reducer", None), CompreSSMReducer)), None)
     return restore_checkpoint_sizes(trainer.model, checkpoint, trainer.state.global_step, trainer.optimizer,
-                                    trainer.model_wrapped)
+                                    trainer.model_wrapped, reducer)
 
 
 def _run_before(trainer, method_name: str, before) -> None:
