@@ -150,3 +150,32 @@ def test_readme_layout_table_has_a_row_for_every_top_level_folder():
     layout = readme.split("## Repository layout", 1)[1].split("\n## ", 1)[0]
     rows = {re.match(r"\| `([^`/]+)", line).group(1) for line in layout.splitlines() if re.match(r"\| `[^`/]+", line)}
     assert folders <= rows, f"folders missing from README's layout table: {sorted(folders - rows)}"
+
+
+def _writes_config_state_dims(target) -> bool:
+    """Whether an assignment target is `<...>.config.state_dims` or an item of it."""
+    import ast
+
+    while isinstance(target, ast.Subscript):
+        target = target.value
+    return (isinstance(target, ast.Attribute) and target.attr == "state_dims"
+            and isinstance(target.value, ast.Attribute) and target.value.attr == "config")
+
+
+def test_only_the_models_write_config_state_dims():
+    """The training library and the application change sizes through the model (`set_state_dims`, `reduce`,
+    `sync_state_dims`), never by writing `config.state_dims` themselves, so sizes and config cannot disagree."""
+    import ast
+
+    package = ROOT / "modeling_compressm"
+    files = sorted(path for folder in ("training", "app") for path in (package / folder).glob("*.py"))
+    assert len(files) > 10  # the folders were found
+    writes = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for path in files
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+        and any(_writes_config_state_dims(target)
+                for target in getattr(node, "targets", None) or [getattr(node, "target", None)])
+    ]
+    assert not writes, f"config.state_dims written outside the model classes: {writes}"
