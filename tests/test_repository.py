@@ -152,30 +152,49 @@ def test_readme_layout_table_has_a_row_for_every_top_level_folder():
     assert folders <= rows, f"folders missing from README's layout table: {sorted(folders - rows)}"
 
 
-def _writes_config_state_dims(target) -> bool:
-    """Whether an assignment target is `<...>.config.state_dims` or an item of it."""
+def _assignments_to(attribute_chain: tuple[str, ...]) -> list[tuple[str, str | None]]:
+    """Sites in the training library and the application that assign `<x>.<chain>` (or an item of it), as
+    ("file:line", name of the enclosing function or None)."""
     import ast
 
-    while isinstance(target, ast.Subscript):
-        target = target.value
-    return (isinstance(target, ast.Attribute) and target.attr == "state_dims"
-            and isinstance(target.value, ast.Attribute) and target.value.attr == "config")
+    def assigns(target) -> bool:
+        while isinstance(target, ast.Subscript):
+            target = target.value
+        for name in reversed(attribute_chain):
+            if not (isinstance(target, ast.Attribute) and target.attr == name):
+                return False
+            target = target.value
+        return True
+
+    package = ROOT / "modeling_compressm"
+    files = sorted(path for folder in ("training", "app") for path in (package / folder).glob("*.py"))
+    assert len(files) > 10  # the folders were found
+    sites = []
+    for path in files:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        enclosing = {}  # node -> innermost function (ast.walk meets outer functions first)
+        for function in ast.walk(tree):
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(function):
+                    if node is not function:
+                        enclosing[node] = function.name
+        for node in ast.walk(tree):
+            targets = getattr(node, "targets", None) or [getattr(node, "target", None)]
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and any(map(assigns, targets)):
+                sites.append((f"{path.relative_to(ROOT)}:{node.lineno}", enclosing.get(node)))
+    return sites
 
 
 def test_only_the_models_write_config_state_dims():
     """The training library and the application change sizes through the model (`set_state_dims`, `reduce`,
     `sync_state_dims`), never by writing `config.state_dims` themselves, so sizes and config cannot disagree."""
-    import ast
-
-    package = ROOT / "modeling_compressm"
-    files = sorted(path for folder in ("training", "app") for path in (package / folder).glob("*.py"))
-    assert len(files) > 10  # the folders were found
-    writes = [
-        f"{path.relative_to(ROOT)}:{node.lineno}"
-        for path in files
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
-        and any(_writes_config_state_dims(target)
-                for target in getattr(node, "targets", None) or [getattr(node, "target", None)])
-    ]
+    writes = _assignments_to(("config", "state_dims"))
     assert not writes, f"config.state_dims written outside the model classes: {writes}"
+
+
+def test_the_training_library_replaces_a_models_history_in_one_place():
+    """Outside a reduction event, sizes and history are given to a model together by `restore_sizes_and_history`
+    (resume, reducer state, best-model loading), so no path can change one without the other."""
+    writes = [site for site, function in _assignments_to(("reduction_history",))
+              if function != "restore_sizes_and_history"]
+    assert not writes, f"model.reduction_history replaced outside restore_sizes_and_history: {writes}"
