@@ -75,7 +75,7 @@ def run_arm(arm: str, corpus, args, seed: int) -> dict:
     return {
         "arm": arm, "seed": seed, "bpb": bpb, "train_seconds": round(seconds, 1),
         "state_dims": list(model.config.state_dims),
-        "predicted_relative_scan_error": [entry["relative_error"] for entry in report] if report else None,
+        "predicted_relative_scan_error": [entry.relative_error for entry in report] if report else None,
     }
 
 

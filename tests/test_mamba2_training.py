@@ -83,7 +83,7 @@ def test_trainer_reduces_from_training_batch_statistics(tmp_path):
     trainer = Trainer(model=model, args=arguments, train_dataset=dataset, callbacks=[callback])
     trainer.train()
     assert model.config.state_dims == [4, 3]
-    assert [result["status"] for result in callback.results] == ["reduced", "reduced"]
+    assert [result.status for result in callback.results] == ["reduced", "reduced"]
     # statistics came from exactly the window's training batches: 2 steps x 4 sequences x 16 positions per layer
     assert [statistics.count for statistics in callback.collector.statistics] == [2 * 4 * 16] * 2
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}

@@ -148,12 +148,11 @@ def ranks_from_options(sizes: list[int], ranks: list[int] | None, tau: float | N
     return [rank if rank < size else None for rank, size in zip(ranks, sizes)]
 
 
-def _format_report(results: list[dict]) -> str:
+def _format_report(results: list) -> str:
     rows = [("layer", "N", "r", "method", "σ max", "predicted relative error")]
     for entry in results:
-        hsv = entry["hsv"]
-        error = entry["relative_error"]
-        rows.append((str(entry["layer"]), str(entry["dim_before"]), str(entry["dim_after"]), entry["method"] or "-",
+        hsv, error = entry.hsv, entry.relative_error
+        rows.append((str(entry.layer), str(entry.old_dim), str(entry.new_dim), entry.method or "-",
                      f"{float(hsv.max()):.3g}" if hsv is not None and hsv.numel() else "-",
                      f"{error:.4g}" if error is not None else "-"))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
@@ -214,7 +213,7 @@ def reduce_selective_checkpoint(path: str, calibration: CalibrationText, *, rank
         min_dim: with tau, the least state size per layer.
         output_dir / overwrite: as for `posthoc.reduce_checkpoint`.
     Returns:
-        {"report" (text), "results" (model.reduce's per-layer dicts), "dims_before", "dims_after", "changed",
+        {"report" (text), "results" (model.reduce's `LayerReduction`s), "dims_before", "dims_after", "changed",
          "method", "calibration" (description), "output_dir"}
     """
     from ..model_card import is_replaceable_card
@@ -253,7 +252,7 @@ def reduce_selective_checkpoint(path: str, calibration: CalibrationText, *, rank
         "model": SELECTIVE_SSM_MODEL_TYPES[model_type], "method": method,
         "ranks": list(ranks) if ranks is not None else None, "tau": float(tau) if tau is not None else None,
         "min_dim": min_dim, "calibration": description, "dims_before": dims_before, "dims_after": dims_after,
-        "predicted_relative_error": [result["relative_error"] for result in results],
+        "predicted_relative_error": [result.relative_error for result in results],
     }
     summary = summary_with_posthoc_entry(path, entry)
 

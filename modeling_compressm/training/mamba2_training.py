@@ -62,20 +62,22 @@ def _in_backward() -> bool:
 
 
 def repair_optimizer(optimizer: torch.optim.Optimizer, old_parameters: dict, model: torch.nn.Module,
-                     results: list[dict]) -> None:
+                     results: list) -> None:
     """Point `optimizer` at the parameters `model.reduce` created, carrying their per-parameter state.
 
     Args:
         optimizer: the torch optimizer (an accelerate wrapper is unwrapped) whose param_groups held `old_parameters`.
         old_parameters: {full name: parameter} of the model taken before `reduce`.
         model: the reduced model.
-        results: what `reduce` returned. A selected parameter's state tensors of the old parameter's shape (Adam's
-            exp_avg, exp_avg_sq, ...) are sliced exactly like the parameter; scalars (step) are kept. A replaced
-            parameter (a new balanced projection) starts with empty state in the group of its layer's in_proj.
+        results: the `LayerReduction`s `reduce` returned. A selected parameter's state tensors of the old parameter's
+            shape (Adam's exp_avg, exp_avg_sq, ...) are sliced exactly like the parameter (`LayerChange.slicers`);
+            scalars (step) are kept. A replaced parameter (a new balanced projection) starts with empty state in the
+            group of its layer's in_proj.
     """
     optimizer = getattr(optimizer, "optimizer", optimizer)
-    sliced = {name: slicer for result in results for name, slicer in result["sliced_parameters"].items()}
-    replaced = {name for result in results for name in result["replaced_parameters"]}
+    changes = [result.change for result in results if result.change is not None]
+    sliced = {name: slicer for change in changes for name, slicer in change.slicers.items()}
+    replaced = {name for change in changes for name in change.parameters if name not in change.slicers}
     current = dict(model.named_parameters())
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     for name in sorted(set(sliced) | replaced):
@@ -107,7 +109,7 @@ class Mamba2ReductionCallback(TrainerCallback):
 
     Statistics are collected from the training batches of steps [start_step, start_step + window_steps); at the end of
     step start_step + window_steps - 1 the model is reduced to `ranks` with `method` ("balanced" or "select") and the
-    optimizer is repaired. `self.results` holds what `reduce` returned (None before the event)."""
+    optimizer is repaired. `self.results` holds the `LayerReduction`s `reduce` returned (None before the event)."""
 
     def __init__(self, ranks, start_step: int = 0, window_steps: int = 1, method: str = "balanced"):
         if window_steps < 1 or start_step < 0:
@@ -115,7 +117,7 @@ class Mamba2ReductionCallback(TrainerCallback):
         self.ranks, self.method = ranks, method
         self.start_step, self.end_step = start_step, start_step + window_steps
         self.collector = Mamba2GramianCollector()
-        self.results: list[dict] | None = None
+        self.results: list | None = None
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == self.start_step and self.results is None and not self.collector.active:
