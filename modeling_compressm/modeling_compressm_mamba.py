@@ -28,12 +28,12 @@ from .mamba_reduction import MambaGramianStatistics, MambaScanInputs
 from .modeling_compressm_mamba2 import MISSING_FROM_TRANSFORMERS as MISSING_FROM_TRANSFORMERS_MAMBA2
 from .selective_ssm_surgery import (
     build_backbone,
+    calibration_statistics,
     check_statistics_arguments,
     converted_copy,
     mixer_change,
     normalise_ranks_and_keep,
     record_reduction,
-    run_calibration,
     sliced_linear,
 )
 
@@ -121,30 +121,42 @@ class CompreSSMMambaPreTrainedModel(_mamba.MambaPreTrainedModel):
     def _mixers(self) -> list[CompreSSMMambaMixer]:
         return [module for module in self.modules() if isinstance(module, CompreSSMMambaMixer)]
 
+    def attach_gramian_statistics(self, accept=None) -> tuple[list[MambaGramianStatistics], list]:
+        """Forward hooks on each mixer's `x_proj` that accumulate the layer's float64 Gramian sums (P, Q of shape
+        (1, r, r)) from every forward pass of this model for which `accept(hooked module)` is True (None: every
+        pass); a pre-hook on the model reads each pass's `attention_mask` keyword so padding is excluded.
+
+        transformers' fused CUDA training path (`mamba_inner_fn`, with mamba_ssm kernels) never calls `x_proj`, so
+        no statistics accumulate there; the statistics' `count` stays 0.
+
+        Returns:
+            (one `MambaGramianStatistics` per layer (model order), the hook handles: remove them to stop)."""
+        mixers = self._mixers()
+        statistics = [MambaGramianStatistics() for _ in mixers]
+        current = {}
+
+        def read_mask(module, args, kwargs):
+            current["attention_mask"] = kwargs.get("attention_mask")
+
+        def hook_for(mixer, layer_statistics):
+            def hook(module, args, output):
+                if accept is not None and not accept(module):
+                    return
+                with torch.no_grad():
+                    layer_statistics.update(mixer.scan_inputs_of(args[0], output), current.get("attention_mask"))
+
+            return hook
+
+        handles = [self.register_forward_pre_hook(read_mask, with_kwargs=True)]
+        handles += [mixer.x_proj.register_forward_hook(hook_for(mixer, s)) for mixer, s in zip(mixers, statistics)]
+        return statistics, handles
+
     @torch.no_grad()
     def gramian_statistics(self, calibration: Iterable) -> list[MambaGramianStatistics]:
         """Run `calibration` batches (token-id tensors or dicts with input_ids/attention_mask; eval mode, no cache) and
         accumulate each layer's float64 Gramian sums (P, Q of shape (1, r, r), padding excluded). One
         `MambaGramianStatistics` per layer."""
-        mixers = self._mixers()
-        statistics = [MambaGramianStatistics() for _ in mixers]
-        current = {}
-
-        def hook_for(mixer, layer_statistics):
-            def hook(module, args, output):
-                layer_statistics.update(mixer.scan_inputs_of(args[0], output), current.get("attention_mask"))
-
-            return hook
-
-        handles = [mixer.x_proj.register_forward_hook(hook_for(mixer, s)) for mixer, s in zip(mixers, statistics)]
-        try:
-            run_calibration(self, calibration, on_batch=lambda inputs: current.update(
-                attention_mask=inputs.get("attention_mask")
-            ))
-        finally:
-            for handle in handles:
-                handle.remove()
-        return statistics
+        return calibration_statistics(self, calibration)
 
     def hankel_singular_values(self, calibration: Iterable) -> list[torch.Tensor]:
         """Data-driven HSVs per layer: float64 (1, r_layer), descending (singular values of Q^1/2 P^1/2)."""

@@ -39,12 +39,12 @@ from .mamba2_reduction import (
 )
 from .selective_ssm_surgery import (
     build_backbone,
+    calibration_statistics,
     check_statistics_arguments,
     converted_copy,
     mixer_change,
     normalise_ranks_and_keep,
     record_reduction,
-    run_calibration,
     sliced_depthwise_conv,
     sliced_linear,
 )
@@ -279,22 +279,27 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
     def _mixers(self) -> list[CompreSSMMamba2Mixer]:
         return [module for module in self.modules() if isinstance(module, CompreSSMMamba2Mixer)]
 
-    @torch.no_grad()
-    def gramian_statistics(self, calibration: Iterable) -> list[GramianStatistics]:
-        """Run `calibration` batches (eval mode, no cache, moved to the model's device) and accumulate each layer's float64 Gramian sums of the
-        states the scan runs now (size r per layer). Returns one `GramianStatistics` per layer."""
+    def attach_gramian_statistics(self, accept=None) -> tuple[list[GramianStatistics], list]:
+        """Forward hooks on each mixer's `scan_inputs` that accumulate the layer's float64 Gramian sums of the states
+        the scan runs now (size r per layer) from every forward pass for which `accept(hooked module)` is True
+        (None: every pass), padding excluded, inputs detached.
+
+        Returns:
+            (one `GramianStatistics` per layer (model order), the hook handles: remove them to stop)."""
         mixers = self._mixers()
         statistics = [GramianStatistics() for _ in mixers]
         handles = [
-            mixer.scan_inputs.register_forward_hook(_statistics_hook(mixer, stats))
+            mixer.scan_inputs.register_forward_hook(_statistics_hook(mixer, stats, accept))
             for mixer, stats in zip(mixers, statistics)
         ]
-        try:
-            run_calibration(self, calibration)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return statistics
+        return statistics, handles
+
+    @torch.no_grad()
+    def gramian_statistics(self, calibration: Iterable) -> list[GramianStatistics]:
+        """Run `calibration` batches (eval mode, no cache, moved to the model's device) and accumulate each layer's
+        float64 Gramian sums of the states the scan runs now (size r per layer). Returns one `GramianStatistics` per
+        layer."""
+        return calibration_statistics(self, calibration)
 
     def hankel_singular_values(self, calibration: Iterable) -> list[torch.Tensor]:
         """Data-driven HSVs per layer: float64 (groups, r_layer), descending, from `calibration` batches."""
@@ -359,11 +364,13 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
         return results
 
 
-def _statistics_hook(mixer: CompreSSMMamba2Mixer, statistics: GramianStatistics):
+def _statistics_hook(mixer: CompreSSMMamba2Mixer, statistics: GramianStatistics, accept=None):
     def hook(module, args, output):
-        hidden_states, B, C, dt = output
-        mask = args[4] if len(args) > 4 else None
-        statistics.update(mixer.scan_inputs_of(hidden_states, B, C, dt), mask)
+        if accept is not None and not accept(module):
+            return
+        with torch.no_grad():
+            mask = args[4] if len(args) > 4 else None
+            statistics.update(mixer.scan_inputs_of(*output), mask)
 
     return hook
 

@@ -112,20 +112,29 @@ def check_statistics_arguments(needs_statistics: bool, calibration, statistics, 
 
 
 @torch.no_grad()
-def run_calibration(model: nn.Module, calibration: Iterable, on_batch=None) -> None:
+def run_calibration(model: nn.Module, calibration: Iterable) -> None:
     """Forward each calibration batch through `model` in eval mode without cache, moved to the model's device; the
-    train/eval mode is restored. `on_batch(inputs)`, if given, sees each batch's keyword inputs first (e.g. to hand
-    hooks its attention_mask)."""
+    train/eval mode is restored."""
     was_training = model.training
     model.eval()
     try:
         for batch in calibration:
             inputs = {key: value.to(model.device) for key, value in model_inputs(batch).items()}
-            if on_batch is not None:
-                on_batch(inputs)
             model(**inputs, use_cache=False)
     finally:
         model.train(was_training)
+
+
+def calibration_statistics(model: nn.Module, calibration: Iterable) -> list:
+    """The per-layer Gramian statistics of `model` (a Mamba-2 / Mamba model with `attach_gramian_statistics`) over
+    the `calibration` batches (`run_calibration`); the hooks are removed afterwards."""
+    statistics, handles = model.attach_gramian_statistics()
+    try:
+        run_calibration(model, calibration)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return statistics
 
 
 def converted_copy(model: nn.Module, model_class, config_class, own_fields: tuple[str, ...]) -> nn.Module:

@@ -1,7 +1,9 @@
-"""In-training state reduction of CompreSSM Mamba-2 models: Gramian statistics from training batches (forward hooks,
-no extra forward passes), optimizer-state repair after a reduction, and a Trainer callback tying them together.
+"""In-training state reduction of CompreSSM Mamba-2 and Mamba (Mamba-1) models: Gramian statistics from training
+batches (forward hooks, no extra forward passes), optimizer-state repair after a reduction, and a Trainer callback
+tying them together.
 
-Glue only: the math lives in `mamba2_reduction.py`, the in-place layer surgery in `modeling_compressm_mamba2.py`.
+Glue only: the math lives in `mamba2_reduction.py` / `mamba_reduction.py`, the hooks and the in-place layer surgery in
+the modeling files (`attach_gramian_statistics`, `reduce`).
 """
 
 from __future__ import annotations
@@ -9,18 +11,17 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
-from ..mamba2_reduction import GramianStatistics
-from ..modeling_compressm_mamba2 import CompreSSMMamba2Mixer
 
-
-class Mamba2GramianCollector:
+class SelectiveSSMGramianCollector:
     """Accumulates each layer's float64 Gramian statistics from the forward passes the model runs anyway.
 
-    `start(model)` hooks every mixer's `scan_inputs` (training-mode passes only, inputs detached; forwards recomputed
-    by activation checkpointing during backward are not counted again); `stop()` removes the hooks; `statistics` holds one `GramianStatistics` per layer (model order)."""
+    `start(model)` attaches the model's statistics hooks (`attach_gramian_statistics`: Mamba-2 mixers' `scan_inputs`,
+    Mamba-1 mixers' `x_proj`), counting training-mode passes only (inputs detached; forwards recomputed by activation
+    checkpointing during backward are not counted again); `stop()` removes the hooks; `statistics` holds one
+    statistics object per layer (model order)."""
 
     def __init__(self):
-        self.statistics: list[GramianStatistics] = []
+        self.statistics: list = []
         self._handles = []
 
     @property
@@ -29,30 +30,26 @@ class Mamba2GramianCollector:
 
     def start(self, model: torch.nn.Module) -> None:
         self.stop()
-        mixers = [module for module in model.modules() if isinstance(module, CompreSSMMamba2Mixer)]
-        if not mixers:
-            raise ValueError(f"{type(model).__name__} has no CompreSSMMamba2Mixer layers to collect statistics from")
-        self.statistics = [GramianStatistics() for _ in mixers]
-        self._handles = [
-            mixer.scan_inputs.register_forward_hook(self._hook(mixer, statistics))
-            for mixer, statistics in zip(mixers, self.statistics)
-        ]
+        attach = getattr(model, "attach_gramian_statistics", None)
+        if attach is None:
+            raise ValueError(f"{type(model).__name__} is not a CompreSSM Mamba-2 or Mamba model (no "
+                             "attach_gramian_statistics); convert it with from_mamba2 / from_mamba")
+        statistics, handles = attach(accept=_training_forward)
+        if not statistics:
+            for handle in handles:
+                handle.remove()
+            raise ValueError(f"{type(model).__name__} has no Mamba mixer layers to collect statistics from")
+        self.statistics, self._handles = statistics, handles
 
     def stop(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
-    @staticmethod
-    def _hook(mixer: CompreSSMMamba2Mixer, statistics: GramianStatistics):
-        def hook(module, args, output):
-            if not module.training or _in_backward():  # activation checkpointing re-runs the forward in backward
-                return
-            with torch.no_grad():
-                mask = args[4] if len(args) > 4 else None
-                statistics.update(mixer.scan_inputs_of(*output), mask)
 
-        return hook
+def _training_forward(module: torch.nn.Module) -> bool:
+    """Count a hooked pass: the model is training and autograd is not re-running the forward in backward."""
+    return module.training and not _in_backward()
 
 
 def _in_backward() -> bool:
@@ -104,20 +101,29 @@ def repair_optimizer(optimizer: torch.optim.Optimizer, old_parameters: dict, mod
         group_of[id(new)] = group
 
 
-class Mamba2ReductionCallback(TrainerCallback):
-    """Reduce a CompreSSM Mamba-2 model once during `Trainer.train`.
+class SelectiveSSMReductionCallback(TrainerCallback):
+    """Reduce a CompreSSM Mamba-2 or Mamba (Mamba-1) model once during `Trainer.train`.
 
     Statistics are collected from the training batches of steps [start_step, start_step + window_steps); at the end of
-    step start_step + window_steps - 1 the model is reduced to `ranks` with `method` ("balanced" or "select") and the
-    optimizer is repaired. `self.results` holds the `LayerReduction`s `reduce` returned (None before the event)."""
+    step start_step + window_steps - 1 the model is reduced to `ranks` with `method` and the optimizer is repaired.
+    method: "balanced" or "select"; None: the model's default ("balanced" for Mamba-2, "select" for Mamba-1, which
+    refuses "balanced" when training begins). `self.results` holds the `LayerReduction`s `reduce` returned (None
+    before the event)."""
 
-    def __init__(self, ranks, start_step: int = 0, window_steps: int = 1, method: str = "balanced"):
+    def __init__(self, ranks, start_step: int = 0, window_steps: int = 1, method: str | None = None):
         if window_steps < 1 or start_step < 0:
             raise ValueError(f"need start_step >= 0 and window_steps >= 1, got {start_step} and {window_steps}")
         self.ranks, self.method = ranks, method
         self.start_step, self.end_step = start_step, start_step + window_steps
-        self.collector = Mamba2GramianCollector()
+        self.collector = SelectiveSSMGramianCollector()
         self.results: list | None = None
+
+    def _method(self) -> dict:
+        return {} if self.method is None else {"method": self.method}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:  # the model's own refusal of a method (Mamba-1: select only) before any step
+            model.reduce(None, **self._method())
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == self.start_step and self.results is None and not self.collector.active:
@@ -128,8 +134,15 @@ class Mamba2ReductionCallback(TrainerCallback):
         if state.global_step != self.end_step or not self.collector.active:
             return
         self.collector.stop()
+        empty = [layer for layer, statistics in enumerate(self.collector.statistics) if statistics.count == 0]
+        if empty:
+            raise RuntimeError(
+                f"no Gramian statistics reached layers {empty} in steps [{self.start_step}, {self.end_step}): the "
+                "training forward did not pass the hooked modules (e.g. transformers' fused Mamba-1 CUDA training "
+                "path, mamba_inner_fn, skips x_proj); train without the mamba_ssm kernels during the window"
+            )
         old_parameters = dict(model.named_parameters())
-        self.results = model.reduce(self.ranks, method=self.method, statistics=self.collector.statistics)
+        self.results = model.reduce(self.ranks, statistics=self.collector.statistics, **self._method())
         if optimizer is not None:
             repair_optimizer(optimizer, old_parameters, model, self.results)
 
@@ -137,4 +150,4 @@ class Mamba2ReductionCallback(TrainerCallback):
         self.collector.stop()
 
 
-__all__ = ["Mamba2GramianCollector", "Mamba2ReductionCallback", "repair_optimizer"]
+__all__ = ["SelectiveSSMGramianCollector", "SelectiveSSMReductionCallback", "repair_optimizer"]
