@@ -90,17 +90,3 @@ def test_trainer_reduces_from_training_batch_statistics(tmp_path):
     assert optimized == {id(p) for p in model.parameters()}
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
-
-
-def test_activation_checkpointing_recomputation_is_not_counted_twice():
-    from modeling_compressm.training.selective_ssm_training import SelectiveSSMGramianCollector
-
-    model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_model())
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    collector = SelectiveSSMGramianCollector()
-    collector.start(model)
-    tokens = _calibration(batches=1)[0]
-    model(tokens, labels=tokens, use_cache=False).loss.backward()
-    collector.stop()
-    assert [statistics.count for statistics in collector.statistics] == [tokens.numel()] * 2

@@ -1,5 +1,6 @@
 """In-training reduction of CompreSSM Mamba-1 models by selection: statistics from training passes only (padding
-excluded), Adam moments sliced exactly, the Trainer callback, and the refusal of a balanced reduction before training."""
+excluded, activation-checkpointing recomputation not counted, also for Mamba-2), Adam moments sliced exactly, the
+Trainer callback, and the refusal of a balanced reduction before training."""
 
 import pytest
 import torch
@@ -12,13 +13,14 @@ if modeling1.MISSING_FROM_TRANSFORMERS:
 
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-from modeling_compressm import CompreSSMMambaForCausalLM  # noqa: E402
+from modeling_compressm import CompreSSMMamba2ForCausalLM, CompreSSMMambaForCausalLM  # noqa: E402
 from modeling_compressm.training.selective_ssm_training import (  # noqa: E402
     SelectiveSSMGramianCollector,
     SelectiveSSMReductionCallback,
     repair_optimizer,
 )
 from test_mamba import STATE, VOCAB, _calibration, _stock_model  # noqa: E402 - tests/ helpers
+from test_mamba2 import _stock_model as _stock_mamba2  # noqa: E402
 
 TIME_STEP_RANK = 4
 
@@ -41,6 +43,21 @@ def test_collector_counts_training_passes_only_and_excludes_padding():
     expected = model.gramian_statistics([{"input_ids": tokens, "attention_mask": mask}])
     for got, want in zip(collector.statistics, expected):
         assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-9) for g, w in zip(got.gramians(), want.gramians()))
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_activation_checkpointing_recomputation_is_not_counted_twice(family):
+    """For both Mamba models (the Mamba-2 case moved here from test_mamba2_training.py)."""
+    model = (CompreSSMMambaForCausalLM.from_mamba(_stock_model()) if family == "mamba"
+             else CompreSSMMamba2ForCausalLM.from_mamba2(_stock_mamba2()))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    collector = SelectiveSSMGramianCollector()
+    collector.start(model)
+    tokens = _calibration(batches=1)[0]
+    model(tokens, labels=tokens, use_cache=False).loss.backward()
+    collector.stop()
+    assert [statistics.count for statistics in collector.statistics] == [tokens.numel()] * 2
 
 
 def test_selection_slices_adam_moments_exactly_and_training_continues():
