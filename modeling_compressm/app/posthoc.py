@@ -27,8 +27,8 @@ __all__ = [
 ]
 
 
-# model_type in config.json -> (what it is, shown in messages)
-LRU_MODEL_TYPE = "compressm"
+LRU_MODEL_TYPE = "compressm"  # the `model_type` in config.json of a CompreSSM LRU model
+# the `model_type`s of the Mamba models `compressm reduce` takes -> what they are (in summaries and messages)
 SELECTIVE_SSM_MODEL_TYPES = {
     "compressm_mamba2": "CompreSSM Mamba-2", "compressm_mamba": "CompreSSM Mamba-1",
     "mamba2": "transformers Mamba-2", "mamba": "transformers Mamba-1",
