@@ -214,27 +214,27 @@ def report(rows: list[dict]) -> str:
     full = [value[(s, first["state_dims"], "full")] for s in seeds]
     for rank in sorted({r["rank"] for r in rows if r["method"] != "full"}, reverse=True):
         lines += [f"## {rank} of {first['state_dims']} LRU states per layer", "",
-                  "| method | bpb mean ± std | per seed | real orders per seed |", "|---|---|---|---|",
-                  _method_line("full", full, [])]
+                  "| method | bpb mean ± std | per seed | per seed: LRU states (package) or real orders (scipy) |",
+                  "|---|---|---|---|", _method_line("full", full, [])]
         for method in METHODS:
             entries = [r for s in seeds for r in rows if (r["seed"], r["rank"], r["method"]) == (s, rank, method)]
             if entries:
-                orders = [str(r["real_orders"]) for r in entries if r.get("real_orders")]
-                lines.append(_method_line(method, [r["bpb"] for r in entries], orders))
+                sizes = [str(r.get("real_orders") or r.get("dims")) for r in entries]
+                lines.append(_method_line(method, [r["bpb"] for r in entries], sizes))
         gaps = [value[(s, rank, "package-real")] - value[(s, rank, "scipy-real")] for s in seeds
                 if (s, rank, "package-real") in value and (s, rank, "scipy-real") in value]
         if gaps:
             met = all(gap <= TARGET_GAP for gap in gaps)
             lines += ["", f"package-real minus scipy-real (bpb, positive = the package is behind): "
-                          f"{', '.join(f'{g:+.4f}' for g in gaps)}; worst {max(gaps):+.4f}: target "
+                          f"{', '.join(f'{g:+.6f}' for g in gaps)}; worst {max(gaps):+.6f}: target "
                           f"{'met' if met else 'missed'} at this size.", ""]
     return "\n".join(lines) + "\n"
 
 
-def _method_line(method: str, values: list[float], orders: list[str]) -> str:
+def _method_line(method: str, values: list[float], sizes: list[str]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else float("nan")
     return (f"| {method} | {statistics.mean(values):.4f} ± {spread:.4f} | {', '.join(f'{v:.4f}' for v in values)} | "
-            f"{'; '.join(orders)} |")
+            f"{'; '.join(sizes)} |")
 
 
 def cmd_report(args) -> None:

@@ -183,4 +183,4 @@ def test_posthoc_report_states_the_gap_and_the_target():
             for rank, method, bpb in ((128, "full", 2.0), (32, "package-real", 2.2 + offset),
                                       (32, "scipy-real", 2.2))]
     text = posthoc_vs_scipy.report(rows)
-    assert "+0.0000, +0.0300; worst +0.0300: target missed" in text
+    assert "+0.000000, +0.030000; worst +0.030000: target missed" in text
