@@ -173,7 +173,8 @@ def report(rows: list[dict], task: str) -> str:
     sizes with and without the same aid, with the other map and with the full model."""
     metric = "bpb" if "bpb" in rows[0] else "accuracy"
     better = 1.0 if metric == "accuracy" else -1.0  # sign that makes "arm better than other" positive
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    order = {arm: index for index, arm in enumerate(ARMS)}
+    arms = sorted(dict.fromkeys(r["arm"] for r in rows), key=lambda arm: order.get(arm, len(order)))
     seeds = sorted({r["seed"] for r in rows})
     first = rows[0]
     lines = [f"# LM study, reducibility protocol ({task})", "",
