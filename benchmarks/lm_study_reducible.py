@@ -167,6 +167,11 @@ COMPARISONS = (
 )
 
 
+def _held_out(row: dict) -> str:
+    blocks = row.get("eval_blocks")
+    return "the test split" if blocks is None else f"{blocks} held-out blocks"
+
+
 def report(rows: list[dict], task: str) -> str:
     """Markdown: one row per arm (mean ± sample std over seeds of bits per byte, or of accuracy on a classification
     task, dims, state-time), then per-seed comparisons of each compressed arm with the small-from-scratch arm at its
@@ -179,7 +184,7 @@ def report(rows: list[dict], task: str) -> str:
     first = rows[0]
     lines = [f"# LM study, reducibility protocol ({task})", "",
              f"Device {first['device']}, {first['threads']} torch thread(s), {first['max_steps']} steps per run, "
-             f"seeds {seeds}, {first.get('eval_blocks')} held-out blocks; generated "
+             f"seeds {seeds}, {_held_out(first)}; generated "
              f"{datetime.date.today().isoformat()} by `benchmarks/lm_study_reducible.py report`.", "",
              f"| arm | {metric} mean ± std | per seed | final dims | state-time / full |", "|---|---|---|---|---|"]
     by_arm = {}
