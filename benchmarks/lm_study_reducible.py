@@ -217,11 +217,14 @@ def report(rows: list[dict], task: str) -> str:
 
 
 def cmd_report(args) -> None:
-    rows = _rows(Path(args.log), args.task, args.tag)
+    rows = [row for log in args.log for row in _rows(Path(log), args.task, args.tag)]
+    if args.arms:
+        rows = [row for row in rows if row["arm"] in args.arms]
     if not rows:
-        raise SystemExit(f"no runs of task {args.task!r} in {args.log}")
+        raise SystemExit(f"no runs of task {args.task!r} in {', '.join(args.log)}")
     text = report(rows, args.task)
-    out = RESULTS_DIR / f"lm_study_reducible_{args.task}_{rows[0]['device']}_{datetime.date.today().isoformat()}.md"
+    out = RESULTS_DIR / (f"lm_study_reducible_{args.task}{args.suffix}_{rows[0]['device']}_"
+                         f"{datetime.date.today().isoformat()}.md")
     out.write_text(text, encoding="utf-8")
     print(text)
     print(f"written: {out}")
@@ -257,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = commands.add_parser("report", help="markdown report from the log")
     rep.add_argument("--task", default="bytes", choices=TASKS)
     rep.add_argument("--tag", default=None)
-    rep.add_argument("--log", default=str(DEFAULT_LOG))
+    rep.add_argument("--log", nargs="+", default=[str(DEFAULT_LOG)], help="run logs, read in order")
+    rep.add_argument("--arms", nargs="+", choices=ARMS, default=None, help="only these arms (default: all)")
+    rep.add_argument("--suffix", default="", help="added to the task in the report's file name")
     return parser
 
 
