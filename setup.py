@@ -48,7 +48,9 @@ setup(
     ],
     extras_require={
         # parameterized: imported by transformers' own model test mixins (tests/test_modeling_common.py)
-        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7", "parameterized"],
+        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7", "parameterized",
+                 # scipy: the independent reference of benchmarks/posthoc_vs_scipy.py, which tests/test_lm_study.py runs
+                 "scipy"],
     },
     entry_points={"console_scripts": ["compressm=modeling_compressm.app.cli:main"]},
 )

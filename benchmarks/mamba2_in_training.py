@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from modeling_compressm import CompreSSMMamba2Config, CompreSSMMamba2ForCausalLM
-from modeling_compressm.training.mamba2_training import Mamba2GramianCollector, repair_optimizer
+from modeling_compressm.training.selective_ssm_training import SelectiveSSMGramianCollector, repair_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_study import load_corpus  # noqa: E402 - benchmarks/ sibling
@@ -49,7 +49,7 @@ def run_arm(arm: str, corpus, args, seed: int) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=args.steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
-    collector = Mamba2GramianCollector()
+    collector = SelectiveSSMGramianCollector()
     report = None
     started = time.time()
     model.train()
@@ -75,7 +75,7 @@ def run_arm(arm: str, corpus, args, seed: int) -> dict:
     return {
         "arm": arm, "seed": seed, "bpb": bpb, "train_seconds": round(seconds, 1),
         "state_dims": list(model.config.state_dims),
-        "predicted_relative_scan_error": [entry["relative_error"] for entry in report] if report else None,
+        "predicted_relative_scan_error": [entry.relative_error for entry in report] if report else None,
     }
 
 

@@ -133,7 +133,7 @@ def main(argv=None):
             bpb, error, _ = evaluate(model, held_out, reference)
             rows.append({
                 "rank": rank, "method": name, "relative_logit_error": error, "bpb": bpb, "delta_bpb": bpb - full_bpb,
-                "predicted_relative_scan_error": [entry["relative_error"] for entry in report],
+                "predicted_relative_scan_error": [entry.relative_error for entry in report],
                 "state_dims": list(model.config.state_dims),
             })
             print(json.dumps(rows[-1]), flush=True)

@@ -6,8 +6,8 @@ A Mamba-1 layer decays every (channel, state) pair at its own rate, so only sele
 layer's state size; forward, scan, kernels and cache are transformers' own.
 
 This file is copied with checkpoints for `trust_remote_code` loading: it imports only transformers, torch and its flat
-siblings (`configuration_compressm_mamba.py`, `mamba_reduction.py`, `mamba2_reduction.py`, `selective_ssm_surgery.py`
-and `modeling_compressm_mamba2.py` with their own flat imports).
+siblings (`configuration_compressm_mamba.py`, `layer_reduction.py`, `mamba_reduction.py`, `mamba2_reduction.py`,
+`selective_ssm_surgery.py` and `modeling_compressm_mamba2.py` with their own flat imports).
 """
 
 from __future__ import annotations
@@ -22,15 +22,18 @@ from transformers import __version__ as transformers_version
 from transformers.models.mamba import modeling_mamba as _mamba
 
 from .configuration_compressm_mamba import CompreSSMMambaConfig
+from .layer_reduction import LayerReduction
 from .mamba2_reduction import hankel_singular_values, projection_error, select_states, selection_projection
 from .mamba_reduction import MambaGramianStatistics, MambaScanInputs
 from .modeling_compressm_mamba2 import MISSING_FROM_TRANSFORMERS as MISSING_FROM_TRANSFORMERS_MAMBA2
 from .selective_ssm_surgery import (
     build_backbone,
+    calibration_statistics,
     check_statistics_arguments,
     converted_copy,
+    mixer_change,
     normalise_ranks_and_keep,
-    run_calibration,
+    record_reduction,
     sliced_linear,
 )
 
@@ -118,37 +121,49 @@ class CompreSSMMambaPreTrainedModel(_mamba.MambaPreTrainedModel):
     def _mixers(self) -> list[CompreSSMMambaMixer]:
         return [module for module in self.modules() if isinstance(module, CompreSSMMambaMixer)]
 
+    def attach_gramian_statistics(self, accept=None) -> tuple[list[MambaGramianStatistics], list]:
+        """Forward hooks on each mixer's `x_proj` that accumulate the layer's float64 Gramian sums (P, Q of shape
+        (1, r, r)) from every forward pass of this model for which `accept(hooked module)` is True (None: every
+        pass); a pre-hook on the model reads each pass's `attention_mask` keyword so padding is excluded.
+
+        transformers' fused CUDA training path (`mamba_inner_fn`, with mamba_ssm kernels) never calls `x_proj`, so
+        no statistics accumulate there; the statistics' `count` stays 0.
+
+        Returns:
+            (one `MambaGramianStatistics` per layer (model order), the hook handles: remove them to stop)."""
+        mixers = self._mixers()
+        statistics = [MambaGramianStatistics() for _ in mixers]
+        current = {}
+
+        def read_mask(module, args, kwargs):
+            current["attention_mask"] = kwargs.get("attention_mask")
+
+        def hook_for(mixer, layer_statistics):
+            def hook(module, args, output):
+                if accept is not None and not accept(module):
+                    return
+                with torch.no_grad():
+                    layer_statistics.update(mixer.scan_inputs_of(args[0], output), current.get("attention_mask"))
+
+            return hook
+
+        handles = [self.register_forward_pre_hook(read_mask, with_kwargs=True)]
+        handles += [mixer.x_proj.register_forward_hook(hook_for(mixer, s)) for mixer, s in zip(mixers, statistics)]
+        return statistics, handles
+
     @torch.no_grad()
     def gramian_statistics(self, calibration: Iterable) -> list[MambaGramianStatistics]:
         """Run `calibration` batches (token-id tensors or dicts with input_ids/attention_mask; eval mode, no cache) and
         accumulate each layer's float64 Gramian sums (P, Q of shape (1, r, r), padding excluded). One
         `MambaGramianStatistics` per layer."""
-        mixers = self._mixers()
-        statistics = [MambaGramianStatistics() for _ in mixers]
-        current = {}
-
-        def hook_for(mixer, layer_statistics):
-            def hook(module, args, output):
-                layer_statistics.update(mixer.scan_inputs_of(args[0], output), current.get("attention_mask"))
-
-            return hook
-
-        handles = [mixer.x_proj.register_forward_hook(hook_for(mixer, s)) for mixer, s in zip(mixers, statistics)]
-        try:
-            run_calibration(self, calibration, on_batch=lambda inputs: current.update(
-                attention_mask=inputs.get("attention_mask")
-            ))
-        finally:
-            for handle in handles:
-                handle.remove()
-        return statistics
+        return calibration_statistics(self, calibration)
 
     def hankel_singular_values(self, calibration: Iterable) -> list[torch.Tensor]:
         """Data-driven HSVs per layer: float64 (1, r_layer), descending (singular values of Q^1/2 P^1/2)."""
         return [hankel_singular_values(*stats.gramians()) for stats in self.gramian_statistics(calibration)]
 
     def reduce(self, ranks=None, calibration: Iterable | None = None, method: str = "select", keep=None,
-               statistics=None) -> list[dict]:
+               statistics=None) -> list[LayerReduction]:
         """Shrink each layer's state in place by selection (the only exact reduction of a Mamba-1 layer).
 
         Args:
@@ -160,9 +175,11 @@ class CompreSSMMambaPreTrainedModel(_mamba.MambaPreTrainedModel):
             keep: optional list with, per layer, None or the state indices to keep.
             statistics: instead of `calibration`, one `MambaGramianStatistics` per layer already accumulated.
         Returns:
-            one dict per layer: layer, status ("reduced" / "unchanged"), method, dim_before, dim_after, hsv (float64
-            (1, dim_before) or None), predicted_error (E‖Δy‖² of the scan output, or None), relative_error, keep (kept
-            indices or None) and sliced_parameters ({full parameter name: function slicing the old tensor}).
+            one `LayerReduction` per layer (the type the LRU model's `reduce` returns): layer, status ("reduced" /
+            "unchanged"), old_dim, new_dim, rank_requested, method, hsv (float64 (1, old_dim) or None),
+            predicted_error (E‖Δy‖² of the scan output, or None), relative_error, kept_energy (1 - relative_error),
+            keep (kept indices or None) and, for a reduced layer, change: a `LayerChange` keyed by full parameter
+            names whose `slicers` slice tensors of the old parameters' shapes.
         """
         if method != "select":
             raise ValueError(
@@ -178,33 +195,27 @@ class CompreSSMMambaPreTrainedModel(_mamba.MambaPreTrainedModel):
         names = {mixer: name for name, mixer in self.named_modules() if isinstance(mixer, CompreSSMMambaMixer)}
         results = []
         for layer, mixer in enumerate(mixers):
-            result = _select_layer(mixer, layer, ranks[layer], keep[layer], statistics[layer])
-            result["sliced_parameters"] = {
-                f"{names[mixer]}.{key}": value for key, value in result["sliced_parameters"].items()
-            }
-            results.append(result)
+            results.append(_select_layer(mixer, layer, ranks[layer], keep[layer], statistics[layer], names[mixer] + "."))
             self.config.state_dims[layer] = mixer.ssm_state_size
         return results
 
 
-def _select_layer(mixer: CompreSSMMambaMixer, layer: int, rank, keep, statistics) -> dict:
-    """Reduce one mixer in place by selection (see `reduce`); returns its report entry."""
+def _select_layer(mixer: CompreSSMMambaMixer, layer: int, rank, keep, statistics, prefix: str) -> LayerReduction:
+    """Reduce one mixer in place by selection (see `reduce`; `prefix`: the mixer's name in the model plus ".");
+    returns its report entry."""
     before = mixer.ssm_state_size
     gramians = tuple(g.cpu() for g in statistics.gramians()) if statistics is not None else None
     hsv = hankel_singular_values(*gramians) if gramians is not None else None
-    result = {
-        "layer": layer, "status": "unchanged", "method": None, "dim_before": before, "dim_after": before,
-        "hsv": hsv, "predicted_error": None, "relative_error": None, "keep": None, "sliced_parameters": {},
-    }
+    result = LayerReduction(layer=layer, old_dim=before, new_dim=before, rank_requested=rank, hsv=hsv)
     if rank is None or (rank == before and keep is None):
         return result
     keep = keep if keep is not None else select_states(*gramians, rank)  # one index list per group (one group)
     if gramians is not None:
-        result["predicted_error"] = projection_error(*gramians, *selection_projection(keep, before))
-        total = float(hsv.pow(2).sum())
-        result["relative_error"] = result["predicted_error"] / total if total else None
-    result.update(method="select", keep=keep[0], sliced_parameters=mixer.apply_selection(keep[0]),
-                  status="reduced", dim_after=mixer.ssm_state_size)
+        result.predicted_error = projection_error(*gramians, *selection_projection(keep, before))
+    result.method, result.keep = "select", keep[0]
+    previous = dict(mixer.named_parameters())
+    slicers = mixer.apply_selection(keep[0])
+    record_reduction(result, mixer.ssm_state_size, mixer_change(layer, prefix, mixer, previous, slicers, []))
     return result
 
 

@@ -7,7 +7,8 @@ head_dim, r)); a layer reduced by selection is a stock Mamba-2 layer of state si
 fused `mamba2_split_conv1d_scan_combined` path, whose kernels would skip the projection.
 
 This file is copied with checkpoints for `trust_remote_code` loading: it imports only transformers, torch and its flat
-siblings `configuration_compressm_mamba2.py`, `mamba2_reduction.py` and `selective_ssm_surgery.py`.
+siblings `configuration_compressm_mamba2.py`, `layer_reduction.py`, `mamba2_reduction.py` and
+`selective_ssm_surgery.py`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from transformers import __version__ as transformers_version
 from transformers.models.mamba2 import modeling_mamba2 as _mamba2
 
 from .configuration_compressm_mamba2 import CompreSSMMamba2Config
+from .layer_reduction import LayerReduction
 from .mamba2_reduction import (
     GramianStatistics,
     ScanInputs,
@@ -37,10 +39,12 @@ from .mamba2_reduction import (
 )
 from .selective_ssm_surgery import (
     build_backbone,
+    calibration_statistics,
     check_statistics_arguments,
     converted_copy,
+    mixer_change,
     normalise_ranks_and_keep,
-    run_calibration,
+    record_reduction,
     sliced_depthwise_conv,
     sliced_linear,
 )
@@ -275,22 +279,27 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
     def _mixers(self) -> list[CompreSSMMamba2Mixer]:
         return [module for module in self.modules() if isinstance(module, CompreSSMMamba2Mixer)]
 
-    @torch.no_grad()
-    def gramian_statistics(self, calibration: Iterable) -> list[GramianStatistics]:
-        """Run `calibration` batches (eval mode, no cache, moved to the model's device) and accumulate each layer's float64 Gramian sums of the
-        states the scan runs now (size r per layer). Returns one `GramianStatistics` per layer."""
+    def attach_gramian_statistics(self, accept=None) -> tuple[list[GramianStatistics], list]:
+        """Forward hooks on each mixer's `scan_inputs` that accumulate the layer's float64 Gramian sums of the states
+        the scan runs now (size r per layer) from every forward pass for which `accept(hooked module)` is True
+        (None: every pass), padding excluded, inputs detached.
+
+        Returns:
+            (one `GramianStatistics` per layer (model order), the hook handles: remove them to stop)."""
         mixers = self._mixers()
         statistics = [GramianStatistics() for _ in mixers]
         handles = [
-            mixer.scan_inputs.register_forward_hook(_statistics_hook(mixer, stats))
+            mixer.scan_inputs.register_forward_hook(_statistics_hook(mixer, stats, accept))
             for mixer, stats in zip(mixers, statistics)
         ]
-        try:
-            run_calibration(self, calibration)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return statistics
+        return statistics, handles
+
+    @torch.no_grad()
+    def gramian_statistics(self, calibration: Iterable) -> list[GramianStatistics]:
+        """Run `calibration` batches (eval mode, no cache, moved to the model's device) and accumulate each layer's
+        float64 Gramian sums of the states the scan runs now (size r per layer). Returns one `GramianStatistics` per
+        layer."""
+        return calibration_statistics(self, calibration)
 
     def hankel_singular_values(self, calibration: Iterable) -> list[torch.Tensor]:
         """Data-driven HSVs per layer: float64 (groups, r_layer), descending, from `calibration` batches."""
@@ -299,7 +308,7 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
     def reduce(
         self, ranks=None, calibration: Iterable | None = None, method: str = "balanced", keep=None, statistics=None,
         tolerance: float | None = None,
-    ) -> list[dict]:
+    ) -> list[LayerReduction]:
         """Shrink the scan state of each layer in place.
 
         Args:
@@ -317,11 +326,12 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
                 Σ_{i>r} σ_i² is at most tolerance · Σσ² (`rank_for_output_energy`); layers where that r is not smaller
                 than the current size stay unchanged.
         Returns:
-            one dict per layer: layer, status ("reduced" / "unchanged"), method, dim_before, dim_after, hsv (float64
-            (groups, dim_before) or None), predicted_error (E‖Δy‖² of the scan output, or None), relative_error
-            (predicted_error / Σσ², or None), keep (selected indices per group, or None), sliced_parameters
-            ({full parameter name: function slicing a tensor of the old parameter's shape}, selection only) and
-            replaced_parameters (full names of parameters replaced without a slicing relation: new projections).
+            one `LayerReduction` per layer (the type the LRU model's `reduce` returns): layer, status ("reduced" /
+            "unchanged"), old_dim, new_dim, rank_requested, method, hsv (float64 (groups, old_dim) or None),
+            predicted_error (E‖Δy‖² of the scan output, or None), relative_error (predicted_error / Σσ², or None),
+            kept_energy (1 - relative_error), keep (selected indices per group, or None) and, for a reduced layer,
+            change: a `LayerChange` keyed by full parameter names, whose `slicers` slice tensors of a selected
+            parameter's old shape (selection) and whose other parameters are new (balanced projections).
         """
         if method not in ("balanced", "select"):
             raise ValueError(f"method must be 'balanced' or 'select', got {method!r}")
@@ -345,57 +355,50 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
         names = {mixer: name for name, mixer in self.named_modules() if isinstance(mixer, CompreSSMMamba2Mixer)}
         results = []
         for layer, mixer in enumerate(mixers):
-            result = _reduce_layer(mixer, layer, ranks[layer], method, keep[layer], statistics[layer])
-            prefix = names[mixer] + "."
-            result["sliced_parameters"] = {prefix + key: value for key, value in result["sliced_parameters"].items()}
-            result["replaced_parameters"] = [prefix + key for key in result["replaced_parameters"]]
-            results.append(result)
+            results.append(
+                _reduce_layer(mixer, layer, ranks[layer], method, keep[layer], statistics[layer], names[mixer] + ".")
+            )
             self.config.state_dims[layer] = mixer.ssm_state_size
             self.config.channel_dims[layer] = mixer.channel_state_size
-        warn_if_padded_on_gpu_kernels(
-            self, {entry["layer"]: entry["dim_after"] for entry in results if entry["status"] == "reduced"}
-        )
+        warn_if_padded_on_gpu_kernels(self, {entry.layer: entry.new_dim for entry in results if entry.reduced})
         return results
 
 
-def _statistics_hook(mixer: CompreSSMMamba2Mixer, statistics: GramianStatistics):
+def _statistics_hook(mixer: CompreSSMMamba2Mixer, statistics: GramianStatistics, accept=None):
     def hook(module, args, output):
-        hidden_states, B, C, dt = output
-        mask = args[4] if len(args) > 4 else None
-        statistics.update(mixer.scan_inputs_of(hidden_states, B, C, dt), mask)
+        if accept is not None and not accept(module):
+            return
+        with torch.no_grad():
+            mask = args[4] if len(args) > 4 else None
+            statistics.update(mixer.scan_inputs_of(*output), mask)
 
     return hook
 
 
-def _reduce_layer(mixer, layer, rank, method, keep, statistics) -> dict:
-    """Reduce one mixer in place (see `reduce`); returns its report entry."""
+def _reduce_layer(mixer, layer, rank, method, keep, statistics, prefix: str) -> LayerReduction:
+    """Reduce one mixer in place (see `reduce`; `prefix`: the mixer's name in the model plus "."); returns its
+    report entry."""
     before = mixer.ssm_state_size
     # the (groups, r, r) math runs on CPU; apply_projection/apply_selection move results to the layer's device
     gramians = tuple(g.cpu() for g in statistics.gramians()) if statistics is not None else None
     hsv = hankel_singular_values(*gramians) if gramians is not None else None
-    total = float(hsv.pow(2).sum()) if hsv is not None else None
-    result = {
-        "layer": layer, "status": "unchanged", "method": None, "dim_before": before, "dim_after": before,
-        "hsv": hsv, "predicted_error": None, "relative_error": None, "keep": None,
-        "sliced_parameters": {}, "replaced_parameters": [],
-    }
+    result = LayerReduction(layer=layer, old_dim=before, new_dim=before, rank_requested=rank, hsv=hsv)
     if rank is None or (rank == before and keep is None):
         return result
+    previous = dict(mixer.named_parameters())
     if keep is not None or method == "select":
         if keep is None:
             keep = select_states(*gramians, rank)
         if gramians is not None:
-            V, W = selection_projection(keep, before)
-            result["predicted_error"] = projection_error(*gramians, V, W)
-        result.update(method="select", keep=keep, sliced_parameters=mixer.apply_selection(keep))
+            result.predicted_error = projection_error(*gramians, *selection_projection(keep, before))
+        result.method, result.keep = "select", keep
+        slicers, replaced = mixer.apply_selection(keep), []
     else:
         V, W, _ = balanced_projection(*gramians, rank)
         mixer.apply_projection(V, W)
-        result.update(method="balanced", predicted_error=predicted_error(hsv, rank),
-                      replaced_parameters=["state_projection_in", "state_projection_out"])
-    if result["predicted_error"] is not None and total:
-        result["relative_error"] = result["predicted_error"] / total
-    result.update(status="reduced", dim_after=mixer.ssm_state_size)
+        result.method, result.predicted_error = "balanced", predicted_error(hsv, rank)
+        slicers, replaced = {}, ["state_projection_in", "state_projection_out"]
+    record_reduction(result, mixer.ssm_state_size, mixer_change(layer, prefix, mixer, previous, slicers, replaced))
     return result
 
 

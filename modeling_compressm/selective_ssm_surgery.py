@@ -1,8 +1,8 @@
 """Shared pieces of reducing selective-SSM layers (Mamba-2 and Mamba-1) in place: argument checks of `reduce`, the
 calibration loop, slicing of linear / depthwise-conv layers to kept rows, conversion from transformers' models.
 
-Part of the remote-code bundle (copied with checkpoints): imports only torch and its flat sibling
-`mamba2_reduction.py`.
+Part of the remote-code bundle (copied with checkpoints): imports only torch and its flat siblings
+`mamba2_reduction.py` and `layer_reduction.py`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .layer_reduction import LayerChange, LayerReduction
 from .mamba2_reduction import normalise_keep
 
 
@@ -35,6 +36,34 @@ def sliced_depthwise_conv(conv: nn.Conv1d, index: torch.Tensor) -> nn.Conv1d:
     if conv.bias is not None:
         new.bias.copy_(conv.bias[index])
     return new
+
+
+def mixer_change(layer: int, prefix: str, mixer: nn.Module, previous: dict, slicers: dict,
+                 replaced: list[str]) -> LayerChange:
+    """The `LayerChange` of a Mamba mixer reduced in place, keyed by full parameter names (`prefix` + the name within
+    the mixer). previous: {name within the mixer: Parameter} taken before the reduction; slicers: {name: function
+    slicing a tensor of the previous parameter's shape} of the sliced parameters; replaced: names of the parameters
+    replaced without a slicing relation."""
+    current = dict(mixer.named_parameters())
+    names = [*slicers, *replaced]
+    return LayerChange(
+        layer=layer,
+        parameters={prefix + name: current[name] for name in names},
+        previous={prefix + name: previous[name] for name in names if name in previous},
+        slicers={prefix + name: slicer for name, slicer in slicers.items()},
+    )
+
+
+def record_reduction(result: LayerReduction, new_dim: int, change: LayerChange) -> None:
+    """Mark `result` (with its hsv and predicted_error set, where known) as reduced to `new_dim` by `change`; fills
+    relative_error = predicted_error / Σσ² and kept_energy = 1 - relative_error (None where unknown)."""
+    total = float(result.hsv.pow(2).sum()) if result.hsv is not None else 0.0
+    if result.predicted_error is not None and total:
+        result.relative_error = result.predicted_error / total
+        result.kept_energy = 1.0 - result.relative_error
+    else:
+        result.kept_energy = None
+    result.status, result.new_dim, result.change = "reduced", new_dim, change
 
 
 def model_inputs(batch) -> dict:
@@ -83,20 +112,29 @@ def check_statistics_arguments(needs_statistics: bool, calibration, statistics, 
 
 
 @torch.no_grad()
-def run_calibration(model: nn.Module, calibration: Iterable, on_batch=None) -> None:
+def run_calibration(model: nn.Module, calibration: Iterable) -> None:
     """Forward each calibration batch through `model` in eval mode without cache, moved to the model's device; the
-    train/eval mode is restored. `on_batch(inputs)`, if given, sees each batch's keyword inputs first (e.g. to hand
-    hooks its attention_mask)."""
+    train/eval mode is restored."""
     was_training = model.training
     model.eval()
     try:
         for batch in calibration:
             inputs = {key: value.to(model.device) for key, value in model_inputs(batch).items()}
-            if on_batch is not None:
-                on_batch(inputs)
             model(**inputs, use_cache=False)
     finally:
         model.train(was_training)
+
+
+def calibration_statistics(model: nn.Module, calibration: Iterable) -> list:
+    """The per-layer Gramian statistics of `model` (a Mamba-2 / Mamba model with `attach_gramian_statistics`) over
+    the `calibration` batches (`run_calibration`); the hooks are removed afterwards."""
+    statistics, handles = model.attach_gramian_statistics()
+    try:
+        run_calibration(model, calibration)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return statistics
 
 
 def converted_copy(model: nn.Module, model_class, config_class, own_fields: tuple[str, ...]) -> nn.Module:

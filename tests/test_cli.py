@@ -404,6 +404,8 @@ def test_no_compress_keeps_sizes(tmp_path, capsys):
         (["train", "--policy", "global", "--final-fraction", "1.5", "--max-steps", "2"],
          "final_fraction must be a number strictly between 0 and 1"),
         (["train", "--ssm-lr-factor", "0", "--max-steps", "2"], "ssm_lr_factor must be positive"),
+        (["train", "--reducibility-weight", "0", "--max-steps", "2"],
+         "ReducibilityRegularizer.weight must be a positive number, got 0.0"),
         pytest.param(["train", "--tf32", "--max-steps", "2"], "--tf32 needs an NVIDIA GPU of compute capability 8.0",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")),
     ],
@@ -477,6 +479,31 @@ def test_presets_command(capsys):
     out = capsys.readouterr().out
     assert re.search(r"^digits\s+classifier\s+layers=2 H=32 state_dims=\[64, 64\]", out, re.M)
     assert re.search(r"^tiny\s+causal LM", out, re.M)
+
+
+def test_reducibility_weight_trains_with_the_regulariser_while_the_reductions_run(tmp_path, capsys, monkeypatch):
+    """--reducibility-weight W adds W x the penalty's gradient in the reductions' window (and says so in the run's
+    summary); without it the regulariser never runs."""
+    from modeling_compressm.training.reducibility import ReducibilityRegularizer
+
+    applied = []
+    apply = ReducibilityRegularizer.apply
+
+    def spy(self, model, step, system, last_event_step):
+        value = apply(self, model, step, system, last_event_step)
+        applied.append((self.weight, step, value))
+        return value
+
+    monkeypatch.setattr(ReducibilityRegularizer, "apply", spy)
+    argv = ["train", "--max-steps", "20", "--tau", "0.1", "--no-progress"]
+    assert main([*argv, "--output-dir", str(tmp_path / "plain")]) == 0
+    assert applied == []
+    assert main([*argv, "--reducibility-weight", "0.05", "--output-dir", str(tmp_path / "reg")]) == 0
+    out = capsys.readouterr().out
+    assert "reducibility regulariser weight" in out and "0.05" in out
+    assert {weight for weight, _, _ in applied} == {0.05}
+    evaluated = [value for _, _, value in applied if value is not None]
+    assert evaluated and all(value > 0 for value in evaluated), applied
 
 
 def test_causal_lm_preset_trains_on_the_offline_corpus(tmp_path, capsys):

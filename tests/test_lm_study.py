@@ -104,3 +104,83 @@ def test_package_default_arm_runs_the_shipped_reducer_and_the_overview_lists_it(
     lines, _ = lm_study_report.build_report(list(rows.values()))
     overview = lines[lines.index(next(line for line in lines if line.startswith("### Overview"))) + 4]
     assert overview.startswith("| bytes | `package-default` (")
+
+
+REDUCIBLE_TOY = ["--steps", "40", "--state-dims", "8", "--hidden", "8", "--seq-len", "16", "--batch-size", "2",
+                 "--eval-blocks", "4", "--seeds", "0"]
+
+
+def test_reducible_protocol_adds_an_arm_to_the_log_without_rerunning_logged_runs(tmp_path):
+    import lm_study_reducible
+
+    log = tmp_path / "runs.jsonl"
+    lm_study_reducible.main(["run", "--task", "bytes", *REDUCIBLE_TOY, "--posthoc-steps", "2",
+                             "--arms", "full", "compressm-real-reg", "small", "small-reg", "--log", str(log)])
+    first = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [row["arm"] for row in first] == ["full", "compressm-real-reg", "small", "small-reg"]
+    lm_study_reducible.main(["run", "--task", "bytes", *REDUCIBLE_TOY, "--arms", "compressm-complex-reg", "small",
+                             "small-reg", "--log", str(log)])
+    added = [json.loads(line) for line in log.read_text().splitlines()][len(first):]
+    complex_reg = added[0]
+    assert complex_reg["arm"] == "compressm-complex-reg" and complex_reg["knobs"]["system"] == "complex"
+    assert complex_reg["knobs"]["reducibility"] == lm_study_reducible.REGULARIZER_WEIGHT
+    # the small-from-scratch arms run at its sizes only where the log does not hold that run already
+    logged = {(row["arm"], tuple(row["dims_after"])) for row in first}
+    expected = [arm for arm in ("small", "small-reg") if (arm, tuple(complex_reg["dims_after"])) not in logged]
+    assert [row["arm"] for row in added[1:]] == expected
+    text = lm_study_reducible.report([*first, *added], "bytes")
+    assert "| compressm-real-reg vs compressm-complex-reg | - |" in text
+    assert "| compressm-real-reg vs full | - |" in text
+
+
+def test_reducible_report_counts_higher_accuracy_as_better():
+    import lm_study_reducible
+
+    def row(arm, accuracy, dims):
+        return {"arm": arm, "seed": 0, "accuracy": accuracy, "dims_after": dims, "state_time": 1, "state_time_full": 2,
+                "device": "cpu", "threads": 1, "max_steps": 10}
+
+    text = lm_study_reducible.report([row("compressm-real-reg", 0.9, [3, 3]), row("small", 0.8, [3, 3]),
+                                      row("small", 0.99, [4, 2])], "permuted-digits")
+    assert "| arm | accuracy mean ± std |" in text
+    assert "| compressm-real-reg vs small | compressm-real-reg | +0.1000 | +0.1000 | 1/1 |" in text
+
+
+def test_posthoc_scipy_reference_reproduces_the_layer_and_the_package_truncation():
+    import copy
+
+    import posthoc_vs_scipy
+
+    corpus = lm_study.load_corpus("bytes")
+    task = lm_study.LMTask(corpus, hidden_size=8, num_layers=2, seq_len=16, batch_size=2, eval_blocks=2)
+    model = task.make_model([6, 6], seed=0)
+    ids = task.eval_ids
+    with torch.no_grad():
+        full_logits = model(input_ids=ids).logits
+        for reduce in (posthoc_vs_scipy.balanced_truncation, posthoc_vs_scipy.singular_perturbation):
+            dense = copy.deepcopy(model)
+            for block in dense.model.layers:  # at full order (12 real states) both are the layer itself
+                lam, B, C, D = posthoc_vs_scipy.layer_system(block.lru)
+                system = reduce(*posthoc_vs_scipy.real_realisation(lam, B, C), D, 12)
+                block.lru = posthoc_vs_scipy.DenseStateSpaceLayer(*system)
+            torch.testing.assert_close(dense(input_ids=ids).logits, full_logits, rtol=1e-4, atol=1e-5)
+        package = copy.deepcopy(model)
+        package.reduce([3, 3], strict=True, record=False, system="real")
+        scipy_model, orders = posthoc_vs_scipy.reduce_with_scipy(model, 3, "scipy-real")
+        assert all(order <= 6 for order in orders)
+        torch.testing.assert_close(scipy_model(input_ids=ids).logits, package(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)
+        assert (package(input_ids=ids).logits - full_logits).abs().max() > 1e-3  # the truncation did change it
+
+
+def test_posthoc_report_states_the_gap_and_the_target():
+    import posthoc_vs_scipy
+
+    common = {"task": "bytes", "device": "cpu", "threads": 1, "torch": "t", "scipy": "s", "date": "d",
+              "state_dims": 128, "max_steps": 800, "eval_blocks": 4}
+    rows = [{**common, "seed": seed, "rank": rank, "method": method, "bpb": bpb, "real_orders": None}
+            for seed, offset in ((0, 0.0), (1, 0.03))
+            for rank, method, bpb in ((128, "full", 2.0), (32, "package-real", 2.2 + offset),
+                                      (32, "scipy-real", 2.2))]
+    text = posthoc_vs_scipy.report(rows)
+    assert "+0.000000, +0.030000; worst +0.030000: target missed" in text

@@ -19,7 +19,7 @@ if modeling1.MISSING_FROM_TRANSFORMERS:
 
 from transformers import AutoConfig, AutoModelForCausalLM, MambaConfig, MambaForCausalLM  # noqa: E402
 
-from modeling_compressm import CompreSSMMambaConfig, CompreSSMMambaForCausalLM  # noqa: E402
+from modeling_compressm import CompreSSMMambaConfig, CompreSSMMambaForCausalLM, LayerReduction  # noqa: E402
 from modeling_compressm.mamba2_reduction import select_states  # noqa: E402
 from selective_ssm_checks import remote_generation_report, stepwise_cached_logits  # noqa: E402 - tests/ helper
 
@@ -114,13 +114,15 @@ def test_selection_equals_a_sliced_stock_mamba_in_float64():
     model = CompreSSMMambaForCausalLM.from_mamba(stock)
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     report = model.reduce(None, keep=[keep, keep])
-    assert [entry["keep"] for entry in report] == [keep, keep] and model.config.state_dims == [4, 4]
-    assert all(entry["method"] == "select" and entry["dim_after"] == 4 for entry in report)
+    assert [entry.keep for entry in report] == [keep, keep] and model.config.state_dims == [4, 4]
+    assert all(isinstance(entry, LayerReduction) for entry in report)  # the LRU model's result type
+    assert all(entry.method == "select" and entry.new_dim == 4 for entry in report)
     # the slicing functions reported for optimizer moments map each old parameter onto the new one
     after = dict(model.named_parameters())
-    sliced = {name: function for entry in report for name, function in entry["sliced_parameters"].items()}
+    sliced = {name: function for entry in report for name, function in entry.change.slicers.items()}
     assert set(sliced) == {f"backbone.layers.{i}.mixer.{p}" for i in range(2) for p in ("x_proj.weight", "A_log")}
     assert all(torch.equal(function(before[name]), after[name]) for name, function in sliced.items())
+    assert all(entry.change.parameters[name] is after[name] for entry in report for name in entry.change.slicers)
     tokens = _calibration(batches=1)[0]
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, _sliced_stock_copy(stock, keep)(tokens).logits)
@@ -141,8 +143,8 @@ def test_pivoted_qr_selection_drops_dead_states_exactly():
     assert bool((hsv[:, -2:] <= 1e-7 * hsv[:, :1]).all()) and bool((hsv[:, :-2] > 1e-4 * hsv[:, :1]).all())
     before = _scan_outputs(model, 0, held_out)
     report = model.reduce([STATE - 2, None], calibration=calibration)
-    assert report[0]["keep"] == [0, 2, 3, 5, 6, 7] == select_states(*statistics[0].gramians(), STATE - 2)[0]
-    assert report[0]["predicted_error"] < 1e-12 * float(hsv.pow(2).sum()) and report[1]["status"] == "unchanged"
+    assert report[0].keep == [0, 2, 3, 5, 6, 7] == select_states(*statistics[0].gramians(), STATE - 2)[0]
+    assert report[0].predicted_error < 1e-12 * float(hsv.pow(2).sum()) and report[1].status == "unchanged"
     assert model.config.state_dims == [STATE - 2, STATE]
     for y_full, y_reduced in zip(before, _scan_outputs(model, 0, held_out)):
         assert torch.allclose(y_reduced, y_full, atol=1e-12 * float(y_full.abs().max()), rtol=0)

@@ -19,7 +19,7 @@ if modeling2.MISSING_FROM_TRANSFORMERS:
 
 from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM  # noqa: E402
 
-from modeling_compressm import CompreSSMMamba2Config, CompreSSMMamba2ForCausalLM  # noqa: E402
+from modeling_compressm import CompreSSMMamba2Config, CompreSSMMamba2ForCausalLM, LayerReduction  # noqa: E402
 from selective_ssm_checks import remote_generation_report, stepwise_cached_logits  # noqa: E402 - tests/ helper
 
 VOCAB, GROUPS, STATE = 32, 2, 8
@@ -155,7 +155,7 @@ def test_zeroed_state_channels_get_zero_hsvs_and_are_truncated_exactly():
     assert bool((hsv[:, -2:] <= 1e-7 * hsv[:, :1]).all()) and bool((hsv[:, :-2] > 1e-4 * hsv[:, :1]).all())
     before = _scan_outputs(model, 0, held_out)
     report = model.reduce([STATE - 2, None], calibration=calibration)
-    assert report[0]["status"] == "reduced" and report[0]["predicted_error"] < 1e-12 * float(hsv.pow(2).sum())
+    assert report[0].status == "reduced" and report[0].predicted_error < 1e-12 * float(hsv.pow(2).sum())
     assert model.config.state_dims == [STATE - 2, STATE] and model.config.channel_dims == [STATE, STATE]
     for y_full, y_reduced in zip(before, _scan_outputs(model, 0, held_out)):
         assert torch.allclose(y_reduced, y_full, atol=1e-10 * float(y_full.abs().max()), rtol=0)
@@ -187,11 +187,37 @@ def test_selection_equals_a_sliced_stock_mamba2():
     keep = [[0, 2, 5, 7], [1, 2, 3, 6]]
     model = CompreSSMMamba2ForCausalLM.from_mamba2(stock)
     report = model.reduce(None, keep=[keep, [0, 1, 2, 3]])
-    assert [entry["method"] for entry in report] == ["select", "select"] and report[0]["keep"] == keep
+    assert [entry.method for entry in report] == ["select", "select"] and report[0].keep == keep
     assert model.config.state_dims == [4, 4] and model.config.channel_dims == [4, 4]
     tokens = _calibration(batches=1)[0]
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, _sliced_stock_copy(stock, keep)(tokens).logits)
+
+
+def test_reduce_returns_the_lru_models_result_type_with_the_changed_parameters():
+    """One result type for every model's `reduce` (`LayerReduction`); its `change` names the new parameters, the old
+    ones and, for selection, how to slice tensors of the old shapes (optimizer moments)."""
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_model())
+    before = dict(model.named_parameters())
+    balanced = model.reduce([4, None], calibration=_calibration(), method="balanced")
+    assert all(isinstance(entry, LayerReduction) for entry in balanced)
+    assert [(entry.status, entry.old_dim, entry.new_dim, entry.method) for entry in balanced] == [
+        ("reduced", 8, 4, "balanced"), ("unchanged", 8, 8, None)]
+    first = balanced[0]
+    assert first.rank_requested == 4 and first.hinf_bound is None and first.hsv.shape == (GROUPS, STATE)
+    assert first.kept_energy == pytest.approx(1 - first.relative_error) and 0 < first.relative_error < 1
+    projections = {f"backbone.layers.0.mixer.state_projection_{side}" for side in ("in", "out")}
+    current = dict(model.named_parameters())
+    assert set(first.change.parameters) == projections and first.change.slicers == {} and first.change.previous == {}
+    assert all(first.change.parameters[name] is current[name] for name in projections)
+    assert balanced[1].change is None and balanced[1].kept_energy == 1.0
+
+    selected = model.reduce([None, 5], calibration=_calibration(), method="select")
+    change = selected[1].change
+    assert selected[1].method == "select" and len(selected[1].keep) == GROUPS and selected[1].new_dim == 5
+    assert {"backbone.layers.1.mixer.in_proj.weight", "backbone.layers.1.mixer.conv1d.weight"} <= set(change.slicers)
+    for name, slicer in change.slicers.items():
+        assert change.previous[name] is before[name] and torch.equal(slicer(before[name]), change.parameters[name])
 
 
 def _randomised_layers(model, seed):
@@ -328,7 +354,7 @@ def test_tolerance_picks_each_layers_rank_from_its_squared_hsvs():
     assert all(rank < STATE for rank in expected), expected
     report = model.reduce(tolerance=0.05, calibration=calibration)
     assert model.config.state_dims == expected
-    assert all(entry["relative_error"] <= 0.05 for entry in report)
+    assert all(entry.relative_error <= 0.05 for entry in report)
     with pytest.raises(ValueError, match="ranks or tolerance"):
         model.reduce(2, tolerance=0.05, calibration=calibration)
 

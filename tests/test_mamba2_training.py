@@ -11,7 +11,7 @@ if modeling2.MISSING_FROM_TRANSFORMERS:
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from modeling_compressm import CompreSSMMamba2ForCausalLM  # noqa: E402
-from modeling_compressm.training.mamba2_training import Mamba2ReductionCallback, repair_optimizer  # noqa: E402
+from modeling_compressm.training.selective_ssm_training import SelectiveSSMReductionCallback, repair_optimizer  # noqa: E402
 from test_mamba2 import GROUPS, STATE, VOCAB, _calibration, _stock_model  # noqa: E402 - tests/ helpers
 
 
@@ -75,7 +75,7 @@ def test_trainer_reduces_from_training_batch_statistics(tmp_path):
     generator = torch.Generator().manual_seed(4)
     rows = [torch.randint(3, VOCAB, (16,), generator=generator) for _ in range(24)]
     dataset = [{"input_ids": row, "labels": row} for row in rows]
-    callback = Mamba2ReductionCallback(ranks=[4, 3], start_step=2, window_steps=2, method="balanced")
+    callback = SelectiveSSMReductionCallback(ranks=[4, 3], start_step=2, window_steps=2, method="balanced")
     arguments = TrainingArguments(
         output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
         save_strategy="no", logging_steps=1, use_cpu=True, dataloader_num_workers=0,
@@ -83,24 +83,10 @@ def test_trainer_reduces_from_training_batch_statistics(tmp_path):
     trainer = Trainer(model=model, args=arguments, train_dataset=dataset, callbacks=[callback])
     trainer.train()
     assert model.config.state_dims == [4, 3]
-    assert [result["status"] for result in callback.results] == ["reduced", "reduced"]
+    assert [result.status for result in callback.results] == ["reduced", "reduced"]
     # statistics came from exactly the window's training batches: 2 steps x 4 sequences x 16 positions per layer
     assert [statistics.count for statistics in callback.collector.statistics] == [2 * 4 * 16] * 2
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimized == {id(p) for p in model.parameters()}
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
-
-
-def test_activation_checkpointing_recomputation_is_not_counted_twice():
-    from modeling_compressm.training.mamba2_training import Mamba2GramianCollector
-
-    model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_model())
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    collector = Mamba2GramianCollector()
-    collector.start(model)
-    tokens = _calibration(batches=1)[0]
-    model(tokens, labels=tokens, use_cache=False).loss.backward()
-    collector.stop()
-    assert [statistics.count for statistics in collector.statistics] == [tokens.numel()] * 2

@@ -116,6 +116,18 @@ def test_write_output_folder_refuses_a_clash_found_while_writing_and_changes_not
     assert (target / "b.txt").read_text() == "ours" and not (target / "a.txt").exists()
 
 
+@pytest.mark.parametrize("model_type", ["compressm", "compressm_mamba2", "compressm_mamba"])
+def test_a_model_folder_without_manifest_counts_its_remote_code_copies_as_compressms(model_type, tmp_path):
+    """A folder `save_pretrained` wrote (no manifest): the copied remote-code modules of the bundle are compressm's,
+    so writing it again replaces them; a user's file named like a module of the application is not."""
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    for name in ("modeling_compressm.py", "modeling_compressm_mamba2.py", "cli.py", "notes.txt"):
+        (folder / name).write_text("# " + name)
+    assert compressm_files(str(folder)) == {"config.json", "modeling_compressm.py", "modeling_compressm_mamba2.py"}
+
+
 def test_a_damaged_manifest_is_named(tmp_path, capsys):
     folder = tmp_path / "run"
     assert _train(folder) == 0

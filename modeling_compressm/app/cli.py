@@ -5,14 +5,16 @@
     compressm train --dataset corpus.txt --tokenizer bytes --preset tiny --block-size 128 --output-dir my-lm
     compressm train --dataset reviews.csv --task classification --label-column label --tokenizer ./my-tokenizer
     compressm reduce my-lm --tau 0.1                  # post-hoc reduction of a saved model, HSV report printed
+    compressm reduce my-mamba2 --dataset corpus.txt --ranks 16 --output-dir small   # Mamba-2 / Mamba, from text
     compressm generate my-lm "The state"              # continuation by a saved causal LM
     compressm presets                                 # list the presets
 
 The training recipe lives in `modeling_compressm.app.recipe` (`train_preset`, `train_on_dataset`), the data pieces in
 `modeling_compressm.app.text_data` and `modeling_compressm.app.tokenization`, post-hoc reduction and generation in
-`modeling_compressm.app.posthoc`; this module only parses arguments and prints. Bad input exits with status 2 and a
-one-line message, before anything is written; a failed Hub upload after training exits with status 1 after the
-report, with one line saying where the model was saved.
+`modeling_compressm.app.posthoc` (of Mamba-2 / Mamba checkpoints, from calibration text: `.selective_posthoc`); this
+module only parses arguments and prints. Bad input exits with status 2 and a one-line message, before anything is
+written; a failed Hub upload after training exits with status 1 after the report, with one line saying where the model
+was saved.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ from .run_settings import (
     TrainingOptions,
     configure_threads,
 )
+from .selective_posthoc import (
+    DEFAULT_CALIBRATION_BATCH_SIZE,
+    DEFAULT_CALIBRATION_BATCHES,
+    DEFAULT_CALIBRATION_BLOCK_SIZE,
+)
 
 __all__ = ["main", "build_parser", "train_preset", "format_summary"]
 
@@ -58,8 +65,10 @@ def format_summary(summary: dict) -> str:
     lines = ["|".join(f" {cell.ljust(width)} " for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, rule)
     lines.insert(len(lines) - 2, rule)
+    weight = summary.get("reduction", {}).get("reducibility regulariser weight")
     mode = (
-        f"CompreSSM ({summary['policy']}" + (f", tau={summary['tau']:g}" if summary["tau"] is not None else "") + ")"
+        f"CompreSSM ({summary['policy']}" + (f", tau={summary['tau']:g}" if summary["tau"] is not None else "")
+        + (f", reducibility regulariser weight {weight:g}" if weight is not None else "") + ")"
         if summary["compressed"] else "no compression"
     )
     out = [f"preset {summary['preset']} | {mode} | {summary['max_steps']} steps | seed {summary['seed']}"]
@@ -166,7 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     reduction.add_argument("--min-dim", type=int, default=None, help="least state size per layer (default 1)")
     reduction.add_argument("--total-budget", type=int, default=None, help="total state size over all layers")
     reduction.add_argument("--system", choices=("real", "complex"), default=None,
-                           help="balanced system: real (the map each layer computes, default) or complex (the paper's)")
+                           help="balanced system: complex (the paper's map; the in-training default, which did as "
+                           "well or better in the LM study) or real (the map each layer computes)")
+    reduction.add_argument("--reducibility-weight", type=float, default=None, metavar="W",
+                           help="train to be reducible: add W x the per-layer normalised Hankel nuclear norm while the "
+                           "reductions run (0.02 helped language models by 0.014-0.023 bits/byte in the study; it cost "
+                           "accuracy on permuted digits; default: off)")
     reduction.add_argument("--no-compress", action="store_true", help="train without reductions (baseline)")
 
     training = train.add_argument_group("training")
@@ -209,16 +223,48 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--hub-model-id", default=None, help="Hub repo id (default: the output folder's name)")
     output.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
 
-    reduce = commands.add_parser("reduce", help="reduce a saved model by balanced truncation (no training)")
+    reduce = commands.add_parser(
+        "reduce", help="reduce a saved model post hoc: an LRU model by balanced truncation, a Mamba-2 / Mamba model "
+        "from calibration text (no training)",
+        description="Reduce a saved model. A CompreSSM LRU model: balanced truncation of each layer at tolerance "
+        "--tau. A Mamba-2 or Mamba (Mamba-1) causal LM (CompreSSM's, or transformers' own, converted): data-driven "
+        "Gramians from calibration text (--dataset / --data-files), then --ranks or --tau per layer.",
+    )
     reduce.add_argument("checkpoint", help="a folder written by `compressm train` or save_pretrained")
-    reduce.add_argument("--tau", type=float, required=True, help="tolerance: share of HSV energy dropped, in [0, 1)")
-    reduce.add_argument("--min-dim", type=int, default=1, help="least state size per layer")
+    sizes = reduce.add_mutually_exclusive_group()
+    sizes.add_argument("--tau", type=float, default=None, help="tolerance in [0, 1): LRU: share of HSV energy "
+                       "dropped; Mamba: share of predicted scan-output energy (Σ dropped σ² / Σ σ²) dropped per layer")
+    sizes.add_argument("--ranks", type=int, nargs="+", default=None, help="Mamba: the new state size, one for every "
+                       "layer or one per layer (a layer's own size leaves it alone)")
+    reduce.add_argument("--min-dim", type=int, default=1, help="least state size per layer (with --tau)")
     reduce.add_argument("--output-dir", default=None, help="where to save (default: overwrite CHECKPOINT's model "
                         "files); your other files in the folder are kept")
     reduce.add_argument("--overwrite-output-dir", action="store_true",
                         help="as for train: replace files of yours in --output-dir that have the names of output files")
-    reduce.add_argument("--system", choices=("real", "complex"), default="real",
-                        help="balanced system: real (the map each layer computes, default) or complex (the paper's)")
+    reduce.add_argument("--system", choices=("real", "complex"), default=None,
+                        help="LRU: balanced system: real (the map each layer computes, default) or complex (the "
+                        "paper's)")
+    mamba = reduce.add_argument_group("Mamba-2 / Mamba checkpoints: calibration text and method")
+    mamba.add_argument("--method", choices=("balanced", "select"), default=None,
+                       help="balanced: project B and C by square-root balancing (Mamba-2 default); select: keep the "
+                       "states picked by pivoted QR (a stock layer of the smaller size; the only exact reduction of "
+                       "Mamba-1, its default)")
+    mamba.add_argument("--dataset", default=None, help="calibration text as for train --dataset (a local file or "
+                       "folder, a Hub id from the datasets cache), or 'synthetic' for the generated toy corpus")
+    mamba.add_argument("--data-files", nargs="+", action="extend", default=None, metavar="FILE_OR_PATTERN",
+                       help="calibration data files or glob patterns, as for train")
+    mamba.add_argument("--dataset-config", default=None, help="configuration name of a Hub dataset")
+    mamba.add_argument("--split", default=None, help="split with the calibration text (default: train); all its "
+                       "rows are used")
+    mamba.add_argument("--text-column", default=None, help="column with the text (default: text)")
+    mamba.add_argument("--tokenizer", default=None, help="tokenizer when the folder has none ('bytes', folder, id)")
+    mamba.add_argument("--block-size", type=int, default=None,
+                       help=f"tokens per calibration block (default {DEFAULT_CALIBRATION_BLOCK_SIZE})")
+    mamba.add_argument("--calibration-batch-size", type=int, default=None,
+                       help=f"blocks per calibration batch (default {DEFAULT_CALIBRATION_BATCH_SIZE})")
+    mamba.add_argument("--calibration-batches", type=int, default=None,
+                       help=f"calibration batches, at most (default {DEFAULT_CALIBRATION_BATCHES})")
+    mamba.add_argument("--cache-dir", default=None, help="datasets cache folder (default: HF_DATASETS_CACHE)")
 
     generate = commands.add_parser("generate", help="print a continuation of a prompt by a saved causal LM")
     generate.add_argument("checkpoint", help="a folder written by `compressm train` or save_pretrained")
@@ -282,7 +328,7 @@ def _run_training(args) -> dict:
         compress=not args.no_compress, policy=args.policy, tau=args.tau, fraction=args.fraction,
         start_step=args.start_step, end_step=args.end_step, interval=args.interval, gate=args.gate,
         min_dim=args.min_dim, total_budget=args.total_budget, final_fraction=args.final_fraction,
-        system=args.system,
+        system=args.system, reducibility_weight=args.reducibility_weight,
     )
     options = TrainingOptions(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
@@ -335,21 +381,77 @@ def _hide_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
+# `compressm reduce` options that only Mamba checkpoints take (their argparse default is None)
+_MAMBA_REDUCE_OPTIONS = ("ranks", "method", "dataset", "data_files", "dataset_config", "split", "text_column",
+                         "tokenizer", "block_size", "calibration_batch_size", "calibration_batches", "cache_dir")
+
+
+def _given_options(args, names) -> list[str]:
+    return ["--" + name.replace("_", "-") for name in names if getattr(args, name) is not None]
+
+
 def _reduce(args) -> int:
-    from .posthoc import reduce_checkpoint
+    from .posthoc import LRU_MODEL_TYPE, checkpoint_model_type
 
     _hide_progress_bars()
+    if checkpoint_model_type(args.checkpoint) == LRU_MODEL_TYPE:
+        return _reduce_lru(args)
+    return _reduce_selective(args)
+
+
+def _reduce_lru(args) -> int:
+    from .posthoc import reduce_checkpoint
+
+    given = _given_options(args, _MAMBA_REDUCE_OPTIONS)
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to Mamba-2 / Mamba checkpoints; {args.checkpoint!r} holds a "
+                         "CompreSSM LRU model, which reduces by --tau alone")
+    if args.tau is None:
+        raise ValueError("give --tau (the share of HSV energy dropped) to reduce a CompreSSM LRU model")
     result = reduce_checkpoint(args.checkpoint, args.tau, output_dir=args.output_dir, min_dim=args.min_dim,
-                               overwrite=args.overwrite_output_dir, system=args.system)
-    print(f"Hankel singular values of {args.checkpoint} (tau={args.tau:g}):\n")
+                               overwrite=args.overwrite_output_dir, system=args.system or "real")
+    _print_reduction(f"Hankel singular values of {args.checkpoint} (tau={args.tau:g})", result,
+                     f" at tau={args.tau:g}")
+    _hint_missing_plot(result["output_dir"])
+    return 0
+
+
+def _print_reduction(title: str, result: dict, unchanged_note: str, note: str | None = None) -> None:
+    """The report of a post-hoc reduction: title, per-layer table, sizes before and after, where it was saved."""
+    print(f"{title}:\n")
     print(result["report"])
     print()
     if result["changed"]:
         print(f"state dims: {result['dims_before']} -> {result['dims_after']}")
     else:
-        print(f"state dims: {result['dims_before']} (no layer gets smaller at tau={args.tau:g})")
+        print(f"state dims: {result['dims_before']} (no layer gets smaller{unchanged_note})")
+    if note is not None:
+        print(note)
     print(f"saved to  : {result['output_dir']}")
-    _hint_missing_plot(result["output_dir"])
+
+
+def _reduce_selective(args) -> int:
+    from .selective_posthoc import CalibrationText, reduce_selective_checkpoint
+
+    if args.system is not None:
+        raise ValueError(f"--system applies to CompreSSM LRU models; {args.checkpoint!r} holds a Mamba model (choose "
+                         "--method balanced or select)")
+    if args.tau is None and args.ranks is None:
+        raise ValueError("give --ranks (new state sizes) or --tau (share of predicted scan-output energy dropped)")
+    calibration = CalibrationText(dataset=args.dataset, data_files=args.data_files, dataset_config=args.dataset_config,
+                                  tokenizer=args.tokenizer, cache_dir=args.cache_dir)
+    for field, value in (("split", args.split), ("text_column", args.text_column), ("block_size", args.block_size),
+                         ("batch_size", args.calibration_batch_size), ("batches", args.calibration_batches)):
+        if value is not None:
+            setattr(calibration, field, value)
+    result = reduce_selective_checkpoint(args.checkpoint, calibration, ranks=args.ranks, tau=args.tau,
+                                         method=args.method, min_dim=args.min_dim, output_dir=args.output_dir,
+                                         overwrite=args.overwrite_output_dir)
+    _print_reduction(
+        f"Data-driven Hankel singular values of {args.checkpoint} ({result['method']}; calibration: "
+        f"{result['calibration']})", result, "",
+        "predicted relative error: Σ dropped σ² / Σ σ² of each layer's scan output on the calibration text",
+    )
     return 0
 
 

@@ -45,10 +45,11 @@ _OUTPUT_NAMES = frozenset({
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
     "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
 })
+_COMPRESSM_MODEL_TYPES = ("compressm", "compressm_mamba2", "compressm_mamba")
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-_PACKAGE_MODULES = frozenset(
-    name for name in os.listdir(os.path.dirname(os.path.abspath(__file__))) if name.endswith(".py")
-)
+# the remote-code bundle, whose modules save_pretrained copies next to the weights (this file's folder is app/)
+_BUNDLE_FOLDER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_MODULES = frozenset(name for name in os.listdir(_BUNDLE_FOLDER) if name.endswith(".py"))
 
 
 def is_output_name(name: str) -> bool:
@@ -61,7 +62,7 @@ def _looks_like_compressm_output(path: str) -> bool:
         return True
     try:
         with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
-            return json.load(handle).get("model_type") == "compressm"
+            return json.load(handle).get("model_type") in _COMPRESSM_MODEL_TYPES
     except (OSError, ValueError, AttributeError):
         return False
 

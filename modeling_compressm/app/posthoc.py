@@ -14,17 +14,33 @@ import json
 import os
 import shutil
 
-__all__ = ["load_checkpoint", "hsv_report", "reduce_checkpoint", "generate_text"]
+__all__ = [
+    "checkpoint_model_type",
+    "load_checkpoint",
+    "hsv_report",
+    "reduce_checkpoint",
+    "output_target",
+    "summary_with_posthoc_entry",
+    "write_reduced_folder",
+    "find_tokenizer",
+    "generate_text",
+]
 
 
-def load_checkpoint(path: str):
-    """The CompreSSM model saved in folder `path` (class from its config's `architectures`), in eval mode.
+LRU_MODEL_TYPE = "compressm"  # the `model_type` in config.json of a CompreSSM LRU model
+# the `model_type`s of the Mamba models `compressm reduce` takes -> what they are (in summaries and messages)
+SELECTIVE_SSM_MODEL_TYPES = {
+    "compressm_mamba2": "CompreSSM Mamba-2", "compressm_mamba": "CompreSSM Mamba-1",
+    "mamba2": "transformers Mamba-2", "mamba": "transformers Mamba-1",
+}
+
+
+def checkpoint_model_type(path: str) -> str:
+    """The `model_type` of the model saved in folder `path`: "compressm" (LRU) or one of `SELECTIVE_SSM_MODEL_TYPES`.
 
     Raises:
-        ValueError when `path` is not a folder with a CompreSSM `config.json`.
+        ValueError when `path` is not a folder with a `config.json` of one of these models.
     """
-    from .presets import model_class_for_config
-
     config_path = os.path.join(str(path), "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{path!r} is not a saved model folder (no config.json); give the folder `compressm train` or "
@@ -34,12 +50,43 @@ def load_checkpoint(path: str):
             model_type = json.load(handle).get("model_type")
         except (ValueError, AttributeError):
             raise ValueError(f"{config_path!r} is not a valid JSON config") from None
-    if model_type != "compressm":
-        raise ValueError(f"{path!r} holds a {model_type!r} model, not a CompreSSM ('compressm') model")
+    if model_type != LRU_MODEL_TYPE and model_type not in SELECTIVE_SSM_MODEL_TYPES:
+        raise ValueError(f"{path!r} holds a {model_type!r} model, not a CompreSSM ('compressm'), Mamba-2 or Mamba "
+                         "model")
+    return model_type
+
+
+def load_checkpoint(path: str):
+    """The model saved in folder `path`, in eval mode: a CompreSSM LRU model (class from its config's
+    `architectures`), a CompreSSM Mamba-2 / Mamba-1 causal LM, or a transformers `Mamba2ForCausalLM` /
+    `MambaForCausalLM`, converted to the CompreSSM class (identical logits).
+
+    Raises:
+        ValueError when `path` is not a folder with the config of one of these models.
+    """
+    model_type = checkpoint_model_type(path)
+    if model_type in SELECTIVE_SSM_MODEL_TYPES:
+        return _load_selective_ssm(path, model_type).eval()
     from ..configuration_compressm import CompreSSMConfig
+    from .presets import model_class_for_config
 
     config = CompreSSMConfig.from_pretrained(path)
     return model_class_for_config(config).from_pretrained(path).eval()
+
+
+def _load_selective_ssm(path: str, model_type: str):
+    from transformers import Mamba2ForCausalLM, MambaForCausalLM
+
+    from ..modeling_compressm_mamba import CompreSSMMambaForCausalLM
+    from ..modeling_compressm_mamba2 import CompreSSMMamba2ForCausalLM
+
+    if model_type == "compressm_mamba2":
+        return CompreSSMMamba2ForCausalLM.from_pretrained(path)
+    if model_type == "compressm_mamba":
+        return CompreSSMMambaForCausalLM.from_pretrained(path)
+    if model_type == "mamba2":
+        return CompreSSMMamba2ForCausalLM.from_mamba2(Mamba2ForCausalLM.from_pretrained(path))
+    return CompreSSMMambaForCausalLM.from_mamba(MambaForCausalLM.from_pretrained(path))
 
 
 def hsv_report(model, tau: float, min_dim: int = 1, system: str = "real") -> tuple[list[int | None], str]:
@@ -94,26 +141,21 @@ def reduce_checkpoint(path: str, tau: float, *, output_dir: str | None = None, m
     Returns:
         {"report" (text), "ranks", "dims_before", "dims_after", "changed" (bool), "output_dir"}
     """
-    from .output_folder import MANIFEST_FILE, SUMMARY_FILE, check_output_dir, compressm_files, training_info
-    from .output_folder import write_output_folder
+    from .output_folder import training_info
 
-    target = output_dir if output_dir is not None else path
-    in_place = os.path.realpath(target) == os.path.realpath(path)
-    if not in_place:
-        check_output_dir(target, overwrite)
+    if checkpoint_model_type(path) != LRU_MODEL_TYPE:
+        raise ValueError(f"{path!r} holds a Mamba model, which reduces from calibration text: use "
+                         "`compressm reduce PATH --dataset ...` (reduce_selective_checkpoint)")
+    target, in_place = output_target(path, output_dir, overwrite)
     model = load_checkpoint(path)
     ranks, report = hsv_report(model, tau, min_dim, system)
     dims_before = list(model.config.state_dims)
     model.reduce(ranks, system=system)  # records a "manual" event in model.reduction_history
     dims_after = list(model.config.state_dims)
-    summary_path = os.path.join(path, SUMMARY_FILE)
-    summary = None
-    if os.path.isfile(summary_path):
-        with open(summary_path, encoding="utf-8") as handle:
-            summary = json.load(handle)
-        summary.setdefault("posthoc_reductions", []).append(
-            {"tau": float(tau), "min_dim": min_dim, "dims_before": dims_before, "dims_after": dims_after}
-        )
+    summary = summary_with_posthoc_entry(
+        path, {"tau": float(tau), "min_dim": min_dim, "dims_before": dims_before, "dims_after": dims_after}
+    )
+    if summary is not None:
         info = training_info(summary)
         info["Metrics"]["state dims"] = f"{summary['dims_before']} -> {summary['dims_after']} (end of training)"
         info["Post-hoc reduction"] = {
@@ -121,6 +163,44 @@ def reduce_checkpoint(path: str, tau: float, *, output_dir: str | None = None, m
             for entry in summary["posthoc_reductions"]
         }
         model.compressm_training_info = info
+    target = write_reduced_folder(path, target, in_place, model, summary, overwrite)
+    return {"report": report, "ranks": ranks, "dims_before": dims_before, "dims_after": dims_after,
+            "changed": dims_after != dims_before, "output_dir": target}
+
+
+def output_target(path: str, output_dir: str | None, overwrite: bool) -> tuple[str, bool]:
+    """(the folder a post-hoc command writes, whether that is `path` itself); another folder is checked
+    (`check_output_dir`) before anything is loaded or computed."""
+    from .output_folder import check_output_dir
+
+    target = output_dir if output_dir is not None else path
+    in_place = os.path.realpath(target) == os.path.realpath(path)
+    if not in_place:
+        check_output_dir(target, overwrite)
+    return target, in_place
+
+
+def summary_with_posthoc_entry(path: str, entry: dict) -> dict | None:
+    """The `train_summary.json` of folder `path` with `entry` appended to its "posthoc_reductions", or None when the
+    folder has no summary."""
+    from .output_folder import SUMMARY_FILE
+
+    summary_path = os.path.join(path, SUMMARY_FILE)
+    if not os.path.isfile(summary_path):
+        return None
+    with open(summary_path, encoding="utf-8") as handle:
+        summary = json.load(handle)
+    summary.setdefault("posthoc_reductions", []).append(entry)
+    return summary
+
+
+def write_reduced_folder(path: str, target: str, in_place: bool, model, summary: dict | None, overwrite: bool,
+                         after_save=None) -> str:
+    """Write the reduced `model` (save_pretrained), the other files of `path` and `summary` (when not None) into
+    `target` as a whole (`write_output_folder`): files of the user's there are kept; one the output would replace
+    stops it unless `overwrite` (in place, the model's own files are always replaced). `after_save(folder)`, if
+    given, runs after the model is saved (e.g. to write a model card). Returns the absolute path."""
+    from .output_folder import MANIFEST_FILE, SUMMARY_FILE, compressm_files, write_output_folder
 
     # Every file is copied (those of the user's stay theirs: write_output_folder sees the same content), except that
     # only compressm's files of a folder with a manifest go to another folder.
@@ -133,14 +213,33 @@ def reduce_checkpoint(path: str, tau: float, *, output_dir: str | None = None, m
             if os.path.isfile(source) and not os.path.islink(source) and name != MANIFEST_FILE:
                 shutil.copy2(source, os.path.join(folder, name))
         model.save_pretrained(folder)
+        if after_save is not None:
+            after_save(folder)
         if summary is not None:
             with open(os.path.join(folder, SUMMARY_FILE), "w", encoding="utf-8") as handle:
                 json.dump(summary, handle, indent=1)
                 handle.write("\n")
 
-    target = write_output_folder(target, write, overwrite=overwrite or in_place)
-    return {"report": report, "ranks": ranks, "dims_before": dims_before, "dims_after": dims_after,
-            "changed": dims_after != dims_before, "output_dir": target}
+    return write_output_folder(target, write, overwrite=overwrite or in_place)
+
+
+def find_tokenizer(path: str, tokenizer: str | None, vocab_size: int):
+    """The tokenizer saved in folder `path`, or `tokenizer` ("bytes", a folder or a Hub id) when given.
+
+    Raises:
+        ValueError when neither gives one, or when it has more tokens than the model's `vocab_size`.
+    """
+    from .tokenization import load_tokenizer
+
+    if tokenizer is None:
+        if not any(os.path.isfile(os.path.join(path, name))
+                   for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
+            raise ValueError(f"{path!r} holds no tokenizer; pass --tokenizer (a folder, a Hub id or 'bytes')")
+        tokenizer = path
+    tokenizer = load_tokenizer(tokenizer)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model only {vocab_size}")
+    return tokenizer
 
 
 def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, do_sample: bool = False,
@@ -155,8 +254,6 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, do_sample
     """
     import torch
 
-    from .tokenization import load_tokenizer
-
     if not isinstance(prompt, str) or not prompt:
         raise ValueError("the prompt must be a non-empty string")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -164,16 +261,9 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, do_sample
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature!r}")
     model = load_checkpoint(path)
-    if type(model).__name__ != "CompreSSMForCausalLM":
+    if not type(model).__name__.endswith("ForCausalLM"):
         raise ValueError(f"{path!r} holds a {type(model).__name__}; generate needs a causal LM")
-    if tokenizer is None:
-        if not any(os.path.isfile(os.path.join(path, name))
-                   for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
-            raise ValueError(f"{path!r} holds no tokenizer; pass --tokenizer (a folder, a Hub id or 'bytes')")
-        tokenizer = path
-    tokenizer = load_tokenizer(tokenizer)
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model only {model.config.vocab_size}")
+    tokenizer = find_tokenizer(path, tokenizer, model.config.vocab_size)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     if inputs["input_ids"].shape[1] == 0:
         raise ValueError("the prompt tokenizes to no tokens")

@@ -53,6 +53,7 @@ __all__ = [
     "build_optimizer",
     "run_training",
     "digits_datasets",
+    "synthetic_splits",
     "train_preset",
     "train_on_dataset",
 ]
@@ -403,7 +404,9 @@ def _digits_steps_seen(num_examples: int, batch_size: int, steps: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ own data
-def _synthetic_splits():
+def synthetic_splits():
+    """The generated toy corpus (`data.synthetic_text_corpus`, 600 documents, seed 0) as a DatasetDict: "train"
+    (540 rows of text) and "validation" (60)."""
     import datasets
 
     from .data import synthetic_text_corpus
@@ -496,7 +499,7 @@ def train_on_dataset(
     if isinstance(dataset, hf_datasets.DatasetDict):
         splits, dataset_name = dataset, "a DatasetDict"
     elif given:
-        splits, dataset_name = _synthetic_splits(), "synthetic toy corpus (modeling_compressm.app.data)"
+        splits, dataset_name = synthetic_splits(), "synthetic toy corpus (modeling_compressm.app.data)"
     else:
         splits = load_text_dataset(
             dataset, data_files=data_files, config_name=dataset_config, split=split, eval_split=eval_split,

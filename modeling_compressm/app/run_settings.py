@@ -51,7 +51,8 @@ class ReductionPlan:
     an `interval`, it is (end - start) // num_intervals (at least 1), which schedules num_intervals + 1 events when
     start > 0 and the division leaves a remainder smaller than the interval (for the defaults, 2% to 30% of the run:
     7 events in runs of 127 steps or more, up to 11 in shorter ones; 8 in a 124-step run). `fraction`, `gate`, `min_dim`, `total_budget` left at None take the
-    callback's own defaults.
+    callback's own defaults. `reducibility_weight` (None: off) turns on the reducibility regulariser
+    (`ReducibilityRegularizer(weight=...)`, its other settings at their defaults).
     """
 
     compress: bool = True
@@ -67,6 +68,7 @@ class ReductionPlan:
     total_budget: int | None = None
     final_fraction: float | None = None
     system: str | None = None
+    reducibility_weight: float | None = None
 
     def resolve(self, max_steps: int) -> dict[str, int]:
         """{"start_step", "end_step", "interval"} as ints for a run of `max_steps` steps."""
@@ -100,6 +102,10 @@ class ReductionPlan:
 
         optional = {name: getattr(self, name) for name in ("fraction", "gate", "min_dim", "total_budget",
                                                             "final_fraction", "system")}
+        if self.reducibility_weight is not None:
+            from ..training.reducibility import ReducibilityRegularizer
+
+            optional["regularizer"] = ReducibilityRegularizer(weight=self.reducibility_weight)
         return ReductionSettings.from_arguments(
             policy=self.policy, tau=self.tau, **self.resolve(max_steps),
             **{name: value for name, value in optional.items() if value is not None},
@@ -127,6 +133,8 @@ class ReductionPlan:
 
             out["final fraction"] = self.final_fraction if self.final_fraction is not None else DEFAULTS.final_fraction
         out["reduction steps"] = f"every {steps['interval']} from {steps['start_step']} to {steps['end_step']}"
+        if self.reducibility_weight is not None:
+            out["reducibility regulariser weight"] = self.reducibility_weight
         for name in ("gate", "min_dim", "total_budget"):
             if getattr(self, name) is not None:
                 out[name.replace("_", " ")] = getattr(self, name)

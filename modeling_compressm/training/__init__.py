@@ -7,7 +7,7 @@
   groups, and regrouping a saved optimizer state; `reduce_with_optimizer` (here) is `model.reduce` plus that repair.
 - `distributed.py` / `collectives.py` / `fsdp.py` / `fsdp_strategy.py`: DDP and FSDP2.
 - `callback.py` / `checkpoints.py` / `trainer_checks.py` / `trainer_hooks.py`: the Hugging Face Trainer adapter.
-- `reducibility.py`: the Hankel-nuclear-norm regulariser; `mamba2_training.py`: in-training Mamba-2 reduction.
+- `reducibility.py`: the Hankel-nuclear-norm regulariser; `selective_ssm_training.py`: in-training Mamba-2 and Mamba-1 reduction.
 
 Nothing in the remote-code bundle (the flat modules of `modeling_compressm/`) imports this package.
 """
