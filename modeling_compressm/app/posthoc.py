@@ -98,17 +98,16 @@ def hsv_report(model, tau: float, min_dim: int = 1, system: str = "real") -> tup
          layer, the state size, the rank, the kept HSV energy, the largest and the largest dropped HSV, and the
          dropped energy Σ dropped σ / Σ σ, which is also the H∞ error bound 2·Σ dropped σ relative to 2·Σ σ)
     """
-    from ..reduction import rank_for_energy
+    from ..reduction import check_tau, rank_for_energy
 
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= float(tau) < 1.0:
-        raise ValueError(f"tau must lie in [0, 1), got {tau!r}")
+    tau = check_tau(tau)
     if isinstance(min_dim, bool) or not isinstance(min_dim, int) or min_dim < 1:
         raise ValueError(f"min dim must be a positive int, got {min_dim!r}")
     ranks, rows = [], [("layer", "N", "rank", "kept energy", "σ max", "largest dropped σ", "dropped energy")]
     for index, hsv in enumerate(model.hankel_singular_values(system=system)):
         values = hsv.detach().double().sort(descending=True).values
         size = int(values.numel())
-        rank = min(size, max(min_dim, rank_for_energy(values, float(tau))))
+        rank = min(size, max(min_dim, rank_for_energy(values, tau)))
         total = float(values.sum())
         kept = float(values[:rank].sum()) / total if total > 0 else 1.0
         dropped = float(values[rank]) if rank < size else 0.0
