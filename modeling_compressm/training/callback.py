@@ -52,6 +52,7 @@ from .distributed import distributed_world_size, rebuild_ddp_reducer
 from .optim import DEFAULT_SSM_LR_FACTOR, compressm_parameter_groups
 from .optimizer_regroup import known_layouts, load_regrouped_optimizer_state
 from .reducer import CompreSSMReducer, compressm_model_of
+from .selective_ssm_training import SelectiveSSMReducer, is_selective_ssm_model
 from .settings import ReductionSettings, SettingsView, settings_from
 from .trainer_checks import (  # noqa: F401 (TRAINER_FSDP_MESSAGE: importable from here, as before)
     TRAINER_FSDP_MESSAGE,
@@ -194,6 +195,12 @@ class CompreSSMCallback(SettingsView, TrainerCallback, ExportableState):
 
     # --------------------------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if is_selective_ssm_model(model):  # Mamba-2 / Mamba: the selective-SSM strategy (no LRU checkpoint plumbing)
+            check_no_trainer_fsdp(args, model)
+            self._running_trainer(optimizer)
+            self.reducer = SelectiveSSMReducer(model, optimizer, settings=self.settings, max_steps=state.max_steps)
+            self.reducer_state = None
+            return control
         check_no_trainer_fsdp(args, model)
         check_label_smoothing_is_shifted(args, model)
         trainer = self._running_trainer(optimizer)
@@ -283,6 +290,11 @@ class CompreSSMCallback(SettingsView, TrainerCallback, ExportableState):
         if restored is not None and restored.get("pending") is not None:
             reducer.restore_pending(dict(restored["pending"], snapshot=None), "the restored callback state")
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.reducer is not None and not self.reducer.stopped:
+            self.reducer.before_step(state.global_step + 1)  # Mamba models: statistics hooks for the coming step
+        return control
+
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         reducer = self.reducer
         if reducer is None or reducer.stopped or not reducer.is_due(state.global_step):
@@ -345,7 +357,8 @@ class CompreSSMCallback(SettingsView, TrainerCallback, ExportableState):
             save_pending_check(self.reducer, folder)
         # The checkpoint is complete (trainer_state.json written): only now draw the card's HSV plot into it, which
         # takes far longer than the save (deferred in on_train_begin).
-        write_model_card(self.reducer.model, folder, draw_plot=True)
+        if getattr(self.reducer, "writes_model_card", True):  # False: SelectiveSSMReducer (no LRU spectrum to draw)
+            write_model_card(self.reducer.model, folder, draw_plot=True)
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -375,8 +388,9 @@ class CompreSSMCallback(SettingsView, TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
-            refresh_card_spectrum(compressm_model_of(model))  # the final save draws the final spectrum
-            defer_card_plot(compressm_model_of(model), False)
+            card_model = self.reducer.model if self.reducer is not None else compressm_model_of(model)
+            refresh_card_spectrum(card_model)  # the final save draws the final spectrum
+            defer_card_plot(card_model, False)
         return control
 
     # ---------------------------------------------------------------------------------------------- helpers

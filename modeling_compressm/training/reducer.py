@@ -224,6 +224,10 @@ class CompreSSMReducer(SettingsView):
             )
         return self.schedule.is_due(int(step), self.max_steps)
 
+    def before_step(self, step: int) -> None:
+        """Call before optimizer step `step`: nothing to do for LRU layers, whose HSVs come from their weights (the
+        selective-SSM strategy, `selective_ssm_training.SelectiveSSMReducer`, starts collecting statistics here)."""
+
     def step(self, step: int) -> ReductionEvent | None:
         """Call after optimizer step `step` (1-based global step): reduce in place if an event is scheduled now.
 

@@ -46,6 +46,11 @@ class ReductionSettings:
     optimizer_state: optimizer-state repair mode (`optimizer_state.OPTIMIZER_STATE_REPAIRS`; "reset" deletes it).
     log_hsv: store each layer's HSVs in the events.
     regularizer: a `reducibility.ReducibilityRegularizer` (or its settings dict), or None for none.
+    selective_method: Mamba-2 / Mamba models only (`selective_ssm_training.SelectiveSSMReducer`): "balanced" or
+        "select", the method of the model's `reduce`; None: the model's default ("balanced" for Mamba-2, "select" for
+        Mamba-1, which refuses "balanced").
+    statistics_steps: Mamba-2 / Mamba models only: how many optimizer steps' training batches, ending with an event's
+        step, the Gramian statistics of that event are collected from (an int >= 1).
     collective_timeout: seconds a collective of a distributed reduction may wait for the other ranks before failing
         (rank 0 decides the event while the others wait, so this also bounds the time one event takes to decide).
         Shorter than a Trainer's ddp_timeout (1800 s): a stalled rank fails the run within minutes, not half an hour.
@@ -69,6 +74,8 @@ class ReductionSettings:
     log_hsv: bool = True
     regularizer: ReducibilityRegularizer | None = None
     collective_timeout: float = 300.0
+    selective_method: str | None = None
+    statistics_steps: int = 1
 
     def __post_init__(self):
         check_system(self.system)
@@ -80,6 +87,12 @@ class ReductionSettings:
         ):
             raise ValueError(f"collective_timeout must be a positive number of seconds, got {self.collective_timeout!r}")
         object.__setattr__(self, "collective_timeout", float(self.collective_timeout))
+        if self.selective_method not in (None, "balanced", "select"):
+            raise ValueError(f"selective_method must be None, 'balanced' or 'select', got {self.selective_method!r}")
+        if isinstance(self.statistics_steps, bool) or not isinstance(self.statistics_steps, int) or (
+            self.statistics_steps < 1
+        ):
+            raise ValueError(f"statistics_steps must be an int >= 1, got {self.statistics_steps!r}")
         object.__setattr__(self, "regularizer", regularizer_from(self.regularizer))
         self.schedule, self.rank_policy, self.rollback_rule  # noqa: B018 - build (and so check) the parts now
 
