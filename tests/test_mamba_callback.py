@@ -78,6 +78,7 @@ def test_mamba2_shrinks_at_the_scheduled_steps_under_a_plain_trainer_and_reloads
     logged = [entry for entry in trainer.state.log_history if "compressm/total_state_dim" in entry]
     assert [(entry["step"], entry["compressm/total_state_dim"]) for entry in logged] == [(4, 8), (8, 4)]
     # statistics came from the window's 2 steps x 4 sequences x 16 positions of training batches
+    assert [event.extra["statistics_positions"] for event in callback.history] == [[2 * BATCH * LENGTH] * 2] * 2
     assert callback.reducer.collector.statistics == []  # handed to the reduction, hooks removed
     assert not callback.reducer.collector.active
     _check_training_continued(trainer, model)
@@ -129,3 +130,22 @@ def test_settings_that_do_not_apply_are_refused_before_the_first_step(tmp_path, 
         trainer.train()
     assert probe.sizes == {} and trainer.state.global_step == 0
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_mamba2_tolerance_policy_keeps_the_smallest_size_with_enough_predicted_output_energy(tmp_path):
+    tau = 0.3
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_mamba2())
+    callback = CompreSSMCallback(settings=ReductionSettings(policy="tolerance", tau=tau, start_step=6, end_step=6,
+                                                            interval=6, statistics_steps=3, gate=1.0))
+    trainer, probe = _trainer(model, callback, tmp_path)
+    trainer.train()
+
+    (event,) = callback.history
+    assert event.step == 6 and event.extra["statistics_positions"] == [3 * BATCH * LENGTH] * 2
+    for layer, energies in enumerate(event.hsv):  # per layer Σ_g σ², descending
+        energies = torch.tensor(energies, dtype=torch.float64)
+        kept = event.dims_after[layer]
+        share = torch.cumsum(energies, 0) / energies.sum()
+        assert share[kept - 1] >= 1 - tau - 1e-12 and (kept == 1 or share[kept - 2] < 1 - tau)
+    assert probe.sizes[5] == [8, 8] and probe.sizes[6] == event.dims_after and sum(event.dims_after) < 16
+    _check_training_continued(trainer, model)

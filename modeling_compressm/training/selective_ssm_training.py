@@ -201,7 +201,8 @@ class SelectiveSSMReducer(SettingsView):
     refuses (Mamba-1: "select" only).
 
     Attributes: model (the CompreSSM Mamba model), history (this run's ReductionEvents; each
-    event's `extra["methods"]` names the method per layer), results (the `LayerReduction`s of the last event), stopped
+    event's `extra` holds "methods", the method per layer, and "statistics_positions", the token positions per layer
+    its statistics came from), results (the `LayerReduction`s of the last event), stopped
     and pending (always False / None: no rollback), collector.
     """
 
@@ -291,7 +292,8 @@ class SelectiveSSMReducer(SettingsView):
             wall_time_s=time.perf_counter() - started,
             tau=self.rank_policy.tau if self.policy == "tolerance" else None,
             fraction=self.rank_policy.fraction if self.policy == "fixed" else None,
-            extra={"methods": [result.method for result in results]},
+            extra={"methods": [result.method for result in results],
+                   "statistics_positions": [int(stats.count) for stats in statistics]},
         )
         self.results = results
         self.history.append(event)
