@@ -144,16 +144,9 @@ class SelectiveSSMReductionCallback(TrainerCallback):
         # global_step already counts the finished step here
         if state.global_step != self.end_step or not self.collector.active:
             return
-        self.collector.stop()
-        empty = [layer for layer, statistics in enumerate(self.collector.statistics) if statistics.count == 0]
-        if empty:
-            raise RuntimeError(
-                f"no Gramian statistics reached layers {empty} in steps [{self.start_step}, {self.end_step}): the "
-                "training forward did not pass the hooked modules (e.g. transformers' fused Mamba-1 CUDA training "
-                "path, mamba_inner_fn, skips x_proj); train without the mamba_ssm kernels during the window"
-            )
+        statistics = _window_statistics(self.collector, f"steps [{self.start_step}, {self.end_step})")
         old_parameters = dict(model.named_parameters())
-        self.results = model.reduce(self.ranks, statistics=self.collector.statistics, **self._method())
+        self.results = model.reduce(self.ranks, statistics=statistics, **self._method())
         if optimizer is not None:
             repair_optimizer(optimizer, old_parameters, model, self.results)
 
@@ -265,15 +258,9 @@ class SelectiveSSMReducer(SettingsView):
         """Reduce now from the statistics collected since the window began; None when no layer changed. Raises
         RuntimeError when no statistics were collected (the hooks never ran or a layer saw no training batch)."""
         collector = self.collector
-        collector.stop()
-        statistics = collector.statistics
-        empty = [layer for layer, stats in enumerate(statistics) if stats.count == 0]
-        if not statistics or empty:
-            raise RuntimeError(
-                f"no Gramian statistics reached layers {empty or 'all'} before the reduction at step {step}: the "
-                "training forward did not pass the hooked modules (call before_step(step) before each step; the fused "
-                "Mamba-1 CUDA training path skips x_proj: train without the mamba_ssm kernels during the window)"
-            )
+        statistics = _window_statistics(
+            collector, f"the {self.settings.statistics_steps} step(s) up to step {step} (before_step(step) not called?)"
+        )
         started = time.perf_counter()
         dims_before = self.state_dims
         energies = [_state_energies(stats) for stats in statistics]
@@ -304,6 +291,20 @@ class SelectiveSSMReducer(SettingsView):
         """Sizes, history and stop flag, in `CompreSSMReducer.state_dict`'s format (never a pending check)."""
         return {"format": "compressm-reducer", "version": 1, "state_dims": self.state_dims,
                 "history": [event.to_dict() for event in self.history], "stopped": False, "pending": None}
+
+
+def _window_statistics(collector: SelectiveSSMGramianCollector, window: str) -> list:
+    """Stop `collector` and return its per-layer statistics; RuntimeError naming `window` when a layer got none."""
+    collector.stop()
+    statistics = collector.statistics
+    empty = [layer for layer, stats in enumerate(statistics) if stats.count == 0]
+    if not statistics or empty:
+        raise RuntimeError(
+            f"no Gramian statistics reached layers {empty or 'any'} in {window}: the training forward did not pass "
+            "the hooked modules (e.g. transformers' fused Mamba-1 CUDA training path, mamba_inner_fn, skips x_proj); "
+            "train without the mamba_ssm kernels during the window"
+        )
+    return statistics
 
 
 def _state_energies(statistics) -> torch.Tensor:
