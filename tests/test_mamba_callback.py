@@ -53,6 +53,9 @@ def _check_training_continued(trainer, model):
     optimizer = trainer.optimizer
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert optimized == {id(p) for p in model.parameters()}
+    position = {id(p): index for index, p in enumerate(model.parameters())}
+    for group in optimizer.param_groups:  # the order of an optimizer built for the reduced model (resume loads by it)
+        assert [position[id(p)] for p in group["params"]] == sorted(position[id(p)] for p in group["params"])
     for parameter in model.parameters():
         for value in optimizer.state.get(parameter, {}).values():
             if torch.is_tensor(value) and value.dim() > 0:
@@ -149,3 +152,49 @@ def test_mamba2_tolerance_policy_keeps_the_smallest_size_with_enough_predicted_o
         assert share[kept - 1] >= 1 - tau - 1e-12 and (kept == 1 or share[kept - 2] < 1 - tau)
     assert probe.sizes[5] == [8, 8] and probe.sizes[6] == event.dims_after and sum(event.dims_after) < 16
     _check_training_continued(trainer, model)
+
+
+def test_an_event_whose_window_no_statistics_reach_stops_with_a_clear_error(tmp_path, monkeypatch):
+    """Where the training forward skips the hooked modules (transformers' fused Mamba-1 CUDA path), the callback does
+    not reduce from no data: it names the cause and leaves the sizes alone."""
+    from modeling_compressm.training.selective_ssm_training import SelectiveSSMGramianCollector
+
+    def start_without_hooks(self, model):  # active, but its hook sits on a module the model never runs
+        self.statistics = [modeling1.MambaGramianStatistics() for _ in range(2)]
+        self._handles = [torch.nn.Identity().register_forward_hook(lambda *args: None)]
+
+    monkeypatch.setattr(SelectiveSSMGramianCollector, "start", start_without_hooks)
+    model = CompreSSMMambaForCausalLM.from_mamba(_stock_mamba1())
+    callback = CompreSSMCallback(settings=ReductionSettings(policy="fixed", start_step=3, end_step=3, interval=3))
+    trainer, probe = _trainer(model, callback, tmp_path)
+    with pytest.raises(RuntimeError, match=r"no Gramian statistics reached layers \[0, 1\] in the 1 step.*inner_fn"):
+        trainer.train()
+    assert model.config.state_dims == [8, 8] and callback.history == []
+
+
+def test_a_run_resumes_from_a_checkpoint_written_after_a_balanced_reduction(tmp_path):
+    """The checkpoint's model (loaded at its saved sizes) and optimizer state load into a resumed run, which goes on
+    reducing at the remaining scheduled steps."""
+    settings = ReductionSettings(policy="fixed", fraction=0.5, start_step=4, end_step=8, interval=4)
+    arguments = dict(max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=1e-3, report_to=[],
+                     save_strategy="steps", save_steps=6, logging_steps=1, use_cpu=True, dataloader_num_workers=0)
+    first = Trainer(model=CompreSSMMamba2ForCausalLM.from_mamba2(_stock_mamba2()), train_dataset=_dataset(),
+                    args=TrainingArguments(output_dir=str(tmp_path / "first"), **arguments),
+                    callbacks=[CompreSSMCallback(settings=settings)])
+    first.train()
+    checkpoint = tmp_path / "first" / "checkpoint-6"
+
+    model = CompreSSMMamba2ForCausalLM.from_pretrained(checkpoint)
+    assert model.config.state_dims == [4, 4]
+    callback = CompreSSMCallback(settings=settings)
+    resumed = Trainer(model=model, train_dataset=_dataset(), callbacks=[callback],
+                      args=TrainingArguments(output_dir=str(tmp_path / "resumed"), **arguments))
+    # the saved state matches, position by position, the optimizer the resumed Trainer builds (checked here: a
+    # mismatch would reach Adam's kernels with wrong shapes)
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+    built = [p for group in resumed.create_optimizer().param_groups for p in group["params"]]
+    positions = [index for group in saved["param_groups"] for index in group["params"]]
+    assert [tuple(saved["state"][index]["exp_avg"].shape) for index in positions] == [tuple(p.shape) for p in built]
+    resumed.optimizer = None  # the Trainer builds it again in train()
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert model.config.state_dims == [2, 2] and [event.step for event in callback.history] == [8]

@@ -80,7 +80,8 @@ def repair_optimizer(optimizer: torch.optim.Optimizer, old_parameters: dict, mod
         results: the `LayerReduction`s `reduce` returned. A selected parameter's state tensors of the old parameter's
             shape (Adam's exp_avg, exp_avg_sq, ...) are sliced exactly like the parameter (`LayerChange.slicers`);
             scalars (step) are kept. A replaced parameter (a new balanced projection) starts with empty state in the
-            group of its layer's in_proj.
+            group of its layer's in_proj. Each group's parameters end up in the model's order (as an optimizer built
+            for the reduced model holds them, so its saved state loads into a resumed run's optimizer).
     """
     optimizer = getattr(optimizer, "optimizer", optimizer)
     changes = [result.change for result in results if result.change is not None]
@@ -110,6 +111,11 @@ def repair_optimizer(optimizer: torch.optim.Optimizer, old_parameters: dict, mod
         else:
             params.append(new)
         group_of[id(new)] = group
+    # Each group in the model's parameter order, as an optimizer built for the reduced model (a resumed run loading
+    # this optimizer's saved state) lists them: saved state is matched to parameters by position.
+    position = {id(parameter): index for index, parameter in enumerate(current.values())}
+    for group in optimizer.param_groups:
+        group["params"].sort(key=lambda parameter: position.get(id(parameter), len(position)))
 
 
 class SelectiveSSMReductionCallback(TrainerCallback):
