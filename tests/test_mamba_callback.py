@@ -198,3 +198,39 @@ def test_a_run_resumes_from_a_checkpoint_written_after_a_balanced_reduction(tmp_
     resumed.optimizer = None  # the Trainer builds it again in train()
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert model.config.state_dims == [2, 2] and [event.step for event in callback.history] == [8]
+
+
+def test_compressm_trainer_resumes_a_mamba2_model_loaded_at_the_checkpoints_sizes_and_refuses_another(tmp_path):
+    from modeling_compressm.training import CompreSSMTrainer
+
+    settings = ReductionSettings(policy="fixed", fraction=0.5, start_step=4, end_step=8, interval=4)
+    arguments = dict(max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=1e-3, report_to=[],
+                     save_strategy="steps", save_steps=6, logging_steps=1, use_cpu=True, dataloader_num_workers=0)
+
+    def trainer_for(model, folder):
+        return CompreSSMTrainer(model=model, train_dataset=_dataset(), callbacks=[CompreSSMCallback(settings=settings)],
+                                args=TrainingArguments(output_dir=str(tmp_path / folder), **arguments))
+
+    trainer_for(CompreSSMMamba2ForCausalLM.from_mamba2(_stock_mamba2()), "first").train()
+    checkpoint = str(tmp_path / "first" / "checkpoint-6")
+
+    full_size = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_mamba2())
+    with pytest.raises(ValueError, match=r"config.json: the checkpoint has state_dims \[4, 4\].*from_pretrained"):
+        trainer_for(full_size, "refused").train(resume_from_checkpoint=checkpoint)
+    assert full_size.config.state_dims == [8, 8]
+
+    model = CompreSSMMamba2ForCausalLM.from_pretrained(checkpoint)
+    trainer_for(model, "resumed").train(resume_from_checkpoint=checkpoint)
+    assert model.config.state_dims == [2, 2]
+
+
+def test_load_best_model_at_end_is_refused_for_mamba_models_before_the_first_step(tmp_path):
+    model = CompreSSMMamba2ForCausalLM.from_mamba2(_stock_mamba2())
+    arguments = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=BATCH,
+                                  report_to=[], eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                                  save_steps=2, load_best_model_at_end=True, use_cpu=True)
+    trainer = Trainer(model=model, args=arguments, train_dataset=_dataset(), eval_dataset=_dataset(rows=4),
+                      callbacks=[CompreSSMCallback()])
+    with pytest.raises(ValueError, match="load_best_model_at_end"):
+        trainer.train()
+    assert trainer.state.global_step == 0

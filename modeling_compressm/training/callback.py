@@ -197,6 +197,10 @@ class CompreSSMCallback(SettingsView, TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if is_selective_ssm_model(model):  # Mamba-2 / Mamba: the selective-SSM strategy (no LRU checkpoint plumbing)
             check_no_trainer_fsdp(args, model)
+            if args.load_best_model_at_end:
+                raise ValueError("load_best_model_at_end is not supported with in-training reduction of Mamba models "
+                                 "yet (the best checkpoint may have other state sizes): set it to False and load the "
+                                 "checkpoint with from_pretrained")
             self._running_trainer(optimizer)
             self.reducer = SelectiveSSMReducer(model, optimizer, settings=self.settings, max_steps=state.max_steps)
             self.reducer_state = None

@@ -33,6 +33,7 @@ from ..events import histories_matching_weights
 from .distributed import find_wrapper, rebuild_ddp_reducer
 from .optimizer_state import repair_optimizer_state
 from .reducer import compressm_model_of, restore_sizes_and_history
+from .selective_ssm_training import check_selective_resume, is_selective_ssm_model
 
 logger = logging.getLogger(__name__)
 
@@ -253,11 +254,15 @@ def prepare_model_for_resume(model, checkpoint_dir) -> list[int]:
         model: a CompreSSM model (possibly wrapped in DDP).   checkpoint_dir: a Trainer checkpoint folder.
     Returns:
         the state sizes the model now has (list of ints).
+    A CompreSSM Mamba-2 / Mamba model is not re-sized: it must already have the checkpoint's sizes (ValueError
+    otherwise, `selective_ssm_training.check_selective_resume`).
     Raises:
         IncompleteCheckpointError: the checkpoint's save did not finish (the message names the folder to delete and
             the newest complete checkpoint beside it).
     """
     check_checkpoint_complete(checkpoint_dir)
+    if is_selective_ssm_model(model):  # Mamba-2 / Mamba: sizes must already match (no in-place re-sizing)
+        return check_selective_resume(model, checkpoint_dir)
     info = read_checkpoint(checkpoint_dir)
     for message in info.warnings:
         logger.warning("CompreSSM resume: %s", message)

@@ -9,7 +9,9 @@ the modeling files (`attach_gramian_statistics`, `reduce`).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 
 import torch
@@ -299,6 +301,23 @@ class SelectiveSSMReducer(SettingsView):
                 "history": [event.to_dict() for event in self.history], "stopped": False, "pending": None}
 
 
+def check_selective_resume(model, checkpoint_dir) -> list[int]:
+    """Resume of a CompreSSM Mamba model (`prepare_model_for_resume`, `CompreSSMTrainer`): the model must already have
+    the checkpoint's state sizes (load it with `from_pretrained(checkpoint)`; Mamba layers are not re-sized in place).
+    Returns the sizes; ValueError naming the checkpoint's config.json and both sizes otherwise."""
+    model = _selective_model_of(model)
+    path = os.path.join(os.fspath(checkpoint_dir), "config.json")
+    with open(path, encoding="utf-8") as handle:
+        saved = json.load(handle).get("state_dims")
+    if saved is not None and list(saved) != list(model.config.state_dims):
+        raise ValueError(
+            f"{path}: the checkpoint has state_dims {list(saved)}, the model {list(model.config.state_dims)}; Mamba "
+            "models are not re-sized to a checkpoint in place: load the model with from_pretrained(checkpoint) and "
+            "pass it to the Trainer, then resume"
+        )
+    return list(model.config.state_dims)
+
+
 def _window_statistics(collector: SelectiveSSMGramianCollector, window: str) -> list:
     """Stop `collector` and return its per-layer statistics; RuntimeError naming `window` when a layer got none."""
     collector.stop()
@@ -341,4 +360,4 @@ def _check_settings(settings: ReductionSettings) -> None:
 
 
 __all__ = ["SelectiveSSMGramianCollector", "SelectiveSSMReducer", "SelectiveSSMReductionCallback",
-           "is_selective_ssm_model", "repair_optimizer"]
+           "check_selective_resume", "is_selective_ssm_model", "repair_optimizer"]
