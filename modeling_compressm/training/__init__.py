@@ -26,6 +26,7 @@ from .callback import CompreSSMCallback, CompreSSMTrainer  # noqa: E402
 from .checkpoints import prepare_model_for_resume  # noqa: E402
 from .reducer import CompreSSMReducer  # noqa: E402
 from .reducibility import ReducibilityRegularizer  # noqa: E402
+from .selective_ssm_training import SelectiveSSMReducer  # noqa: E402
 from .settings import DEFAULTS, ReductionSettings  # noqa: E402
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "CompreSSMTrainer",
     "ReducibilityRegularizer",
     "ReductionSettings",
+    "SelectiveSSMReducer",
     "DEFAULTS",
     "StaleOptimizerStateError",
     "compressm_adamw",
