@@ -188,7 +188,8 @@ def test_a_run_resumes_from_a_checkpoint_written_after_a_balanced_reduction(tmp_
     assert model.config.state_dims == [4, 4]
     callback = CompreSSMCallback(settings=settings)
     resumed = Trainer(model=model, train_dataset=_dataset(), callbacks=[callback],
-                      args=TrainingArguments(output_dir=str(tmp_path / "resumed"), **arguments))
+                      args=TrainingArguments(output_dir=str(tmp_path / "resumed"), **arguments,
+                                             restore_callback_states_from_checkpoint=True))
     # the saved state matches, position by position, the optimizer the resumed Trainer builds (checked here: a
     # mismatch would reach Adam's kernels with wrong shapes)
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=False)
@@ -197,7 +198,10 @@ def test_a_run_resumes_from_a_checkpoint_written_after_a_balanced_reduction(tmp_
     assert [tuple(saved["state"][index]["exp_avg"].shape) for index in positions] == [tuple(p.shape) for p in built]
     resumed.optimizer = None  # the Trainer builds it again in train()
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert model.config.state_dims == [2, 2] and [event.step for event in callback.history] == [8]
+    assert model.config.state_dims == [2, 2]
+    callback = next(item for item in resumed.callback_handler.callbacks if isinstance(item, CompreSSMCallback))
+    assert [event.step for event in callback.history] == [4, 8]  # the checkpoint's event, then the resumed run's
+    assert [event.dims_after for event in callback.history] == [[4, 4], [2, 2]]
 
 
 def test_compressm_trainer_resumes_a_mamba2_model_loaded_at_the_checkpoints_sizes_and_refuses_another(tmp_path):

@@ -203,6 +203,10 @@ class CompreSSMCallback(SettingsView, TrainerCallback, ExportableState):
                                  "checkpoint with from_pretrained")
             self._running_trainer(optimizer)
             self.reducer = SelectiveSSMReducer(model, optimizer, settings=self.settings, max_steps=state.max_steps)
+            if state.global_step > 0 and self.reducer_state is not None:  # resumed: the restored callback state's
+                self.reducer.history.extend(  # events (TrainingArguments(restore_callback_states_from_checkpoint))
+                    coerce_events(self.reducer_state.get("history", []), source="CompreSSMCallback state")
+                )
             self.reducer_state = None
             return control
         check_no_trainer_fsdp(args, model)
