@@ -29,6 +29,7 @@ groups, resume, checkpoint and best-model hooks (on both sides of transformers 5
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 
@@ -463,7 +464,10 @@ class CompreSSMTrainer(Trainer):
         their own parameter lists (GaLore, LOMO, layer-wise, factories such as Muon) and bitsandbytes keep the
         Trainer's path. Returns the optimizer (also stored as `self.optimizer`)."""
         if self.optimizer is not None or self.ssm_lr_factor is None:
-            return super().create_optimizer(model)
+            # transformers < 5 has create_optimizer(self), later releases create_optimizer(self, model=None)
+            if "model" in inspect.signature(Trainer.create_optimizer).parameters:
+                return super().create_optimizer(model)
+            return super().create_optimizer()
         opt_model = self.model if model is None else model
         if self.optimizer_cls_and_kwargs is not None:
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
