@@ -23,7 +23,7 @@ from transformers.models.mamba import modeling_mamba as _mamba
 
 from .configuration_compressm_mamba import CompreSSMMambaConfig
 from .layer_reduction import LayerReduction
-from .mamba2_reduction import hankel_singular_values, projection_error, select_states, selection_projection
+from .mamba2_reduction import hankel_singular_values
 from .mamba_reduction import MambaGramianStatistics, MambaScanInputs
 from .modeling_compressm_mamba2 import MISSING_FROM_TRANSFORMERS as MISSING_FROM_TRANSFORMERS_MAMBA2
 from .selective_ssm_surgery import (
@@ -31,9 +31,8 @@ from .selective_ssm_surgery import (
     calibration_statistics,
     check_statistics_arguments,
     converted_copy,
-    mixer_change,
     normalise_ranks_and_keep,
-    record_reduction,
+    reduce_mixer,
     sliced_linear,
 )
 
@@ -78,10 +77,12 @@ class CompreSSMMambaMixer(_mamba.MambaMixer):
         )
 
     @torch.no_grad()
-    def apply_selection(self, keep: list[int]) -> dict:
-        """Keep states `keep` (sorted indices): columns of `A_log`, B and C rows of `x_proj`; the layer becomes a stock
-        `MambaMixer` of state size len(keep). Returns {parameter name within the mixer: function slicing a tensor of
-        the old parameter's shape like the parameter} (for optimizer moments)."""
+    def apply_selection(self, keep: list[list[int]]) -> dict:
+        """Keep states `keep[0]` (the sorted indices of the one group, as `normalise_ranks_and_keep` gives them):
+        columns of `A_log`, B and C rows of `x_proj`; the layer becomes a stock `MambaMixer` of state size
+        len(keep[0]). Returns {parameter name within the mixer: function slicing a tensor of the old parameter's shape
+        like the parameter} (for optimizer moments)."""
+        keep = keep[0]
         device = self.A_log.device
         state_index = torch.as_tensor(keep, device=device)
         rank, rows = self.time_step_rank, self.ssm_state_size
@@ -195,28 +196,12 @@ class CompreSSMMambaPreTrainedModel(_mamba.MambaPreTrainedModel):
         names = {mixer: name for name, mixer in self.named_modules() if isinstance(mixer, CompreSSMMambaMixer)}
         results = []
         for layer, mixer in enumerate(mixers):
-            results.append(_select_layer(mixer, layer, ranks[layer], keep[layer], statistics[layer], names[mixer] + "."))
+            result = reduce_mixer(mixer, layer, ranks[layer], keep[layer], statistics[layer], names[mixer] + ".")
+            if result.keep is not None:  # one group: report the kept indices as one list
+                result.keep = result.keep[0]
+            results.append(result)
             self.config.state_dims[layer] = mixer.ssm_state_size
         return results
-
-
-def _select_layer(mixer: CompreSSMMambaMixer, layer: int, rank, keep, statistics, prefix: str) -> LayerReduction:
-    """Reduce one mixer in place by selection (see `reduce`; `prefix`: the mixer's name in the model plus ".");
-    returns its report entry."""
-    before = mixer.ssm_state_size
-    gramians = tuple(g.cpu() for g in statistics.gramians()) if statistics is not None else None
-    hsv = hankel_singular_values(*gramians) if gramians is not None else None
-    result = LayerReduction(layer=layer, old_dim=before, new_dim=before, rank_requested=rank, hsv=hsv)
-    if rank is None or (rank == before and keep is None):
-        return result
-    keep = keep if keep is not None else select_states(*gramians, rank)  # one index list per group (one group)
-    if gramians is not None:
-        result.predicted_error = projection_error(*gramians, *selection_projection(keep, before))
-    result.method, result.keep = "select", keep[0]
-    previous = dict(mixer.named_parameters())
-    slicers = mixer.apply_selection(keep[0])
-    record_reduction(result, mixer.ssm_state_size, mixer_change(layer, prefix, mixer, previous, slicers, []))
-    return result
 
 
 class CompreSSMMambaModel(CompreSSMMambaPreTrainedModel, MambaModel):

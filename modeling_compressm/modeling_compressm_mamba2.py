@@ -32,19 +32,15 @@ from .mamba2_reduction import (
     balanced_projection,
     hankel_singular_values,
     predicted_error,
-    projection_error,
     rank_for_output_energy,
-    select_states,
-    selection_projection,
 )
 from .selective_ssm_surgery import (
     build_backbone,
     calibration_statistics,
     check_statistics_arguments,
     converted_copy,
-    mixer_change,
     normalise_ranks_and_keep,
-    record_reduction,
+    reduce_mixer,
     sliced_depthwise_conv,
     sliced_linear,
 )
@@ -355,8 +351,9 @@ class CompreSSMMamba2PreTrainedModel(_mamba2.Mamba2PreTrainedModel):
         names = {mixer: name for name, mixer in self.named_modules() if isinstance(mixer, CompreSSMMamba2Mixer)}
         results = []
         for layer, mixer in enumerate(mixers):
+            project = _project_balanced if method == "balanced" else None
             results.append(
-                _reduce_layer(mixer, layer, ranks[layer], method, keep[layer], statistics[layer], names[mixer] + ".")
+                reduce_mixer(mixer, layer, ranks[layer], keep[layer], statistics[layer], names[mixer] + ".", project)
             )
             self.config.state_dims[layer] = mixer.ssm_state_size
             self.config.channel_dims[layer] = mixer.channel_state_size
@@ -375,31 +372,12 @@ def _statistics_hook(mixer: CompreSSMMamba2Mixer, statistics: GramianStatistics,
     return hook
 
 
-def _reduce_layer(mixer, layer, rank, method, keep, statistics, prefix: str) -> LayerReduction:
-    """Reduce one mixer in place (see `reduce`; `prefix`: the mixer's name in the model plus "."); returns its
-    report entry."""
-    before = mixer.ssm_state_size
-    # the (groups, r, r) math runs on CPU; apply_projection/apply_selection move results to the layer's device
-    gramians = tuple(g.cpu() for g in statistics.gramians()) if statistics is not None else None
-    hsv = hankel_singular_values(*gramians) if gramians is not None else None
-    result = LayerReduction(layer=layer, old_dim=before, new_dim=before, rank_requested=rank, hsv=hsv)
-    if rank is None or (rank == before and keep is None):
-        return result
-    previous = dict(mixer.named_parameters())
-    if keep is not None or method == "select":
-        if keep is None:
-            keep = select_states(*gramians, rank)
-        if gramians is not None:
-            result.predicted_error = projection_error(*gramians, *selection_projection(keep, before))
-        result.method, result.keep = "select", keep
-        slicers, replaced = mixer.apply_selection(keep), []
-    else:
-        V, W, _ = balanced_projection(*gramians, rank)
-        mixer.apply_projection(V, W)
-        result.method, result.predicted_error = "balanced", predicted_error(hsv, rank)
-        slicers, replaced = {}, ["state_projection_in", "state_projection_out"]
-    record_reduction(result, mixer.ssm_state_size, mixer_change(layer, prefix, mixer, previous, slicers, replaced))
-    return result
+def _project_balanced(mixer, gramians, hsv, rank: int) -> tuple[float, list[str]]:
+    """Balanced reduction of one mixer (`selective_ssm_surgery.reduce_mixer`'s `project`): the layer keeps its N conv
+    channels and projects B, C to `rank`; returns (predicted error, names of the new projection parameters)."""
+    V, W, _ = balanced_projection(*gramians, rank)
+    mixer.apply_projection(V, W)
+    return predicted_error(hsv, rank), ["state_projection_in", "state_projection_out"]
 
 
 class CompreSSMMamba2Model(CompreSSMMamba2PreTrainedModel, Mamba2Model):

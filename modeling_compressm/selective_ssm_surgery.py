@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from .layer_reduction import LayerChange, LayerReduction
-from .mamba2_reduction import normalise_keep
+from .mamba2_reduction import (
+    hankel_singular_values,
+    normalise_keep,
+    projection_error,
+    select_states,
+    selection_projection,
+)
 
 
 def sliced_linear(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
@@ -64,6 +70,36 @@ def record_reduction(result: LayerReduction, new_dim: int, change: LayerChange) 
     else:
         result.kept_energy = None
     result.status, result.new_dim, result.change = "reduced", new_dim, change
+
+
+def reduce_mixer(mixer: nn.Module, layer: int, rank, keep, statistics, prefix: str, project=None) -> LayerReduction:
+    """Reduce one Mamba-2 or Mamba-1 mixer in place to `rank` states; returns its `LayerReduction`.
+
+    keep: None or the state indices to select, one sorted list per group (`normalise_ranks_and_keep`); statistics: the
+    layer's accumulated Gramian statistics (None where `keep` is given); prefix: the mixer's name in the model plus
+    ".". With `keep`, or without `project`, the layer is reduced by selection (`keep`, else the first `rank` pivots of
+    `select_states`) through `mixer.apply_selection(keep)`; otherwise `project(mixer, gramians, hsv, rank)` projects
+    its state in place and returns (predicted error, names of the replaced parameters). The (groups, r, r) math runs
+    on CPU; the mixer's apply_* methods move results to the layer's device."""
+    before = mixer.ssm_state_size
+    gramians = tuple(g.cpu() for g in statistics.gramians()) if statistics is not None else None
+    hsv = hankel_singular_values(*gramians) if gramians is not None else None
+    result = LayerReduction(layer=layer, old_dim=before, new_dim=before, rank_requested=rank, hsv=hsv)
+    if rank is None or (rank == before and keep is None):
+        return result
+    previous = dict(mixer.named_parameters())
+    if keep is not None or project is None:
+        if keep is None:
+            keep = select_states(*gramians, rank)
+        if gramians is not None:
+            result.predicted_error = projection_error(*gramians, *selection_projection(keep, before))
+        result.method, result.keep = "select", keep
+        slicers, replaced = mixer.apply_selection(keep), []
+    else:
+        result.predicted_error, replaced = project(mixer, gramians, hsv, rank)
+        result.method, slicers = "balanced", {}
+    record_reduction(result, mixer.ssm_state_size, mixer_change(layer, prefix, mixer, previous, slicers, replaced))
+    return result
 
 
 def model_inputs(batch) -> dict:
