@@ -1,5 +1,6 @@
-"""Checks shared by the Mamba-2 and Mamba-1 model tests: stepwise cached decoding, and generation after loading a
-checkpoint with `trust_remote_code` in a process where this package cannot be imported."""
+"""Checks shared by the Mamba-2 and Mamba-1 model tests: stepwise cached decoding, a save / load / generate round trip
+with per-layer state sizes, and generation after loading a checkpoint with `trust_remote_code` in a process where this
+package cannot be imported."""
 
 import json
 import os
@@ -52,3 +53,24 @@ def remote_generation_report(tmp_path: Path, tokens: torch.Tensor, generated: to
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def check_save_load_and_generate(model, tmp_path: Path, tokens: torch.Tensor, model_files: set, model_type: str,
+                                 state_dims: list) -> None:
+    """`model` (a reduced CompreSSM Mamba-2 / Mamba LM) saved to `tmp_path / "ckpt"` holds `model_files` and a config
+    with `state_dims` and `model_type`; AutoModelForCausalLM loads it as the same class with equal logits on `tokens`
+    and equal greedy generation, here and with trust_remote_code in a process without this package."""
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(tmp_path / "ckpt")
+    assert model_files <= set(os.listdir(tmp_path / "ckpt"))
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["state_dims"] == state_dims and config["model_type"] == model_type
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    generated = model.generate(tokens, max_new_tokens=5, do_sample=False)
+    assert torch.equal(loaded.generate(tokens, max_new_tokens=5, do_sample=False), generated)
+    report = remote_generation_report(tmp_path, tokens, generated)
+    assert report == {"same": True, "state_dims": state_dims, "class": type(model).__name__, "package_loaded": False}

@@ -2,8 +2,6 @@
 per-layer sizes in cached decode, save/load, generate and remote-code loading, refusals."""
 
 import itertools
-import json
-import os
 
 import pytest
 import torch
@@ -21,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, MambaConfig, MambaFor
 
 from modeling_compressm import CompreSSMMambaConfig, CompreSSMMambaForCausalLM, LayerReduction  # noqa: E402
 from modeling_compressm.mamba2_reduction import select_states  # noqa: E402
-from selective_ssm_checks import remote_generation_report, stepwise_cached_logits  # noqa: E402 - tests/ helper
+from selective_ssm_checks import check_save_load_and_generate, stepwise_cached_logits  # noqa: E402 - tests/ helper
 
 VOCAB, STATE = 32, 8
 
@@ -208,21 +206,12 @@ def test_cached_decode_equals_the_full_forward_with_per_layer_state_sizes():
 
 def test_save_load_and_generate_with_per_layer_state_sizes(tmp_path):
     model = _reduced_lm()
-    model.save_pretrained(tmp_path / "ckpt")
-    saved = set(os.listdir(tmp_path / "ckpt"))
-    assert {"modeling_compressm_mamba.py", "configuration_compressm_mamba.py", "mamba_reduction.py"} <= saved
-    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config["state_dims"] == [5, 3] and config["model_type"] == "compressm_mamba"
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
-    assert type(loaded) is CompreSSMMambaForCausalLM
-    tokens = _calibration(batches=1, length=6)[0]
-    with torch.no_grad():
-        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
-    generated = model.generate(tokens, max_new_tokens=5, do_sample=False)
-    assert torch.equal(loaded.generate(tokens, max_new_tokens=5, do_sample=False), generated)
-    report = remote_generation_report(tmp_path, tokens, generated)
-    assert report == {"same": True, "state_dims": [5, 3], "class": "CompreSSMMambaForCausalLM",
-                      "package_loaded": False}
+    assert type(model) is CompreSSMMambaForCausalLM
+    check_save_load_and_generate(
+        model, tmp_path, _calibration(batches=1, length=6)[0],
+        {"modeling_compressm_mamba.py", "configuration_compressm_mamba.py", "mamba_reduction.py"},
+        "compressm_mamba", [5, 3],
+    )
 
 
 def test_bad_arguments_are_refused_clearly_and_change_nothing():

@@ -1,8 +1,6 @@
 """Mamba-2 state reduction: the projection identity (float64 reference scan), balancing and selection, the model
 classes (conversion, per-layer sizes, cached decode, save/load and remote-code loading)."""
 
-import json
-import os
 import warnings
 
 import pytest
@@ -17,10 +15,10 @@ if modeling2.MISSING_FROM_TRANSFORMERS:
         allow_module_level=True,
     )
 
-from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM  # noqa: E402
+from transformers import Mamba2Config, Mamba2ForCausalLM  # noqa: E402
 
 from modeling_compressm import CompreSSMMamba2Config, CompreSSMMamba2ForCausalLM, LayerReduction  # noqa: E402
-from selective_ssm_checks import remote_generation_report, stepwise_cached_logits  # noqa: E402 - tests/ helper
+from selective_ssm_checks import check_save_load_and_generate, stepwise_cached_logits  # noqa: E402 - tests/ helper
 
 VOCAB, GROUPS, STATE = 32, 2, 8
 
@@ -278,20 +276,12 @@ def test_cached_decode_equals_the_full_forward_with_per_layer_state_sizes():
 
 def test_save_load_and_generate_with_per_layer_state_sizes(tmp_path):
     model = _reduced_lm()
-    model.save_pretrained(tmp_path / "ckpt")
-    saved = set(os.listdir(tmp_path / "ckpt"))
-    assert {"modeling_compressm_mamba2.py", "configuration_compressm_mamba2.py", "mamba2_reduction.py"} <= saved
-    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config["state_dims"] == [5, 2] and config["model_type"] == "compressm_mamba2"
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
-    assert type(loaded) is CompreSSMMamba2ForCausalLM
-    tokens = _calibration(batches=1, length=6)[0]
-    with torch.no_grad():
-        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
-    generated = model.generate(tokens, max_new_tokens=5, do_sample=False)
-    assert torch.equal(loaded.generate(tokens, max_new_tokens=5, do_sample=False), generated)
-    report = remote_generation_report(tmp_path, tokens, generated)
-    assert report == {"same": True, "state_dims": [5, 2], "class": "CompreSSMMamba2ForCausalLM", "package_loaded": False}
+    assert type(model) is CompreSSMMamba2ForCausalLM
+    check_save_load_and_generate(
+        model, tmp_path, _calibration(batches=1, length=6)[0],
+        {"modeling_compressm_mamba2.py", "configuration_compressm_mamba2.py", "mamba2_reduction.py"},
+        "compressm_mamba2", [5, 2],
+    )
 
 
 def test_bad_reduce_arguments_are_refused_and_change_nothing():
